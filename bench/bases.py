@@ -1,0 +1,192 @@
+"""Basis functions for KAN edges, each registered by name.
+
+A basis maps an input ``x`` of shape ``[B, in]`` to ``[B, in, n_basis]`` in one pass; the KAN
+layer then appends ``silu(x)`` as the base branch, so every edge vector has ``n_basis + 1``
+entries whatever the basis. Bases hold no trainable coefficients (those live in the layer's
+coefficient source); some hold fixed buffers (the B-spline grid) or a small input norm (RBF).
+
+Every default basis has 8 functions, so edge vectors are comparable (9 values) across bases.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .errors import UserError, unknown
+
+BASES: dict[str, type[Basis]] = {}
+
+
+def register_basis(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        cls.name = name
+        BASES[name] = cls
+        return cls
+
+    return deco
+
+
+def make_basis(name: str, in_features: int, **kwargs) -> Basis:
+    if name not in BASES:
+        raise unknown("basis", name, BASES)
+    cls = BASES[name]
+    try:
+        return cls(in_features, **kwargs)
+    except TypeError as exc:  # unexpected keyword
+        raise UserError(f"bad option for basis {name!r}: {exc}") from None
+
+
+class Basis(nn.Module):
+    """``forward(x[B, in]) -> [B, in, n_basis]``."""
+
+    name = "?"
+    n_basis: int
+
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.in_features = in_features
+
+    def config(self) -> dict:
+        """Constructor keyword arguments that rebuild this basis (used by export/load)."""
+        return {}
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise UserError(msg)
+
+
+@register_basis("bspline")
+class BSplineBasis(Basis):
+    """Uniform B-splines of order ``k`` on ``G`` intervals of ``[lo, hi]`` (pykan / efficient-kan).
+
+    The grid is extended by ``k`` knots on each side, giving ``G + k`` basis functions. Inputs
+    are clamped into ``[lo, hi]`` so they stay on the grid, where the splines form a partition
+    of unity. Evaluated with the Cox-de Boor recursion on the shared uniform knot vector.
+    """
+
+    def __init__(self, in_features: int, grid: int = 5, order: int = 3, lo: float = -2.0, hi: float = 2.0):
+        super().__init__(in_features)
+        _check(grid >= 1, f"bspline grid must be >= 1, got {grid}")
+        _check(order >= 0, f"bspline order must be >= 0, got {order}")
+        _check(hi > lo, f"bspline range needs lo < hi, got [{lo}, {hi}]")
+        self.grid_size, self.order, self.lo, self.hi = grid, order, float(lo), float(hi)
+        h = (hi - lo) / grid
+        knots = lo + h * torch.arange(-order, grid + order + 1, dtype=torch.float32)
+        self.register_buffer("knots", knots)  # [G + 2k + 1], kept by a deployed model
+        self.n_basis = grid + order
+
+    def config(self) -> dict:
+        return {"grid": self.grid_size, "order": self.order, "lo": self.lo, "hi": self.hi}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        span = self.hi - self.lo
+        eps = 1e-6 * span
+        x = x.clamp(self.lo, self.hi - eps).unsqueeze(-1)  # [B, in, 1]
+        t = self.knots.to(x.dtype)
+        b = ((x >= t[:-1]) & (x < t[1:])).to(x.dtype)  # order 0: [B, in, G + 2k]
+        for p in range(1, self.order + 1):
+            left = (x - t[: -(p + 1)]) / (t[p:-1] - t[: -(p + 1)])
+            right = (t[p + 1 :] - x) / (t[p + 1 :] - t[1:-p])
+            b = left * b[..., :-1] + right * b[..., 1:]
+        return b  # [B, in, G + k]
+
+
+@register_basis("rbf")
+class RBFBasis(Basis):
+    """Gaussian radial basis on a LayerNorm'ed input (FastKAN): ``exp(-((x - c_k) / h)^2)``."""
+
+    def __init__(self, in_features: int, centers: int = 8, lo: float = -2.0, hi: float = 2.0, norm: bool = True):
+        super().__init__(in_features)
+        _check(centers >= 2, f"rbf needs >= 2 centers, got {centers}")
+        _check(hi > lo, f"rbf range needs lo < hi, got [{lo}, {hi}]")
+        self.lo, self.hi, self.use_norm = float(lo), float(hi), bool(norm)
+        self.register_buffer("centers", torch.linspace(lo, hi, centers))
+        self.inv_width = (centers - 1) / (hi - lo)
+        self.norm = nn.LayerNorm(in_features) if norm else nn.Identity()
+        self.n_basis = centers
+
+    def config(self) -> dict:
+        return {"centers": self.n_basis, "lo": self.lo, "hi": self.hi, "norm": self.use_norm}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (self.norm(x).unsqueeze(-1) - self.centers) * self.inv_width
+        return torch.exp(-z * z)
+
+
+def _squash(x: torch.Tensor, margin: float) -> torch.Tensor:
+    """tanh into (-1, 1), clamped with a margin so polynomials and their gradients stay finite."""
+    return torch.tanh(x).clamp(-1.0 + margin, 1.0 - margin)
+
+
+@register_basis("chebyshev")
+class ChebyshevBasis(Basis):
+    """Chebyshev polynomials ``T_0..T_degree`` of ``tanh(x)`` (ChebyKAN), by the three-term
+    recurrence rather than ``cos(k acos x)``, and clamped with a margin: no NaN at +-1."""
+
+    def __init__(self, in_features: int, degree: int = 7, margin: float = 1e-4):
+        super().__init__(in_features)
+        _check(degree >= 1, f"chebyshev degree must be >= 1, got {degree}")
+        self.degree, self.margin = degree, margin
+        self.n_basis = degree + 1
+
+    def config(self) -> dict:
+        return {"degree": self.degree, "margin": self.margin}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _squash(x, self.margin)
+        polys = [torch.ones_like(x), x]
+        for _ in range(2, self.degree + 1):
+            polys.append(2 * x * polys[-1] - polys[-2])
+        return torch.stack(polys, dim=-1)
+
+
+@register_basis("gram")
+class GramBasis(Basis):
+    """Gram polynomials of ``tanh(x)`` (KAGN style).
+
+    Monic discrete-orthogonal (Gram) polynomials for ``m = degree + 1`` points rescaled to
+    [-1, 1]: ``p_{n+1} = x p_n - beta_n p_{n-1}`` with
+    ``beta_n = n^2 (m^2 - n^2) / (m^2 (4 n^2 - 1))`` (Legendre as m grows).
+    """
+
+    def __init__(self, in_features: int, degree: int = 7, margin: float = 1e-4):
+        super().__init__(in_features)
+        _check(degree >= 1, f"gram degree must be >= 1, got {degree}")
+        self.degree, self.margin = degree, margin
+        m = degree + 1
+        self.betas = [n * n * (m * m - n * n) / (m * m * (4 * n * n - 1)) for n in range(degree + 1)]
+        self.n_basis = degree + 1
+
+    def config(self) -> dict:
+        return {"degree": self.degree, "margin": self.margin}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _squash(x, self.margin)
+        polys = [torch.ones_like(x), x]
+        for n in range(1, self.degree):
+            polys.append(x * polys[-1] - self.betas[n] * polys[-2])
+        return torch.stack(polys, dim=-1)
+
+
+@register_basis("fourier")
+class FourierBasis(Basis):
+    """``cos(k x), sin(k x)`` for ``k = 1..frequencies`` on ``pi * tanh(x)`` (FourierKAN-like)."""
+
+    def __init__(self, in_features: int, frequencies: int = 4):
+        super().__init__(in_features)
+        _check(frequencies >= 1, f"fourier frequencies must be >= 1, got {frequencies}")
+        self.frequencies = frequencies
+        self.register_buffer("k", torch.arange(1, frequencies + 1, dtype=torch.float32), persistent=False)
+        self.n_basis = 2 * frequencies
+
+    def config(self) -> dict:
+        return {"frequencies": self.frequencies}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = (math.pi * torch.tanh(x)).unsqueeze(-1) * self.k
+        return torch.cat([torch.cos(a), torch.sin(a)], dim=-1)

@@ -1,0 +1,167 @@
+"""``python -m bench run | report | list``.
+
+Every user mistake ends in one line on stderr and exit code 2 (never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        raise UserError(f"{message} (see `python -m bench {self.prog.split()[-1]} --help`)"
+                        if " " in self.prog else f"{message} (see --help)")
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _seeds(value: str) -> list[int]:
+    try:
+        return [int(v) for v in _csv(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {value!r}") from None
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("BENCH_DATA_DIR", "data"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="bench", description="Benchmark harness for compressing Kolmogorov-Arnold Networks.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+
+    r = sub.add_parser("run", help="run a sweep (default: the bundled 'quick' sweep)")
+    src = r.add_mutually_exclusive_group()
+    src.add_argument("--config", metavar="FILE", help="sweep TOML file")
+    src.add_argument("--sweep", metavar="NAME", help="bundled sweep name (see `bench list`)")
+    r.add_argument("--datasets", type=_csv, help="comma-separated dataset names")
+    r.add_argument("--models", type=_csv, help="comma-separated model names (kan, convkan)")
+    r.add_argument("--bases", type=_csv, help="comma-separated basis names")
+    r.add_argument("--methods", type=_csv, help="comma-separated method names, or 'all'")
+    r.add_argument("--seeds", type=_seeds, help="comma-separated seeds, e.g. 0,1,2")
+    r.add_argument("--epochs", type=int, help="training epochs (overrides the sweep)")
+    r.add_argument("--finetune-epochs", type=int, dest="finetune_epochs", help="fine-tune budget in epochs")
+    r.add_argument("--grid", action="store_true", default=None, help="expand every method's hyperparameter grid")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default: the sweep's, auto)")
+    r.add_argument("--out", metavar="DIR", help="results folder (default: results/<sweep name>)")
+    r.add_argument("--data-dir", metavar="DIR", help="dataset cache (default: $BENCH_DATA_DIR or ./data)")
+    r.add_argument("--plugin", metavar="PATH", action="append", default=[], help="extra plugin file/folder")
+    r.add_argument("--quiet", action="store_true", help="no progress bars (for CI)")
+    r.add_argument("--no-report", action="store_true", help="do not write the leaderboard at the end")
+    r.add_argument("--strict", action="store_true", help="exit 1 if any run failed or diverged")
+
+    rep = sub.add_parser("report", help="write LEADERBOARD.md and plots from a results folder")
+    rep.add_argument("results", metavar="RESULTS_DIR")
+    rep.add_argument("--out", metavar="DIR", help="where to write (default: RESULTS_DIR)")
+    rep.add_argument("--tolerance", type=float, default=1.0, help="accuracy points from dense that count as "
+                     "'no loss' (default 1.0)")
+    rep.add_argument("--rmse-tolerance", type=float, default=0.05, help="relative RMSE tolerance (default 0.05)")
+    rep.add_argument("--plugin", metavar="PATH", action="append", default=[], help=argparse.SUPPRESS)
+
+    ls = sub.add_parser("list", help="methods (with hyperparameters), datasets, bases, models, sweeps")
+    ls.add_argument("--plugin", metavar="PATH", action="append", default=[], help="extra plugin file/folder")
+    return p
+
+
+def cmd_run(args) -> int:
+    from .registry import load_plugins
+    from .report_cli import report_folder
+    from .runner import check_data, run_sweep
+    from .sweep import build_sweep, read_sweep_file
+
+    load_plugins(args.plugin)
+    data = read_sweep_file(args.config, args.sweep)
+    overrides = {"datasets": args.datasets, "models": args.models, "bases": args.bases, "methods": args.methods,
+                 "seeds": args.seeds, "device": args.device, "grid": args.grid, "epochs": args.epochs,
+                 "finetune_epochs": args.finetune_epochs}
+    sweep = build_sweep(data, overrides)
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    check_data(sweep, data_dir)
+    out = Path(args.out or Path("results") / sweep.name)
+    t0 = time.perf_counter()
+    counts = run_sweep(sweep, out, data_dir, quiet=args.quiet, device=args.device)
+    took = time.perf_counter() - t0
+    print(f"done in {took:.0f}s: {counts['ok']} ok, {counts['failed']} failed, {counts['diverged']} diverged, "
+          f"{counts['skipped_finished']} already finished -> {out / 'runs.parquet'}")
+    if not args.no_report:
+        md = report_folder(out, out, command="python -m bench " + " ".join(sys.argv[1:]))
+        print(f"leaderboard: {md}")
+    if args.strict and (counts["failed"] or counts["diverged"]):
+        return 1
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report_cli import report_folder
+
+    out = Path(args.out) if args.out else Path(args.results)
+    md = report_folder(Path(args.results), out, tolerance_acc=args.tolerance, tolerance_rmse_rel=args.rmse_tolerance)
+    print(f"leaderboard: {md}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .bases import BASES
+    from .config import describe
+    from .data import DATASETS
+    from .methods import METHODS
+    from .models import MODELS
+    from .registry import load_plugins
+    from .sweep import bundled_sweeps, read_sweep_file
+
+    load_plugins(args.plugin)
+    print("methods:")
+    for name in sorted(METHODS):
+        cls = METHODS[name]
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"  {name:14s} {doc}")
+        for opt, tp, default, help_ in describe(cls.Config):
+            grid = f"  grid: {cls.grid[opt]}" if opt in cls.grid else ""
+            print(f"      {opt} ({tp}) = {default!r}{'  ' + help_ if help_ else ''}{grid}")
+    print("datasets:")
+    for name in sorted(DATASETS):
+        cls = DATASETS[name]
+        shape = "x".join(map(str, cls.input_shape))
+        print(f"  {name:18s} {cls.task:14s} input {shape:9s} {cls.description}")
+    print("bases:")
+    import inspect
+
+    for name, cls in BASES.items():
+        sig = inspect.signature(cls.__init__)
+        opts = ", ".join(f"{k}={v.default!r}" for k, v in sig.parameters.items() if k not in ("self", "in_features"))
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:10s} {opts}\n      {doc}")
+    print("models:")
+    for name, opts_cls in MODELS.items():
+        opts = ", ".join(f"{o}={d!r}" for o, _, d, _ in describe(opts_cls))
+        print(f"  {name:10s} {opts}")
+    print("sweeps:")
+    for name, path in bundled_sweeps().items():
+        desc = read_sweep_file(path).get("description", "")
+        print(f"  {name:10s} {desc}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help()
+            return 2
+        return {"run": cmd_run, "report": cmd_report, "list": cmd_list}[args.command](args)
+    except UserError as exc:
+        msg = " ".join(str(exc).split())
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished runs are saved, rerun the same command to resume", file=sys.stderr)
+        return 130

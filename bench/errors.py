@@ -1,0 +1,18 @@
+"""User-facing errors.
+
+Anything a user can get wrong (an unknown name, a bad hyperparameter, data that is missing
+offline) raises :class:`UserError`. The CLI turns it into one line on stderr and exit code 2,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for; the message is one line naming the fix."""
+
+
+def unknown(kind: str, name: object, valid) -> UserError:
+    """The standard 'unknown X' error, listing what is valid."""
+    choices = ", ".join(sorted(str(v) for v in valid)) or "(none registered)"
+    return UserError(f"unknown {kind} {name!r}; valid: {choices}")

@@ -1,0 +1,175 @@
+"""KAN layers and models.
+
+A KAN layer computes, for every output ``o``,
+
+    y_o = b_o + sum_i [ w[o,i,n] * silu(x_i) + sum_{k<n} w[o,i,k] * phi_k(x_i) ]
+
+where ``w[o, i, :]`` is edge (o, i)'s **edge vector** (``n_basis`` coefficients, then the
+base-branch weight). The layer's edge tensor ``[out, in, n_basis + 1]`` comes from a swappable
+coefficient source (:mod:`bench.sources`); compression methods replace the source, never the
+layer. The forward evaluates the basis once per input (``[B, in, n_basis]``), appends
+``silu(x)`` and hands the ``[B, in, n_basis + 1]`` features to ``source.contract`` (one matmul):
+``[B, out, in]`` is never built.
+
+Public API: ``KAN([784, 64, 10], basis="rbf")``, ``ConvKAN((1, 28, 28), 10, channels=[8, 16])``,
+:func:`kan_layers` to walk a model's KAN layers, :func:`build_model` to rebuild from ``config()``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .bases import make_basis
+from .errors import UserError
+from .sources import DenseSource, EdgeSource
+
+
+def _init_edges(n_basis: int, fan_in: int):
+    def init(w: torch.Tensor) -> None:
+        bound = 1.0 / math.sqrt(fan_in)
+        nn.init.normal_(w[..., :n_basis], 0.0, 0.5 * bound)
+        nn.init.uniform_(w[..., n_basis], -bound, bound)
+
+    return init
+
+
+class KANLayer(nn.Module):
+    """A fully connected KAN layer ``[B, in] -> [B, out]`` with a swappable edge source."""
+
+    def __init__(self, in_features: int, out_features: int, basis: str = "bspline",
+                 basis_kwargs: dict | None = None, bias: bool = True):
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise UserError(f"KAN layer sizes must be >= 1, got in={in_features}, out={out_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.basis = make_basis(basis, in_features, **(basis_kwargs or {}))
+        self.n_basis = self.basis.n_basis
+        self.source: EdgeSource = DenseSource(out_features, in_features, self.n_basis + 1,
+                                              init=_init_edges(self.n_basis, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @property
+    def edge_dim(self) -> int:
+        return self.n_basis + 1
+
+    def edge_tensor(self) -> torch.Tensor:
+        """The canonical ``[out, in, n_basis + 1]`` edge tensor (from the current source)."""
+        return self.source.edge_tensor()
+
+    def set_source(self, source: EdgeSource) -> None:
+        if tuple(source.shape) != (self.out_features, self.in_features, self.edge_dim):
+            raise ValueError(f"source shape {tuple(source.shape)} does not match layer "
+                             f"{(self.out_features, self.in_features, self.edge_dim)}")
+        self.source = source
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in] -> [B, in, n_basis + 1]``: the basis values, then silu(x)."""
+        return torch.cat([self.basis(x), F.silu(x).unsqueeze(-1)], dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.source.contract(self.features(x))
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, basis={self.basis.name}, n_basis={self.n_basis}"
+
+
+class KAN(nn.Module):
+    """A stack of KAN layers, ``widths = [in, hidden..., out]``. Inputs with more than two
+    dimensions are flattened, so ``KAN([784, 64, 10])`` takes ``[B, 1, 28, 28]`` images too."""
+
+    def __init__(self, widths: list[int], basis: str = "bspline", basis_kwargs: dict | None = None):
+        super().__init__()
+        widths = [int(w) for w in widths]
+        if len(widths) < 2 or min(widths) < 1:
+            raise UserError(f"KAN widths must be >= 2 positive sizes, got {widths}")
+        self.widths, self.basis_name, self.basis_kwargs = widths, basis, dict(basis_kwargs or {})
+        self.layers = nn.ModuleList(KANLayer(a, b, basis, basis_kwargs) for a, b in zip(widths[:-1], widths[1:]))
+
+    def config(self) -> dict:
+        return {"model": "kan", "widths": self.widths, "basis": self.basis_name, "basis_kwargs": self.basis_kwargs}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], -1)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class KANConv2d(nn.Module):
+    """KAN convolution: unfold ``kernel x kernel`` patches; each output channel is a KAN over the
+    ``in_channels * kernel^2`` patch values, so the edge tensor is
+    ``[out_channels, in_channels * kernel^2, n_basis + 1]``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1,
+                 padding: int | None = None, basis: str = "bspline", basis_kwargs: dict | None = None):
+        super().__init__()
+        self.in_channels, self.out_channels, self.kernel, self.stride = in_channels, out_channels, kernel, stride
+        self.padding = kernel // 2 if padding is None else padding
+        self.kan = KANLayer(in_channels * kernel * kernel, out_channels, basis, basis_kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        patches = F.unfold(x, self.kernel, padding=self.padding, stride=self.stride)  # [B, C*k*k, L]
+        ho = (h + 2 * self.padding - self.kernel) // self.stride + 1
+        wo = (w + 2 * self.padding - self.kernel) // self.stride + 1
+        y = self.kan(patches.transpose(1, 2).reshape(-1, patches.shape[1]))  # [B*L, out]
+        return y.reshape(b, ho * wo, self.out_channels).transpose(1, 2).reshape(b, self.out_channels, ho, wo)
+
+
+class ConvKAN(nn.Module):
+    """KAN convolutions (each followed by 2x2 max-pooling every ``pool_every`` layers while the
+    feature map is at least 4 pixels wide), global average pooling, and a KAN head."""
+
+    def __init__(self, input_shape: tuple[int, int, int], n_outputs: int, channels: list[int] = (8, 16),
+                 kernel: int = 3, pool_every: int = 1, basis: str = "bspline", basis_kwargs: dict | None = None):
+        super().__init__()
+        if len(input_shape) != 3:
+            raise UserError(f"convkan needs image inputs [C, H, W], got input shape {tuple(input_shape)}")
+        channels = [int(c) for c in channels]
+        if not channels or min(channels) < 1 or pool_every < 1 or kernel < 1:
+            raise UserError(f"convkan needs channels >= 1, kernel >= 1, pool_every >= 1; got "
+                            f"channels={channels}, kernel={kernel}, pool_every={pool_every}")
+        self.input_shape, self.n_outputs, self.channels = tuple(int(s) for s in input_shape), int(n_outputs), channels
+        self.kernel, self.pool_every = kernel, pool_every
+        self.basis_name, self.basis_kwargs = basis, dict(basis_kwargs or {})
+        blocks, c_in, size = [], self.input_shape[0], min(self.input_shape[1:])
+        for i, c in enumerate(channels):
+            blocks.append(KANConv2d(c_in, c, kernel, basis=basis, basis_kwargs=basis_kwargs))
+            if (i + 1) % pool_every == 0 and size >= 4:
+                blocks.append(nn.MaxPool2d(2))
+                size //= 2
+            c_in = c
+        self.features = nn.Sequential(*blocks)
+        self.head = KANLayer(c_in, n_outputs, basis, basis_kwargs)
+
+    def config(self) -> dict:
+        return {"model": "convkan", "input_shape": list(self.input_shape), "n_outputs": self.n_outputs,
+                "channels": self.channels, "kernel": self.kernel, "pool_every": self.pool_every,
+                "basis": self.basis_name, "basis_kwargs": self.basis_kwargs}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            x = x.reshape(x.shape[0], *self.input_shape)
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def kan_layers(model: nn.Module) -> list[tuple[str, KANLayer]]:
+    """Every KAN layer of a model with its qualified name, in forward order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, KANLayer)]
+
+
+def build_model(config: dict) -> nn.Module:
+    """Rebuild a model (with fresh dense sources) from its ``config()``."""
+    cfg = dict(config)
+    kind = cfg.pop("model")
+    if kind == "kan":
+        return KAN(cfg["widths"], cfg["basis"], cfg.get("basis_kwargs"))
+    if kind == "convkan":
+        return ConvKAN(tuple(cfg["input_shape"]), cfg["n_outputs"], cfg["channels"], cfg["kernel"],
+                       cfg["pool_every"], cfg["basis"], cfg.get("basis_kwargs"))
+    raise ValueError(f"unknown model kind {kind!r} in config")

@@ -1,0 +1,130 @@
+"""The compression-method interface and its registry.
+
+A method is one file under ``methods/``::
+
+    @register_method("mymethod")
+    class MyMethod(Method):
+        '''One line saying what it does.'''
+
+        @dataclass
+        class Config:                       # validated hyperparameters (bench.config)
+            K: int = field(default=16, metadata={"min": 2})
+
+        grid = {"K": [4, 16, 64]}           # what a sweep with grid=true expands
+        test_config = {"K": 4}              # tiny setting the generated tests use
+
+        def prepare(self, model):           # before training (re-parameterise); optional
+            ...
+        def compress(self, model, ctx):     # after training; optional
+            ...
+
+Methods that override ``prepare`` are trained from scratch in their own form; the trained
+model is cached by ``stage_key()`` (the config fields listed in ``stage_fields``), so a sweep
+over post-training knobs reuses one trained model. Methods that do not override ``prepare``
+compress the cached dense base model of the same (dataset, model, basis, seed).
+``compress`` gets a :class:`CompressContext` with the data, the trainer and the fine-tune
+budget; it swaps layer sources (:mod:`bench.sources`) and may fine-tune with ``ctx.finetune``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import nn
+
+from .config import build_config, to_dict
+from .errors import unknown
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str):
+    def deco(cls):
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise unknown("method", name, METHODS)
+    return METHODS[name]
+
+
+@dataclass
+class CompressContext:
+    """What ``Method.compress`` may use."""
+
+    trainer: Any  # bench.train.Trainer (data splits, evaluate, fit)
+    finetune_epochs: int
+    seed: int
+    device: Any
+    info: dict = dataclasses.field(default_factory=dict)  # the method may record extra results here
+
+    @property
+    def splits(self):
+        return self.trainer.splits
+
+    def finetune(self, model: nn.Module, param_groups: list[dict] | None = None, epochs: int | None = None,
+                 lr: float | None = None, desc: str = "finetune"):
+        """Fine-tune with the shared budget (``finetune_epochs`` unless given), selecting the
+        best epoch on validation (epoch 0, no fine-tuning, is a candidate)."""
+        epochs = self.finetune_epochs if epochs is None else epochs
+        result = self.trainer.fit(model, epochs, param_groups=param_groups, lr=lr, desc=desc)
+        self.info.setdefault("finetune_seconds", 0.0)
+        self.info["finetune_seconds"] += result.seconds
+        self.info["peak_memory_bytes"] = max(self.info.get("peak_memory_bytes", 0), result.peak_memory_bytes)
+        return result
+
+
+class Method:
+    name: ClassVar[str] = "?"
+
+    @dataclass
+    class Config:
+        pass
+
+    grid: ClassVar[dict[str, list]] = {}
+    test_config: ClassVar[dict] = {}
+    stage_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **hyperparameters):
+        self.config = build_config(self.Config, hyperparameters, f"method {self.name!r}")
+
+    # -- identity -------------------------------------------------------------------------
+    def config_dict(self) -> dict:
+        return to_dict(self.config)
+
+    def config_json(self) -> str:
+        return json.dumps(self.config_dict(), sort_keys=True)
+
+    @classmethod
+    def trains_own_model(cls) -> bool:
+        """True if ``prepare`` is overridden (the method trains from scratch in its own form)."""
+        return cls.prepare is not Method.prepare
+
+    def stage_key(self) -> dict:
+        """Config fields that change the trained model (before ``compress``)."""
+        cfg = self.config_dict()
+        return {"method": self.name, **{k: cfg[k] for k in self.stage_fields}}
+
+    def requested_ratio(self) -> float | None:
+        """The compression ratio the configuration asks for, if it names one."""
+        return None
+
+    # -- hooks ----------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> None:
+        """Before training: re-parameterise the model (swap in trainable sources)."""
+
+    def param_groups(self, model: nn.Module) -> list[dict] | None:
+        """Optimiser groups for training the prepared model (None: every trainable parameter
+        at the sweep's learning rate)."""
+        return None
+
+    def compress(self, model: nn.Module, ctx: CompressContext) -> None:
+        """After training: compress in place (swap sources, fine-tune)."""

@@ -1,0 +1,257 @@
+"""Running sweeps: one run is a pure call, ``RunSpec`` in, results row out.
+
+For every (dataset, model, basis, seed) the dense base model is trained once and cached under
+``<out>/cache/``; post-training methods compress that same checkpoint with the same fine-tune
+budget. Methods that re-parameterise before training (``prepare``) get their own trained model,
+cached by the method's ``stage_key`` so a sweep over post-training knobs trains it once. Seeds
+derive from (seed, dataset, model, basis), never from the method, so every method sees the same
+data split and the same initialisation.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import hashlib
+import io
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import time
+import traceback
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from . import models as model_specs
+from .data import Splits, get_dataset
+from .errors import UserError
+from .methods import CompressContext, get_method_class
+from .results import ResultsStore, atomic_write_bytes
+from .storage import count_params, export_model, load_model, storage_report
+from .sweep import RunSpec, Sweep
+from .train import Diverged, Trainer
+
+
+def derive_seed(*parts) -> int:
+    """A 31-bit seed from any JSON-able parts (stable across processes and machines)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' requested but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(device)
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class RunEnv:
+    """Per-process state shared by runs: output folder, data cache, device."""
+
+    def __init__(self, out: str | Path, data_dir: str | Path, device: str = "auto", progress: bool = False):
+        self.out, self.data_dir = Path(out), Path(data_dir)
+        self.device = resolve_device(device)
+        self.progress = progress
+        self._splits: OrderedDict = OrderedDict()
+        self.sha = git_sha()
+
+    # ------------------------------------------------------------------ data
+    def splits(self, spec: RunSpec) -> tuple[object, Splits]:
+        ds = get_dataset(spec.dataset, **spec.dataset_options)
+        key = json.dumps([spec.dataset, spec.dataset_options, spec.seed], sort_keys=True)
+        if key not in self._splits:
+            while len(self._splits) >= 2:
+                self._splits.popitem(last=False)
+            splits = ds.load(self.data_dir, derive_seed(spec.seed, spec.dataset, "split"))
+            self._splits[key] = splits.to(self.device)
+        self._splits.move_to_end(key)
+        return ds, self._splits[key]
+
+    def trainer(self, spec: RunSpec, ds, splits: Splits) -> Trainer:
+        t = spec.train
+        return Trainer(splits, ds.task, self.device, batch_size=t["batch_size"], lr=t["lr"],
+                       weight_decay=t["weight_decay"], seed=derive_seed(spec.seed, spec.dataset, spec.model,
+                                                                         spec.basis, "shuffle"),
+                       progress=self.progress, amp=False)
+
+    # ------------------------------------------------------------------ models
+    def fresh_model(self, spec: RunSpec, ds):
+        seed_everything(derive_seed(spec.seed, spec.dataset, spec.model, spec.basis, "init"))
+        opts = model_specs.model_options(spec.model, spec.model_options)
+        return model_specs.build(spec.model, opts, ds, spec.basis, spec.basis_options)
+
+    def trained(self, spec: RunSpec, ds, trainer: Trainer, method=None):
+        """The trained model for this spec's stage (dense base if ``method`` is None), cached."""
+        stage = method.stage_key() if method is not None else {"method": "dense"}
+        key = {k: v for k, v in spec.identity().items() if k not in ("method", "method_config")}
+        key["train"] = {k: v for k, v in spec.train.items() if k != "finetune_epochs"}
+        key["stage"] = stage
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        path = self.out / "cache" / f"{stage['method']}-{digest}.pt"
+        model = self.fresh_model(spec, ds)
+        if method is not None:
+            method.prepare(model)
+        model.to(self.device)
+        if path.exists():
+            blob = torch.load(path, map_location=self.device, weights_only=False)
+            model.load_state_dict(blob["state_dict"])
+            return model, blob["info"]
+        seed_everything(derive_seed(spec.seed, spec.dataset, spec.model, spec.basis, "train"))
+        _, trainable = count_params(model)
+        fit = trainer.fit(model, spec.train["epochs"], param_groups=method.param_groups(model) if method else None,
+                          desc=f"{stage['method']} {spec.dataset}/{spec.basis}")
+        info = {"train_seconds": fit.seconds, "peak_memory_bytes": fit.peak_memory_bytes,
+                "optimizer_state_bytes": fit.optimizer_state_bytes, "params_trainable": trainable,
+                "best_epoch": fit.best_epoch, "best_val": fit.best_val, "history": fit.history}
+        buf = io.BytesIO()
+        torch.save({"state_dict": model.state_dict(), "info": info, "key": key}, buf)
+        atomic_write_bytes(path, buf.getvalue())
+        return model, info
+
+
+def _metric_is_bad(x: float) -> bool:
+    return x is None or not math.isfinite(x)
+
+
+def run_one(spec: RunSpec, env: RunEnv) -> dict:
+    """Execute one run and return its results row (status ok | diverged; exceptions propagate)."""
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    method = get_method_class(spec.method)(**spec.method_config)
+    ds, splits = env.splits(spec)
+    trainer = env.trainer(spec, ds, splits)
+    row = {"run_id": spec.run_id, "sweep": spec.sweep, "dataset": spec.dataset, "task": ds.task,
+           "model": spec.model, "basis": spec.basis, "method": spec.method,
+           "method_config": json.dumps(spec.method_config, sort_keys=True), "seed": spec.seed,
+           "metric_name": trainer.metric_name, "epochs": spec.train["epochs"],
+           "finetune_epochs": spec.train["finetune_epochs"], "device": str(env.device),
+           "host": socket.gethostname(), "torch_version": torch.__version__, "git_sha": env.sha,
+           "started_at": started, "python": platform.python_version()}
+
+    base, base_info = env.trained(spec, ds, trainer)
+    row["dense_metric"] = trainer.evaluate(base, "test")
+    if method.trains_own_model():
+        model, info = env.trained(spec, ds, trainer, method)
+    else:
+        model, info = copy.deepcopy(base), base_info
+    del base
+    row.update(train_seconds=info["train_seconds"], params_trainable=info["params_trainable"],
+               optimizer_state_bytes=info["optimizer_state_bytes"])
+
+    ctx = CompressContext(trainer=trainer, finetune_epochs=spec.train["finetune_epochs"],
+                          seed=derive_seed(spec.seed, spec.dataset, spec.model, spec.basis, "compress"),
+                          device=env.device)
+    t0 = time.perf_counter()
+    seed_everything(ctx.seed)
+    method.compress(model, ctx)
+    row["compress_seconds"] = time.perf_counter() - t0
+    row["peak_memory_bytes"] = max(info["peak_memory_bytes"], ctx.info.pop("peak_memory_bytes", 0))
+    row["peak_memory_kind"] = "cuda_max_allocated" if env.device.type == "cuda" else "step_tensors"
+    model.eval()
+
+    row["val_metric"] = trainer.evaluate(model, "val")
+    row["metric"] = trainer.evaluate(model, "test")  # the one test evaluation of this run
+    row["metric_delta"] = row["metric"] - row["dense_metric"]
+
+    rep = storage_report(model)
+    row.update(stored_bits=rep.stored_bits, dense_bits=rep.dense_bits, compression_ratio=rep.compression_ratio,
+               coef_stored_bits=rep.coef_stored_bits, coef_dense_bits=rep.coef_dense_bits,
+               coef_compression_ratio=rep.coef_compression_ratio,
+               params_total=sum(it.count for _, it in rep.items), arch=model_specs.arch_string(model),
+               requested_ratio=method.requested_ratio(),
+               theoretical_speedup=ctx.info.pop("theoretical_speedup", 1.0))
+    path = env.out / "models" / f"{spec.run_id}.kanb"
+    row["file_bytes"] = export_model(model.cpu(), path)
+    reloaded = load_model(path)
+    x_check = splits.x_test[:256].cpu()
+    with torch.no_grad():
+        row["reload_max_abs_diff"] = float((reloaded(x_check) - model(x_check)).abs().max())
+    ctx.info.pop("finetune_seconds", None)
+    row["info"] = json.dumps(ctx.info, sort_keys=True, default=str)
+    row["status"] = "diverged" if _metric_is_bad(row["metric"]) else "ok"
+    row["error"] = "non-finite test metric" if row["status"] == "diverged" else None
+    row["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return row
+
+
+def failed_row(spec: RunSpec, status: str, error: str) -> dict:
+    return {"run_id": spec.run_id, "sweep": spec.sweep, "dataset": spec.dataset, "model": spec.model,
+            "basis": spec.basis, "method": spec.method, "method_config": json.dumps(spec.method_config, sort_keys=True),
+            "seed": spec.seed, "status": status, "error": error, "epochs": spec.train["epochs"],
+            "finetune_epochs": spec.train["finetune_epochs"], "host": socket.gethostname(),
+            "torch_version": torch.__version__,
+            "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+
+
+def check_data(sweep: Sweep, data_dir: Path) -> None:
+    """Fail fast (UserError) if any dataset of the sweep cannot be had offline."""
+    for name, opts in sweep.datasets.items():
+        get_dataset(name, **opts).check_available(Path(data_dir))
+
+
+def run_sweep(sweep: Sweep, out: str | Path, data_dir: str | Path, quiet: bool = False,
+              device: str | None = None, log=print) -> dict:
+    """Run every unfinished run of the sweep; returns counts by status."""
+    out = Path(out)
+    store = ResultsStore(out)
+    env = RunEnv(out, data_dir, device or sweep.device, progress=not quiet)
+    done = store.finished_ids()
+    todo = [r for r in sweep.runs if r.run_id not in done]
+    counts = {"ok": 0, "failed": 0, "diverged": 0, "skipped_finished": len(sweep.runs) - len(todo)}
+    if sweep.skipped and not quiet:
+        log(f"skipping incompatible dataset/model pairs: {', '.join(sweep.skipped)}")
+    if not quiet:
+        log(f"sweep {sweep.name!r}: {len(sweep.runs)} runs, {counts['skipped_finished']} already finished, "
+            f"{len(todo)} to run on {env.device} -> {out}")
+    bar = None
+    if not quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="runs", unit="run")
+    for spec in todo:
+        if bar is not None:
+            bar.set_postfix_str(spec.label()[:80])
+        try:
+            row = run_one(spec, env)
+        except Diverged as exc:
+            row = failed_row(spec, "diverged", str(exc))
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # a failed run is recorded and the sweep goes on
+            tb = traceback.format_exc(limit=3).strip().splitlines()
+            row = failed_row(spec, "failed", f"{type(exc).__name__}: {exc} | {' / '.join(tb[-3:])}")
+        store.add(row)
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+        if bar is not None:
+            bar.update(1)
+        elif row["status"] != "ok" and not quiet:
+            log(f"run {spec.label()} {row['status']}: {row['error']}")
+    if bar is not None:
+        bar.close()
+    store.flush()
+    os.makedirs(out, exist_ok=True)
+    return counts

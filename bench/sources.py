@@ -1,0 +1,177 @@
+"""Coefficient sources: where a KAN layer gets its edge tensor from.
+
+Every KAN layer owns a *source*, a small module with
+
+- ``edge_tensor() -> [out, in, n_basis + 1]``: the canonical edge tensor (basis coefficients,
+  then the base-branch weight last);
+- ``storage() -> list[StorageItem]``: every tensor a deployed model must keep for this layer's
+  edges, at the width it is stored at (this is what storage accounting counts and what
+  :func:`bench.storage.export_model` writes);
+- ``contract(features[B, in, n+1]) -> [B, out]``: the layer's matrix product. The default
+  builds the edge tensor and does one matmul; a source may override it with a cheaper path
+  (a codebook can skip rebuilding the full tensor).
+
+A compression method swaps ``layer.source`` for another source; the layer's forward and the
+basis code never change. To make a new source loadable from an exported file, register it
+with :func:`register_source` and implement ``export_config`` / ``from_export``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SOURCES: dict[str, type[EdgeSource]] = {}
+
+
+def register_source(cls: type) -> type:
+    SOURCES[cls.__name__] = cls
+    return cls
+
+
+@dataclass
+class StorageItem:
+    """One stored tensor: ``count`` values of ``bits_per_value`` bits each.
+
+    ``encoding`` tells export how to write it: ``float32``, ``float16``, ``bfloat16``,
+    ``uint<b>`` (unsigned ints bit-packed at b bits) or ``int<b>`` (two's complement, b bits).
+    ``tensor`` is the data itself (kept out of repr).
+    """
+
+    name: str
+    count: int
+    bits_per_value: int
+    encoding: str = "float32"
+    tensor: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def bits(self) -> int:
+        return int(self.count) * int(self.bits_per_value)
+
+
+def float_item(name: str, t: torch.Tensor) -> StorageItem:
+    """A tensor stored at its own floating dtype."""
+    enc = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(t.dtype)
+    if enc is None:
+        raise TypeError(f"float_item needs a float tensor, got {t.dtype}")
+    return StorageItem(name, t.numel(), t.element_size() * 8, enc, t.detach())
+
+
+class EdgeSource(nn.Module):
+    """Base class. Subclasses set ``out_features``, ``in_features``, ``edge_dim`` (= n_basis + 1)."""
+
+    out_features: int
+    in_features: int
+    edge_dim: int
+
+    def edge_tensor(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def storage(self) -> list[StorageItem]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def contract(self, features: torch.Tensor) -> torch.Tensor:
+        """``features[B, in, n+1] -> [B, out]`` (one matmul over the flattened edge tensor)."""
+        w = self.edge_tensor().reshape(self.out_features, -1)
+        return features.reshape(features.shape[0], -1) @ w.t()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.out_features, self.in_features, self.edge_dim)
+
+    # export / load ------------------------------------------------------------------------
+    def export_config(self) -> dict:
+        """JSON-able constructor arguments; together with ``storage()`` tensors they rebuild it."""
+        return {"shape": list(self.shape)}
+
+    @classmethod
+    def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> EdgeSource:  # pragma: no cover
+        raise NotImplementedError(f"{cls.__name__} cannot be loaded from an exported file")
+
+
+@register_source
+class DenseSource(EdgeSource):
+    """The uncompressed edge tensor: one float32 parameter ``[out, in, n+1]``."""
+
+    def __init__(self, out_features: int, in_features: int, edge_dim: int, init: Callable | None = None):
+        super().__init__()
+        self.out_features, self.in_features, self.edge_dim = out_features, in_features, edge_dim
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, edge_dim))
+        if init is not None:
+            with torch.no_grad():
+                init(self.weight)
+
+    def edge_tensor(self) -> torch.Tensor:
+        return self.weight
+
+    def storage(self) -> list[StorageItem]:
+        return [float_item("weight", self.weight)]
+
+    @classmethod
+    def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> DenseSource:
+        src = cls(*config["shape"])
+        with torch.no_grad():
+            src.weight.copy_(tensors["weight"].reshape(src.weight.shape))
+        return src
+
+
+def index_bits(k: int) -> int:
+    """Bits per index into a codebook of ``k`` entries: ``ceil(log2 k)`` (at least 1)."""
+    return max(1, (int(k) - 1).bit_length())
+
+
+@register_source
+class CodebookSource(EdgeSource):
+    """Shared edge vectors: ``centroids [K, n+1]`` (float32, trainable) and a frozen per-edge
+    ``index [out, in]`` stored at ``ceil(log2 K)`` bits.
+
+    ``contract`` has a fast path: when ``K < out`` it computes ``P = features . centroids^T``
+    once (``[B, in, K]``) and gathers ``P[b, i, index[o, i]]`` summed over ``i``, instead of
+    rebuilding the full ``[out, in, n+1]`` tensor; both paths give the same output.
+    """
+
+    def __init__(self, centroids: torch.Tensor, index: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = index.shape
+        self.edge_dim = centroids.shape[1]
+        self.centroids = nn.Parameter(centroids.detach().clone().float())
+        self.register_buffer("index", index.detach().clone().long())
+
+    @property
+    def k(self) -> int:
+        return self.centroids.shape[0]
+
+    def edge_tensor(self) -> torch.Tensor:
+        return self.centroids[self.index]
+
+    def storage(self) -> list[StorageItem]:
+        b = index_bits(self.k)
+        return [float_item("centroids", self.centroids),
+                StorageItem("index", self.index.numel(), b, f"uint{b}", self.index)]
+
+    def use_fast_path(self) -> bool:
+        """Cost per sample: dense ``out*in*(n+1)`` MACs versus ``in*(n+1)*K`` plus ``in*out`` adds."""
+        n1 = self.edge_dim
+        return self.in_features * n1 * self.k + self.in_features * self.out_features < \
+            self.out_features * self.in_features * n1
+
+    def contract(self, features: torch.Tensor) -> torch.Tensor:
+        if not self.use_fast_path():
+            return super().contract(features)
+        b = features.shape[0]
+        p = (features @ self.centroids.t()).reshape(b, -1)  # P = phi(x) . centroids^T: [B, in*K]
+        # y[b, o] = sum_i P[b, i*K + index[o, i]]: an embedding-bag sum over the rows of P^T,
+        # never building [B, out, in].
+        offsets = self.index + self.k * torch.arange(self.in_features, device=self.index.device)
+        return F.embedding_bag(offsets, p.t().contiguous(), mode="sum").t()
+
+    def export_config(self) -> dict:
+        return {"shape": list(self.shape), "k": self.k}
+
+    @classmethod
+    def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> CodebookSource:
+        return cls(tensors["centroids"].reshape(config["k"], -1), tensors["index"].reshape(config["shape"][:2]))

@@ -1,0 +1,241 @@
+"""Sweep files: TOML in, a validated list of runs out.
+
+A sweep names what to cross (every key optional; the CLI overrides any of them)::
+
+    name = "quick"
+    datasets = ["digits", "eq_exp_sin"]
+    models   = ["kan"]
+    bases    = ["bspline", "rbf"]
+    methods  = ["all"]          # "all" = every registered method
+    seeds    = [0]
+    grid     = false            # true: expand each method's declared grid
+    device   = "auto"
+
+    [train]                     # the budget every method gets
+    epochs = 30
+    finetune_epochs = 2
+    batch_size = 64
+    lr = 1e-3
+
+    [dataset.eq_exp_sin]        # dataset options, plus per-dataset [train] overrides
+    n_train = 1000
+    epochs = 200
+
+    [model.kan]                 # model options
+    hidden = [64]
+
+    [basis.bspline]             # basis options
+    grid = 5
+
+    [method.metacluster]        # method hyperparameters; a list gives grid values
+    K = [4, 16]
+
+A run is (dataset, model, basis, method, method config, seed) plus the training budget;
+``run_id`` hashes all of it, so a rerun with the same sweep finds its finished runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .bases import BASES, make_basis
+from .config import build_config
+from .data import DATASETS, get_dataset
+from .errors import UserError, unknown
+from .methods import METHODS, get_method_class
+from .models import MODELS, compatible, model_options
+
+SWEEPS_DIR = Path(__file__).resolve().parent / "sweeps"
+TOP_KEYS = {"name", "description", "datasets", "models", "bases", "methods", "seeds", "grid", "device",
+            "train", "dataset", "model", "basis", "method"}
+
+
+@dataclass
+class TrainBudget:
+    epochs: int = field(default=20, metadata={"min": 0})
+    finetune_epochs: int = field(default=2, metadata={"min": 0})
+    batch_size: int = field(default=64, metadata={"min": 1})
+    lr: float = field(default=1e-3, metadata={"min": 0.0})
+    weight_decay: float = field(default=0.0, metadata={"min": 0.0})
+
+
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainBudget)}
+
+
+@dataclass
+class RunSpec:
+    """Everything that defines one run (JSON-able: an executor can ship it anywhere)."""
+
+    sweep: str
+    dataset: str
+    dataset_options: dict
+    model: str
+    model_options: dict
+    basis: str
+    basis_options: dict
+    method: str
+    method_config: dict
+    seed: int
+    train: dict
+
+    def identity(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("sweep")
+        return d
+
+    @property
+    def run_id(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+    def label(self) -> str:
+        cfg = ",".join(f"{k}={v}" for k, v in self.method_config.items())
+        return f"{self.dataset}/{self.model}/{self.basis}/{self.method}({cfg})/seed{self.seed}"
+
+
+@dataclass
+class Sweep:
+    name: str
+    runs: list[RunSpec]
+    device: str
+    skipped: list[str]
+    datasets: dict  # name -> options (for availability checks)
+
+
+def bundled_sweeps() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(SWEEPS_DIR.glob("*.toml"))}
+
+
+def read_sweep_file(path: str | Path | None = None, name: str | None = None) -> dict:
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"sweep file {str(path)!r} not found")
+    else:
+        sweeps = bundled_sweeps()
+        name = name or "quick"
+        if name not in sweeps:
+            raise unknown("sweep", name, sweeps)
+        p = sweeps[name]
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"sweep file {str(p)!r} is not valid TOML: {exc}") from None
+    data.setdefault("name", p.stem)
+    return data
+
+
+def _names(value, kind: str, registry: dict, singular: str) -> list[str]:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"sweep key {kind!r} must be a list of names, got {value!r}")
+    if value == ["all"]:
+        return sorted(registry)
+    for v in value:
+        if v not in registry:
+            raise unknown(singular, v, registry)
+    return list(dict.fromkeys(value))
+
+
+def _table(data: dict, key: str) -> dict:
+    t = data.get(key, {})
+    if not isinstance(t, dict):
+        raise UserError(f"sweep key {key!r} must be a table")
+    return t
+
+
+def _method_points(cls, fixed: dict, use_grid: bool) -> list[dict]:
+    """Expand a method's grid (declared and/or given as lists in the sweep) into configs."""
+    hints = typing.get_type_hints(cls.Config)
+    names = {f.name for f in dataclasses.fields(cls.Config)}
+    axes: dict[str, list] = dict(cls.grid) if use_grid else {}
+    scalars = {}
+    for k, v in fixed.items():
+        if k not in names:
+            raise UserError(f"method {cls.name!r} has no option {k!r}; valid: {', '.join(sorted(names)) or '(none)'}")
+        is_list_type = typing.get_origin(hints[k]) in (list, tuple) or any(
+            typing.get_origin(a) in (list, tuple) for a in typing.get_args(hints[k]))
+        if isinstance(v, list) and (not is_list_type or (v and isinstance(v[0], list))):
+            axes[k] = v
+            scalars.pop(k, None)
+        else:
+            scalars[k] = v
+            axes.pop(k, None)
+    keys = list(axes)
+    points = []
+    for combo in itertools.product(*(axes[k] for k in keys)) if keys else [()]:
+        overrides = {**scalars, **dict(zip(keys, combo))}
+        points.append(cls(**overrides).config_dict())  # validates every point now
+    unique = {json.dumps(p, sort_keys=True): p for p in points}
+    return list(unique.values())
+
+
+def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
+    """Validate a sweep dict (plus CLI overrides) and expand it into runs."""
+    data = dict(data)
+    for k in data:
+        if k not in TOP_KEYS:
+            raise UserError(f"unknown sweep key {k!r}; valid: {', '.join(sorted(TOP_KEYS))}")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    train_over = {k: overrides.pop(k) for k in list(overrides) if k in TRAIN_KEYS}
+    data.update(overrides)
+    name = str(data.get("name", "sweep"))
+    datasets = _names(data.get("datasets", ["digits"]), "datasets", DATASETS, "dataset")
+    models = _names(data.get("models", ["kan"]), "models", MODELS, "model")
+    bases = _names(data.get("bases", ["bspline"]), "bases", BASES, "basis")
+    methods = _names(data.get("methods", ["all"]), "methods", METHODS, "method")
+    seeds = data.get("seeds", [0])
+    if isinstance(seeds, int):
+        seeds = [seeds]
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise UserError(f"seeds must be a list of non-negative integers, got {seeds!r}")
+    device = data.get("device", "auto")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"device {device!r} is not allowed; valid: auto, cpu, cuda")
+    use_grid = data.get("grid", False)
+    if not isinstance(use_grid, bool):
+        raise UserError(f"sweep key 'grid' must be true or false, got {use_grid!r}")
+
+    base_train = {**_table(data, "train"), **train_over}
+    build_config(TrainBudget, base_train, "sweep [train]")
+    dtables, mtables = _table(data, "dataset"), _table(data, "model")
+    btables, meth_tables = _table(data, "basis"), _table(data, "method")
+    for kind, tables, reg in (("dataset", dtables, DATASETS), ("model", mtables, MODELS),
+                              ("basis", btables, BASES), ("method", meth_tables, METHODS)):
+        for key in tables:
+            if key not in reg:
+                raise unknown(kind, key, reg)
+
+    ds_objs, ds_opts, ds_train = {}, {}, {}
+    for d in datasets:
+        table = dict(dtables.get(d, {}))
+        tr = {k: table.pop(k) for k in list(table) if k in TRAIN_KEYS}
+        ds_objs[d] = get_dataset(d, **table)
+        ds_opts[d] = table
+        ds_train[d] = dataclasses.asdict(build_config(TrainBudget, {**base_train, **tr}, f"sweep [dataset.{d}]"))
+        if train_over:  # CLI flags beat per-dataset settings
+            ds_train[d].update(train_over)
+    mo = {m: dataclasses.asdict(model_options(m, mtables.get(m, {}))) for m in models}
+    bo = {}
+    for b in bases:
+        opts = btables.get(b, {})
+        make_basis(b, 2, **opts)  # validates the options
+        bo[b] = dict(opts)
+    points = {m: _method_points(get_method_class(m), meth_tables.get(m, {}), use_grid) for m in methods}
+
+    runs, skipped = [], []
+    for d, m, b, meth, seed in itertools.product(datasets, models, bases, methods, seeds):
+        if not compatible(m, ds_objs[d]):
+            skipped.append(f"{d}/{m}")
+            continue
+        for cfg in points[meth]:
+            runs.append(RunSpec(name, d, ds_opts[d], m, mo[m], b, bo[b], meth, cfg, seed, ds_train[d]))
+    return Sweep(name, runs, device, sorted(set(skipped)), ds_opts)

@@ -1,0 +1,197 @@
+"""Training and evaluation: one loop for base training, from-scratch methods and fine-tuning.
+
+- Mini-batch AdamW over tensors already on the device (the datasets here fit in memory).
+- After every epoch the model is scored on the **validation** split; the best epoch's weights
+  are restored at the end (model selection never looks at the test split).
+- A non-finite loss raises :class:`Diverged`; the runner records the run as ``diverged``.
+- Peak training memory: on CUDA, ``torch.cuda.max_memory_allocated``; on CPU, the bytes a
+  training step holds (parameters, gradients, optimiser state and the activations autograd
+  saves for backward, measured with saved-tensor hooks on the first batch).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Splits
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss."""
+
+
+@dataclass
+class FitResult:
+    best_epoch: int = 0
+    best_val: float = float("nan")
+    seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    optimizer_state_bytes: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def _recorder(store: list):
+    def pack(t):
+        store.append(t)
+        return t
+
+    return pack
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    return _tensor_bytes(v for st in opt.state.values() for v in st.values())
+
+
+class Trainer:
+    """Trains and scores models on one dataset's splits (already on ``device``)."""
+
+    def __init__(self, splits: Splits, task: str, device: torch.device | str = "cpu", batch_size: int = 128,
+                 lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0, progress: bool = False,
+                 amp: bool = False):
+        self.splits, self.task, self.device = splits, task, torch.device(device)
+        self.batch_size, self.lr, self.weight_decay, self.seed = batch_size, lr, weight_decay, seed
+        self.progress, self.amp = progress, amp and self.device.type == "cuda"
+
+    # ------------------------------------------------------------------ metrics
+    @property
+    def metric_name(self) -> str:
+        return "accuracy" if self.task == "classification" else "rmse"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.task == "classification"
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.task == "classification":
+            return F.cross_entropy(out, y)
+        return F.mse_loss(out, y)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str = "val") -> float:
+        """Accuracy in percent (classification) or RMSE (regression) on a split; NaN if any output
+        is not finite."""
+        x, y = self.splits.split(split)
+        was_training = model.training
+        model.eval()
+        correct, sq, n, finite = 0, 0.0, 0, True
+        for i in range(0, x.shape[0], max(self.batch_size, 1024)):
+            xb, yb = x[i:i + max(self.batch_size, 1024)], y[i:i + max(self.batch_size, 1024)]
+            with torch.autocast(self.device.type, enabled=self.amp):
+                out = model(xb).float()
+            finite = finite and bool(torch.isfinite(out).all())
+            if self.task == "classification":
+                correct += (out.argmax(1) == yb).sum().item()
+            else:
+                sq += ((out - yb) ** 2).sum().item()
+            n += xb.shape[0]
+        model.train(was_training)
+        if not finite:
+            return float("nan")  # a model whose outputs are not finite has no score
+        if self.task == "classification":
+            return 100.0 * correct / max(n, 1)
+        return math.sqrt(sq / max(n * (y.shape[1] if y.dim() > 1 else 1), 1))
+
+    def better(self, a: float, b: float) -> bool:
+        if math.isnan(b):
+            return not math.isnan(a)
+        return a > b if self.higher_is_better else a < b
+
+    # ------------------------------------------------------------------ training
+    def fit(self, model: nn.Module, epochs: int, param_groups: list[dict] | None = None,
+            lr: float | None = None, desc: str = "train") -> FitResult:
+        """Train for ``epochs``; restore the best-validation weights; return what happened.
+
+        ``param_groups`` (AdamW groups, each may carry its own ``lr``) defaults to every
+        parameter with ``requires_grad``. ``epochs == 0`` only scores the model.
+        """
+        model.to(self.device).train()
+        result = FitResult()
+        start = time.perf_counter()
+        if param_groups is None:
+            param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        param_groups = [g for g in param_groups if len(list(g["params"])) > 0]
+        best_state = copy.deepcopy(model.state_dict())
+        result.best_val = self.evaluate(model, "val")
+        if epochs <= 0 or not param_groups:
+            result.seconds = time.perf_counter() - start
+            return result
+        opt = torch.optim.AdamW(param_groups, lr=lr or self.lr, weight_decay=self.weight_decay)
+        scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        x, y = self.splits.x_train, self.splits.y_train
+        n = x.shape[0]
+        g = torch.Generator().manual_seed(self.seed)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=epochs, desc=desc, leave=False, unit="ep")
+        cpu_peak = 0
+        for epoch in range(1, epochs + 1):
+            perm = torch.randperm(n, generator=g).to(self.device)
+            total, count = 0.0, 0
+            for bi, i in enumerate(range(0, n, self.batch_size)):
+                idx = perm[i:i + self.batch_size]
+                xb, yb = x[idx], y[idx]
+                measure = epoch == 1 and bi == 0 and self.device.type != "cuda"
+                saved: list[torch.Tensor] = []
+                if measure:
+                    hooks = torch.autograd.graph.saved_tensors_hooks(_recorder(saved), lambda t: t)
+                    hooks.__enter__()
+                with torch.autocast(self.device.type, enabled=self.amp):
+                    out = model(xb)
+                    loss = self.loss(out.float(), yb)
+                if measure:
+                    hooks.__exit__(None, None, None)
+                if not torch.isfinite(loss):
+                    raise Diverged(f"non-finite loss at epoch {epoch}, batch {bi}")
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                if measure:
+                    params = [p for grp in opt.param_groups for p in grp["params"]]
+                    cpu_peak = (_tensor_bytes(saved) + _tensor_bytes(params) + _tensor_bytes(p.grad for p in params)
+                                + optimizer_state_bytes(opt))
+                    saved.clear()
+                total += loss.item() * xb.shape[0]
+                count += xb.shape[0]
+            val = self.evaluate(model, "val")
+            result.history.append({"epoch": epoch, "train_loss": total / max(count, 1), "val": val})
+            if self.better(val, result.best_val) or result.best_epoch == 0 and val == result.best_val:
+                result.best_val, result.best_epoch = val, epoch
+                best_state = copy.deepcopy(model.state_dict())
+            if bar is not None:
+                bar.set_postfix(loss=f"{total / max(count, 1):.4f}", val=f"{val:.4g}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        model.load_state_dict(best_state)
+        result.optimizer_state_bytes = optimizer_state_bytes(opt)
+        if self.device.type == "cuda":
+            result.peak_memory_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            result.peak_memory_bytes = int(cpu_peak)
+        result.seconds = time.perf_counter() - start
+        return result

@@ -1,0 +1,86 @@
+"""Test-only plugins: a tiny image dataset, a tiny regression task, and methods that fail on purpose."""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from bench.data import Dataset, Splits, register_dataset, split_indices
+from bench.methods import Method, register_method
+
+
+def _blobs(n: int, seed: int, shape, classes: int):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    centers = torch.randn(classes, *shape, generator=torch.Generator().manual_seed(1234))
+    x = centers[y] + 0.5 * torch.randn(n, *shape, generator=g)
+    return x, y
+
+
+@register_dataset("tiny_images")
+class TinyImages(Dataset):
+    """200 noisy class prototypes of shape 1x8x8 (4 classes)."""
+
+    task = "classification"
+    input_shape = (1, 8, 8)
+    n_outputs = 4
+    default_hidden = [6]
+    description = "synthetic 1x8x8 blobs (tests)"
+
+    @dataclass
+    class Config:
+        n: int = field(default=200, metadata={"min": 20})
+
+    def load(self, data_dir, seed):
+        x, y = _blobs(self.config.n, 7, self.input_shape, self.n_outputs)
+        tr, va, te = split_indices(len(x), (0.6, 0.2), seed)
+        return Splits(x[tr], y[tr], x[va], y[va], x[te], y[te])
+
+
+@register_dataset("tiny_regression")
+class TinyRegression(Dataset):
+    """y = x1 * x2 on 300 points."""
+
+    task = "regression"
+    input_shape = (2,)
+    n_outputs = 1
+    default_hidden = [3]
+    description = "x1*x2 (tests)"
+
+    def load(self, data_dir, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.rand(300, 2, generator=g) * 2 - 1
+        y = (x[:, :1] * x[:, 1:2])
+        tr, va, te = split_indices(300, (0.6, 0.2), seed)
+        return Splits(x[tr], y[tr], x[va], y[va], x[te], y[te])
+
+
+@register_method("explode")
+class Explode(Method):
+    """Raises during compress (failed-run isolation)."""
+
+    test_only = True
+
+    @dataclass
+    class Config:
+        pass
+
+    def compress(self, model, ctx):
+        raise RuntimeError("boom on purpose")
+
+
+@register_method("nan_out")
+class NanOut(Method):
+    """Writes NaN into the edge tensor (diverged-run detection)."""
+
+    test_only = True
+
+    @dataclass
+    class Config:
+        pass
+
+    def compress(self, model, ctx):
+        from bench.kan import kan_layers
+
+        with torch.no_grad():
+            for _, layer in kan_layers(model):
+                layer.source.weight.fill_(float("nan"))

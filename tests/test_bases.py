@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from bench.bases import BASES, make_basis
+from bench.errors import UserError
+
+
+@pytest.mark.parametrize("name", sorted(BASES))
+def test_shape_and_default_size(name):
+    b = make_basis(name, 5)
+    out = b(torch.randn(7, 5))
+    assert out.shape == (7, 5, b.n_basis)
+    assert b.n_basis == 8  # every default basis has 8 functions: edge vectors are comparable
+
+
+def test_bspline_partition_of_unity_inside_and_at_edges():
+    b = make_basis("bspline", 3, grid=5, order=3, lo=-2.0, hi=2.0)
+    x = torch.cat([torch.linspace(-2, 2, 401), torch.tensor([-2.0, 2.0, -50.0, 50.0])]).reshape(-1, 1).repeat(1, 3)
+    phi = b(x)
+    assert torch.allclose(phi.sum(-1), torch.ones(x.shape), atol=1e-5)
+    assert (phi >= -1e-7).all()
+    # local support: a cubic B-spline is non-zero on at most order + 1 = 4 functions at once
+    assert ((phi > 1e-7).sum(-1) <= 4).all()
+
+
+def test_bspline_matches_scipy_style_reference():
+    # Order-1 (hat) splines on a uniform grid have a closed form.
+    b = make_basis("bspline", 1, grid=4, order=1, lo=0.0, hi=4.0)
+    x = torch.tensor([[0.5], [1.0], [2.25]])
+    phi = b(x)[:, 0]
+    # knots at -1,0,1,2,3,4,5; hat j peaks at knot j+1
+    expected = torch.tensor([[0.5, 0.5, 0, 0, 0], [0, 1.0, 0, 0, 0], [0, 0, 0.75, 0.25, 0]])
+    assert torch.allclose(phi, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(BASES))
+def test_no_nan_at_edges_values_and_gradients(name):
+    b = make_basis(name, 4)
+    x = torch.tensor([[-1.0, 1.0, -1e4, 1e4], [0.0, 2.0, -2.0, 1e-8]], requires_grad=True)
+    out = b(x)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_chebyshev_is_chebyshev():
+    b = make_basis("chebyshev", 1, degree=4)
+    x = torch.tensor([[0.3]])
+    t = torch.tanh(x)
+    phi = b(x)[0, 0]
+    assert torch.allclose(phi[4], 8 * t**4 - 8 * t**2 + 1, atol=1e-6)
+
+
+def test_gram_polynomials_are_orthogonal_on_their_points():
+    degree = 5
+    b = make_basis("gram", 1, degree=degree)
+    m = degree + 1
+    pts = torch.tensor([-1 + (2 * i + 1) / m for i in range(m)])  # tanh^-1 so that tanh(x) = pts
+    x = torch.atanh(pts).reshape(-1, 1)
+    phi = b(x)[:, 0, :]  # [m, degree+1]
+    gram = phi.T @ phi
+    off = gram - torch.diag(torch.diag(gram))
+    assert off.abs().max() < 1e-4
+
+
+def test_bad_options_are_user_errors():
+    with pytest.raises(UserError, match="unknown basis"):
+        make_basis("nope", 3)
+    with pytest.raises(UserError, match="grid"):
+        make_basis("bspline", 3, grid=0)
+    with pytest.raises(UserError, match="bad option"):
+        make_basis("rbf", 3, colour=1)

@@ -1,0 +1,100 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench.cli import main
+
+PLUGINS = str(Path(__file__).parent / "plugins")
+TINY = ["--plugin", PLUGINS, "--datasets", "tiny_images", "--epochs", "1", "--finetune-epochs", "1", "--quiet",
+        "--device", "cpu"]
+
+
+def one_line_error(capsys, argv, *fragments):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ")
+    for f in fragments:
+        assert f in err, err
+    return err
+
+
+def test_unknown_method_names_valid_choices(capsys, tmp_path):
+    one_line_error(capsys, ["run", *TINY, "--methods", "nope", "--out", str(tmp_path)], "unknown method 'nope'",
+                   "dense")
+
+
+@pytest.mark.parametrize("flag,value,fragment", [
+    ("--datasets", "imagenet", "unknown dataset 'imagenet'"),
+    ("--bases", "wavelet", "unknown basis 'wavelet'"),
+    ("--models", "transformer", "unknown model 'transformer'"),
+    ("--sweep", "nosuch", "unknown sweep 'nosuch'"),
+    ("--seeds", "a,b", "seeds must be"),
+    ("--epochs", "-3", "epochs=-3 is out of range"),
+    ("--device", "tpu", "invalid choice"),
+])
+def test_bad_names_and_values(capsys, tmp_path, flag, value, fragment):
+    argv = ["run", *TINY, "--out", str(tmp_path)]
+    argv += [flag, value]
+    one_line_error(capsys, argv, fragment)
+
+
+def test_bad_hyperparameter_and_sweep_key_in_toml(capsys, tmp_path):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('methods = ["dense"]\n[method.dense]\ncolour = 3\n')
+    one_line_error(capsys, ["run", *TINY, "--config", str(cfg)], "method 'dense' has no option 'colour'")
+    cfg.write_text('methodz = ["dense"]\n')
+    one_line_error(capsys, ["run", *TINY, "--config", str(cfg)], "unknown sweep key 'methodz'")
+    cfg.write_text('[train]\nbatch_size = "big"\n')
+    one_line_error(capsys, ["run", *TINY, "--config", str(cfg)], "batch_size='big' must be int")
+    cfg.write_text('datasets = [')
+    one_line_error(capsys, ["run", *TINY, "--config", str(cfg)], "not valid TOML")
+    one_line_error(capsys, ["run", *TINY, "--config", str(tmp_path / "missing.toml")], "not found")
+
+
+def test_unknown_dataset_option(capsys, tmp_path):
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('datasets = ["tiny_images"]\n[dataset.tiny_images]\nn = 3\n')
+    one_line_error(capsys, ["run", "--plugin", PLUGINS, "--config", str(cfg)], "n=3 is out of range")
+
+
+def test_missing_plugin_path(capsys):
+    one_line_error(capsys, ["run", "--plugin", "/no/such/file.py"], "does not exist")
+
+
+def test_report_on_empty_folder(capsys, tmp_path):
+    one_line_error(capsys, ["report", str(tmp_path)], "no runs.parquet")
+
+
+def test_list_shows_every_registry(capsys):
+    assert main(["list", "--plugin", PLUGINS]) == 0
+    out = capsys.readouterr().out
+    for word in ("methods:", "dense", "datasets:", "digits", "tiny_images", "bases:", "bspline", "rbf", "gram",
+                 "models:", "convkan", "sweeps:", "quick"):
+        assert word in out
+
+
+def test_run_end_to_end_writes_results_and_leaderboard(capsys, tmp_path):
+    out = tmp_path / "res"
+    assert main(["run", *TINY, "--bases", "bspline,rbf", "--methods", "dense", "--out", str(out)]) == 0
+    df = pd.read_parquet(out / "runs.parquet")
+    assert len(df) == 2 and (df.status == "ok").all()
+    assert (out / "LEADERBOARD.md").exists()
+    # rerun resumes: nothing new to do
+    assert main(["run", *TINY, "--bases", "bspline,rbf", "--methods", "dense", "--out", str(out)]) == 0
+    assert "2 already finished" in capsys.readouterr().out
+    # report to another folder
+    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "LEADERBOARD.md").exists()
+
+
+def test_subprocess_user_error_has_no_traceback(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "bench", "run", "--methods", "nope", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()]

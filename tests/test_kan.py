@@ -1,0 +1,107 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.bases import BASES
+from bench.kan import KAN, ConvKAN, KANConv2d, KANLayer, build_model, kan_layers
+from bench.sources import DenseSource
+
+
+def reference_layer(layer: KANLayer, x: torch.Tensor) -> torch.Tensor:
+    """The KAN formula written edge by edge: y_o = b_o + sum_i [w_oin silu(x_i) + sum_k w_oik phi_k(x_i)]."""
+    w = layer.edge_tensor()
+    phi = layer.basis(x)
+    out = torch.zeros(x.shape[0], layer.out_features, dtype=x.dtype)
+    for o in range(layer.out_features):
+        for i in range(layer.in_features):
+            out[:, o] += w[o, i, -1] * F.silu(x[:, i]) + (phi[:, i, :] * w[o, i, :-1]).sum(-1)
+    return out + layer.bias
+
+
+@pytest.mark.parametrize("basis", sorted(BASES))
+def test_layer_matches_edge_by_edge_formula(basis):
+    torch.manual_seed(0)
+    layer = KANLayer(4, 3, basis)
+    x = torch.randn(5, 4)
+    assert torch.allclose(layer(x), reference_layer(layer, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("basis", sorted(BASES))
+def test_gradients_tiny_double(basis):
+    torch.manual_seed(0)
+    layer = KANLayer(2, 2, basis).double()
+    x = (torch.rand(3, 2, dtype=torch.double) * 1.6 - 0.8).requires_grad_()
+    assert torch.autograd.gradcheck(lambda inp: layer(inp), (x,), eps=1e-6, atol=1e-4)
+    w = layer.source.weight
+    assert torch.autograd.gradcheck(lambda ww: (layer.basis(x.detach()).reshape(3, -1) @ ww[..., :-1].reshape(2, -1).T),
+                                    (w,), eps=1e-6, atol=1e-4)
+
+
+def test_kan_shapes_and_edge_tensors():
+    m = KAN([784, 64, 10], basis="rbf")
+    assert m(torch.randn(3, 784)).shape == (3, 10)
+    assert m(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    shapes = [layer.edge_tensor().shape for _, layer in kan_layers(m)]
+    assert shapes == [(64, 784, 9), (10, 64, 9)]
+
+
+def test_convkan_layer_matches_loop_reference():
+    torch.manual_seed(0)
+    conv = KANConv2d(2, 3, kernel=3, padding=1, basis="bspline")
+    x = torch.randn(2, 2, 5, 4)
+    y = conv(x)
+    assert y.shape == (2, 3, 5, 4)
+    xp = F.pad(x, (1, 1, 1, 1))
+    ref = torch.zeros_like(y)
+    for b in range(2):
+        for r in range(5):
+            for c in range(4):
+                patch = xp[b, :, r:r + 3, c:c + 3].reshape(1, -1)  # channel-major, like unfold
+                ref[b, :, r, c] = reference_layer(conv.kan, patch)[0]
+    assert torch.allclose(y, ref, atol=1e-5)
+    assert conv.kan.edge_tensor().shape == (3, 2 * 9, 9)
+
+
+def test_convkan_model_28_and_32():
+    m = ConvKAN((1, 28, 28), 10, channels=[4, 8], basis="rbf")
+    assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    m = ConvKAN((3, 32, 32), 100, channels=[4, 8, 8], basis="gram")
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    assert [tuple(layer.edge_tensor().shape) for _, layer in kan_layers(m)][0] == (4, 27, 9)
+
+
+def test_build_model_round_trips_config():
+    for m in (KAN([5, 4, 2], "chebyshev", {"degree": 3}), ConvKAN((1, 8, 8), 3, channels=[2], basis="fourier")):
+        m2 = build_model(m.config())
+        m2.load_state_dict(m.state_dict())
+        x = torch.randn(2, 1, 8, 8) if isinstance(m, ConvKAN) else torch.randn(2, 5)
+        assert torch.equal(m(x), m2(x))
+
+
+def test_swapping_source_changes_the_forward_without_touching_basis():
+    torch.manual_seed(0)
+    layer = KANLayer(3, 2, "bspline")
+    x = torch.randn(4, 3)
+    y0 = layer(x)
+    new = DenseSource(2, 3, layer.edge_dim)
+    with torch.no_grad():
+        new.weight.copy_(layer.source.weight * 2)
+    layer.set_source(new)
+    assert torch.allclose(layer(x) - layer.bias, 2 * (y0 - layer.bias), atol=1e-5)
+    with pytest.raises(ValueError):
+        layer.set_source(DenseSource(3, 3, layer.edge_dim))
+
+
+def test_training_reduces_loss():
+    torch.manual_seed(0)
+    m = KAN([2, 4, 1], "bspline")
+    x = torch.rand(256, 2) * 2 - 1
+    y = (x[:, :1] * x[:, 1:])
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    first = F.mse_loss(m(x), y).item()
+    for _ in range(200):
+        opt.zero_grad()
+        loss = F.mse_loss(m(x), y)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first

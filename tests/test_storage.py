@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+import torch
+
+from bench.kan import KAN, ConvKAN, kan_layers
+from bench.sources import CodebookSource, EdgeSource, index_bits
+from bench.storage import export_model, load_model, pack_bits, storage_report, unpack_bits
+
+HEADER_SLACK_BYTES = 4096  # magic + compressed JSON header; plus <= 1 byte padding per tensor
+
+
+def test_dense_bits_hand_count_784_64_10_bspline():
+    m = KAN([784, 64, 10], basis="bspline")
+    rep = storage_report(m)
+    edges = 784 * 64 + 64 * 10
+    assert edges == 50_816
+    coef = edges * 9 * 32
+    knots = 2 * (5 + 2 * 3 + 1) * 32  # one uniform knot vector per layer, kept by the deployed model
+    biases = (64 + 10) * 32
+    assert rep.coef_dense_bits == rep.coef_stored_bits == coef == 14_635_008
+    assert rep.stored_bits == rep.dense_bits == coef + knots + biases
+    assert rep.compression_ratio == 1.0
+
+
+def test_rbf_counts_layernorm():
+    m = KAN([10, 4, 3], basis="rbf")
+    rep = storage_report(m)
+    coef = (10 * 4 + 4 * 3) * 9 * 32
+    norms = 2 * (10 + 4) * 32
+    centers = 2 * 8 * 32
+    assert rep.stored_bits == coef + norms + centers + (4 + 3) * 32
+
+
+def test_codebook_hand_count_matches_issue_example():
+    """[784, 64, 10] B-spline at K=16 per layer: coef ratio 14,635,008 / 212,480 = 68.9x."""
+    m = KAN([784, 64, 10], basis="bspline")
+    for _, layer in kan_layers(m):
+        w = layer.edge_tensor().detach()
+        layer.set_source(CodebookSource(w.reshape(-1, 9)[:16], torch.randint(0, 16, w.shape[:2])))
+    rep = storage_report(m)
+    assert rep.coef_stored_bits == 50_816 * 4 + 2 * 16 * 9 * 32 == 212_480
+    assert rep.coef_compression_ratio == pytest.approx(14_635_008 / 212_480)
+    assert round(rep.coef_compression_ratio, 1) == 68.9
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8, 11])
+def test_bit_packing_round_trip_and_size(bits):
+    rng = np.random.default_rng(bits)
+    v = rng.integers(0, 2**bits, size=1001)
+    data = pack_bits(v, bits)
+    assert len(data) == -(-1001 * bits // 8)
+    assert np.array_equal(unpack_bits(data, 1001, bits), v)
+    with pytest.raises(ValueError):
+        pack_bits(np.array([2**bits]), bits)
+
+
+def test_index_bits():
+    assert [index_bits(k) for k in (2, 3, 4, 5, 16, 17, 256)] == [1, 2, 2, 3, 4, 5, 8]
+
+
+@pytest.mark.parametrize("basis", ["bspline", "rbf", "gram"])
+def test_export_load_round_trip_and_file_size(tmp_path, basis):
+    torch.manual_seed(0)
+    m = KAN([20, 8, 3], basis=basis)
+    path = tmp_path / "m.kanb"
+    nbytes = export_model(m, path)
+    assert nbytes == path.stat().st_size
+    rep = storage_report(m)
+    n_tensors = len(rep.items)
+    assert rep.stored_bits <= nbytes * 8 <= rep.stored_bits + 8 * (HEADER_SLACK_BYTES + n_tensors)
+    m2 = load_model(path)
+    x = torch.randn(16, 20)
+    assert torch.equal(m(x), m2(x))
+
+
+def test_export_bitpacks_codebook_indices(tmp_path):
+    torch.manual_seed(0)
+    m = ConvKAN((1, 8, 8), 4, channels=[16], basis="bspline")
+    for _, layer in kan_layers(m):
+        w = layer.edge_tensor().detach()
+        layer.set_source(CodebookSource(w.reshape(-1, w.shape[-1])[:5], torch.randint(0, 5, w.shape[:2])))
+    rep = storage_report(m)
+    index_bits_total = sum(it.bits for n, it in rep.items if n.endswith("index"))
+    assert index_bits_total == (16 * 9 + 4 * 16) * 3
+    path = tmp_path / "cb.kanb"
+    nbytes = export_model(m, path)
+    assert nbytes * 8 <= rep.stored_bits + 8 * (HEADER_SLACK_BYTES + len(rep.items))
+    m2 = load_model(path)
+    assert all(isinstance(layer.source, CodebookSource) for _, layer in kan_layers(m2))
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.allclose(m(x), m2(x), atol=1e-6)
+
+
+def test_codebook_fast_path_equals_full_tensor_path():
+    torch.manual_seed(0)
+    src = CodebookSource(torch.randn(4, 9), torch.randint(0, 4, (40, 6)))
+    assert src.use_fast_path()
+    f = torch.randn(5, 6, 9)
+    assert torch.allclose(src.contract(f), EdgeSource.contract(src, f), atol=1e-5)
