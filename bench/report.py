@@ -1,0 +1,479 @@
+"""The leaderboard: ``LEADERBOARD.md`` and metric-vs-compression plots from a results frame.
+
+One table per (dataset, model, basis) lists every operating point (method, method_config) as the
+mean ± sample std over seeds, ranked: the points within tolerance of the dense control first, by
+whole-model compression ratio, then the rest. A headline table gives each method's best ratio
+within tolerance per dataset; failed and diverged runs are listed with their error. Each dataset
+gets one PNG: metric against compression ratio (log x), one colour per method, error bars over
+seeds, the dense control as a point at 1× and a reference line, and each method's Pareto frontier.
+
+Only ``status == "ok"`` rows enter tables and plots. ``aggregate`` and ``pareto_front`` are public
+so other code (notebooks, checks) can reuse the exact numbers the report shows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+GROUP = ["dataset", "model", "basis"]
+POINT = GROUP + ["method", "method_config"]
+LOWER_IS_BETTER = {"rmse", "mse", "mae", "loss", "nll"}
+DENSE = "dense"
+ERROR_CHARS = 200
+DPI = 120
+
+# Per-operating-point means (same names as the run columns, so pareto_front works on either frame).
+_MEANS = ["metric", "dense_metric", "metric_delta", "compression_ratio", "coef_compression_ratio",
+          "requested_ratio", "stored_bits", "file_bytes", "params_trainable", "theoretical_speedup",
+          "train_seconds", "peak_memory_bytes"]
+_STDS = ["metric", "metric_delta", "compression_ratio"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Numbers
+# ----------------------------------------------------------------------------------------------
+
+def higher_is_better(metric_name) -> bool:
+    """Accuracy-like metrics are maximised; error metrics (rmse, ...) are minimised."""
+    return not (isinstance(metric_name, str) and metric_name.lower() in LOWER_IS_BETTER)
+
+
+def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The successful runs, with a missing method_config read as ``{}`` (no hyperparameters)."""
+    if df.empty or "status" not in df.columns:
+        return df.iloc[0:0]
+    ok = df[df["status"] == "ok"].copy()
+    ok["method_config"] = ok["method_config"].fillna("{}")
+    return ok
+
+
+def compact_config(config) -> str:
+    """``'{"K": 16, "d": 1}'`` -> ``"K=16, d=1"``; empty for no hyperparameters."""
+    if config is None or (isinstance(config, float) and math.isnan(config)):
+        return ""
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except json.JSONDecodeError:
+            return config
+    if not isinstance(config, dict):
+        return json.dumps(config)
+    return ", ".join(f"{k}={_config_value(v)}" for k, v in config.items())
+
+
+def _config_value(v) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, separators=(",", ":"))
+    return str(v)
+
+
+def _first(values: pd.Series):
+    values = values.dropna()
+    return values.iloc[0] if len(values) else None
+
+
+def _dense_controls(ok: pd.DataFrame, points: pd.DataFrame) -> pd.DataFrame:
+    """A ``dense`` point built from ``dense_metric`` for each group that has no ``dense`` runs.
+
+    Every row carries the metric of its uncompressed base model, so the control is always known;
+    one value per seed (all methods of a seed share the base model).
+    """
+    have = set(map(tuple, points.loc[points["method"] == DENSE, GROUP].itertuples(index=False)))
+    rows = ok[[tuple(k) not in have for k in ok[GROUP].itertuples(index=False)]]
+    if rows.empty:
+        return points.iloc[0:0]
+    per_seed = rows.groupby(GROUP + ["seed"], dropna=False).agg(
+        arch=("arch", _first), metric_name=("metric_name", _first), metric=("dense_metric", "mean"),
+        stored_bits=("dense_bits", "mean")).reset_index()
+    control = per_seed.groupby(GROUP, dropna=False).agg(
+        arch=("arch", _first), metric_name=("metric_name", _first), n_seeds=("seed", "size"),
+        metric=("metric", "mean"), metric_std=("metric", "std"), stored_bits=("stored_bits", "mean"),
+    ).reset_index()
+    control["method"], control["method_config"] = DENSE, "{}"
+    control["dense_metric"], control["metric_delta"], control["metric_delta_std"] = control["metric"], 0.0, 0.0
+    control["compression_ratio"], control["coef_compression_ratio"], control["compression_ratio_std"] = 1.0, 1.0, 0.0
+    control["theoretical_speedup"], control["synthetic"] = 1.0, True
+    return control
+
+
+def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per operating point (dataset, model, basis, method, method_config), ok runs only.
+
+    Means keep the run-column names (``metric``, ``compression_ratio``, ...); ``<col>_std`` is the
+    sample std over seeds (NaN for a single seed); ``n_seeds`` counts runs; ``config`` is the compact
+    config text. Groups without ``dense`` runs get a dense control from ``dense_metric``
+    (``synthetic`` True), so the control is always a row.
+    """
+    ok = ok_rows(df)
+    if ok.empty:
+        return pd.DataFrame(columns=POINT + ["config", "n_seeds", "metric_name", "arch", "synthetic"]
+                            + _MEANS + [f"{c}_std" for c in _STDS])
+    named = {c: (c, "mean") for c in _MEANS}
+    named.update({f"{c}_std": (c, "std") for c in _STDS})
+    points = ok.groupby(POINT, dropna=False, sort=True).agg(
+        n_seeds=("seed", "size"), metric_name=("metric_name", _first), arch=("arch", _first), **named,
+    ).reset_index()
+    points["synthetic"] = False
+    points = pd.concat([points, _dense_controls(ok, points)], ignore_index=True)
+    points["config"] = points["method_config"].map(compact_config)
+    return points.sort_values(POINT, kind="stable").reset_index(drop=True)
+
+
+def within_tolerance(points: pd.DataFrame, tolerance_acc: float = 1.0,
+                     tolerance_rmse_rel: float = 0.05) -> pd.Series:
+    """True where a point is within tolerance of its dense base model (over the same seeds).
+
+    Higher-is-better metrics (accuracy, in points): mean metric_delta >= -tolerance_acc.
+    Lower-is-better metrics (rmse): mean metric <= mean dense_metric * (1 + tolerance_rmse_rel).
+    """
+    hib = points["metric_name"].map(higher_is_better).astype(bool)
+    acc_ok = points["metric_delta"] >= -tolerance_acc - 1e-12
+    err_ok = points["metric"] <= points["dense_metric"] * (1 + tolerance_rmse_rel) + 1e-12
+    return (hib & acc_ok) | (~hib & err_ok) | (points["method"] == DENSE)
+
+
+def rank_points(points: pd.DataFrame) -> pd.DataFrame:
+    """Within-tolerance points first, each block by compression ratio (descending), then metric."""
+    hib = higher_is_better(_first(points["metric_name"]))
+    return points.assign(_m=points["metric"] * (-1 if hib else 1)).sort_values(
+        ["within_tol", "compression_ratio", "_m"], ascending=[False, False, True], kind="stable",
+    ).drop(columns="_m")
+
+
+def pareto_front(points_df: pd.DataFrame, higher_is_better: bool, x: str = "compression_ratio",
+                 y: str = "metric") -> pd.DataFrame:
+    """Points not dominated by another (ratio at least as high and metric at least as good, one strictly).
+
+    Returns those rows (original index kept) sorted by ``x`` ascending; rows with NaN are ignored.
+    Of exact duplicates one is kept.
+    """
+    pts = points_df.dropna(subset=[x, y])
+    ordered = pts.sort_values([x, y], ascending=[False, not higher_is_better], kind="stable")
+    keep, best = [], None
+    for idx, value in ordered[y].items():
+        if best is None or (value > best if higher_is_better else value < best):
+            keep.append(idx)
+            best = value
+    return pts.loc[keep].sort_values(x, kind="stable")
+
+
+# ----------------------------------------------------------------------------------------------
+# Text
+# ----------------------------------------------------------------------------------------------
+
+def _decimals(metric_name, reference) -> int:
+    """2 decimals for accuracy; about 4 significant digits for error metrics."""
+    if higher_is_better(metric_name) or not reference or not math.isfinite(reference):
+        return 2
+    return max(2, 3 - math.floor(math.log10(abs(reference))))
+
+
+def _isnan(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def fmt_mean_std(mean, std, n, decimals: int) -> str:
+    if _isnan(mean):
+        return "—"
+    if n <= 1 or _isnan(std):
+        return f"{mean:.{decimals}f} (1 seed)"
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f}"
+
+
+def fmt_delta(delta, dense, metric_name, decimals: int) -> str:
+    if _isnan(delta):
+        return "—"
+    text = f"{round(delta, decimals) + 0.0:+.{decimals}f}"  # + 0.0: no "-0.00"
+    if not higher_is_better(metric_name) and dense and not _isnan(dense):
+        text += f" ({delta / dense:+.1%})"
+    return text
+
+
+def fmt_ratio(r) -> str:
+    if _isnan(r):
+        return "—"
+    if r < 10:
+        return f"{r:.2f}×"
+    return f"{r:.1f}×" if r < 1000 else f"{r:,.0f}×"
+
+
+def fmt_kib(n_bytes) -> str:
+    return "—" if _isnan(n_bytes) else f"{n_bytes / 1024:,.1f}"
+
+
+def fmt_mib(n_bytes) -> str:
+    return "—" if _isnan(n_bytes) else f"{n_bytes / 2**20:,.1f}"
+
+
+def fmt_int(v) -> str:
+    return "—" if _isnan(v) else f"{v:,.0f}"
+
+
+def fmt_num(v, spec: str = ".2f") -> str:
+    return "—" if _isnan(v) else format(v, spec)
+
+
+def _cell(v) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    head = "| " + " | ".join(_cell(c) for c in frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([head, rule, *body])
+
+
+def point_table(points: pd.DataFrame, group_arch) -> pd.DataFrame:
+    """The display table of one (dataset, model, basis) group, rows already ranked."""
+    name = _first(points["metric_name"])
+    dec = _decimals(name, _first(points["dense_metric"]))
+    show_arch = points["arch"].dropna().nunique() > 1 or points["arch"].dropna().ne(group_arch).any()
+    table = pd.DataFrame({
+        "method": points["method"] + np.where(points["synthetic"].astype(bool), " (from dense_metric)", ""),
+        "config": points["config"],
+        **({"arch": points["arch"].fillna("—")} if show_arch else {}),
+        "seeds": points["n_seeds"].map(fmt_int),
+        f"{name} (mean ± std)": [fmt_mean_std(m, s, n, dec) for m, s, n in
+                                 zip(points["metric"], points["metric_std"], points["n_seeds"])],
+        "Δ vs dense": [fmt_delta(d, b, name, dec) for d, b in zip(points["metric_delta"], points["dense_metric"])],
+        "within tol.": points["within_tol"].map({True: "✓", False: "✗"}),
+        "ratio": points["compression_ratio"].map(fmt_ratio),
+        "coef ratio": points["coef_compression_ratio"].map(fmt_ratio),
+        "requested": points["requested_ratio"].map(fmt_ratio),
+        "speedup": points["theoretical_speedup"].map(lambda v: fmt_num(v, ".2f") + ("×" if not _isnan(v) else "")),
+        "stored KiB": (points["stored_bits"] / 8).map(fmt_kib),
+        "file KiB": points["file_bytes"].map(fmt_kib),
+        "params trainable": points["params_trainable"].map(fmt_int),
+        "train s": points["train_seconds"].map(lambda v: fmt_num(v, ".1f")),
+        "peak MiB": points["peak_memory_bytes"].map(fmt_mib),
+    })
+    return table
+
+
+def headline_table(points: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset and method: the highest whole-model ratio reached within tolerance, and its metric."""
+    compressed = points[points["method"] != DENSE]
+    best = (compressed[compressed["within_tol"]]
+            .sort_values(["compression_ratio", "metric_delta"], ascending=False, kind="stable")
+            .groupby(["dataset", "method"], sort=False).head(1))
+    pairs = compressed[["dataset", "method"]].drop_duplicates()
+    best = pairs.merge(best, on=["dataset", "method"], how="left").sort_values(["dataset", "method"])
+    return pd.DataFrame([_headline_row(row) for row in best.to_dict("records")])
+
+
+def _headline_row(best: dict) -> dict:
+    row = {"dataset": best["dataset"], "method": best["method"]}
+    if _isnan(best.get("compression_ratio")):
+        return row | {"best ratio within tol.": "none", "config": "", "metric (mean ± std)": "", "dense": "",
+                      "Δ vs dense": "", "model / basis": ""}
+    name = best["metric_name"]
+    dec = _decimals(name, best["dense_metric"])
+    return row | {
+        "best ratio within tol.": fmt_ratio(best["compression_ratio"]),
+        "config": best["config"],
+        "metric (mean ± std)": f"{name} " + fmt_mean_std(best["metric"], best["metric_std"], best["n_seeds"], dec),
+        "dense": fmt_num(best["dense_metric"], f".{dec}f"),
+        "Δ vs dense": fmt_delta(best["metric_delta"], best["dense_metric"], name, dec),
+        "model / basis": f"{best['model']} / {best['basis']}",
+    }
+
+
+def run_label(row) -> str:
+    cfg = compact_config(row.get("method_config")).replace(", ", ",")
+    seed = row.get("seed")
+    seed = "?" if _isnan(seed) else int(seed)
+    return f"{row.get('dataset')}/{row.get('model')}/{row.get('basis')}/{row.get('method')}({cfg})/seed{seed}"
+
+
+def truncate(text, n: int = ERROR_CHARS) -> str:
+    text = "" if _isnan(text) else " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def failures_section(df: pd.DataFrame) -> list[str]:
+    bad = df[df["status"].isin(["failed", "diverged"])] if "status" in df.columns else df.iloc[0:0]
+    lines = ["## Failed and diverged runs", ""]
+    if bad.empty:
+        return lines + ["None.", ""]
+    table = pd.DataFrame({
+        "run": [run_label(r) for r in bad.to_dict("records")],
+        "status": bad["status"].to_numpy(),
+        "error": bad["error"].map(truncate).to_numpy(),
+    })
+    return lines + [markdown_table(table), ""]
+
+
+def tolerance_words(tolerance_acc: float, tolerance_rmse_rel: float) -> str:
+    points = "point" if tolerance_acc == 1 else "points"
+    return (f"A point is **within tolerance** when its mean test accuracy is at most {tolerance_acc:g} "
+            f"percentage {points} below its dense base model's (mean metric_delta ≥ −{tolerance_acc:g}), or, "
+            f"for RMSE, when its mean test RMSE is at most {tolerance_rmse_rel:.0%} above the dense base "
+            "model's mean RMSE over the same seeds.")
+
+
+def header_section(df: pd.DataFrame, title: str, tolerance_acc: float, tolerance_rmse_rel: float,
+                   header_lines: list[str] | None) -> list[str]:
+    counts = df["status"].value_counts() if "status" in df.columns else pd.Series(dtype=int)
+    runs = ", ".join(f"{int(counts.get(s, 0))} {s}" for s in ("ok", "failed", "diverged"))
+    lines = [f"# {title}", "", f"Runs: {len(df)} ({runs}).", "", tolerance_words(tolerance_acc, tolerance_rmse_rel), "",
+             ("Metrics are mean ± sample std over seeds; Δ vs dense is the mean of the per-seed difference "
+              "from the same seed's dense base model. Ratios are whole-model stored bits (dense float32 / "
+              "compressed); coef ratio counts edge coefficients only."), ""]
+    if header_lines:
+        lines += [f"- {line}" for line in header_lines] + [""]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------
+
+def safe_name(text) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "unnamed"
+
+
+def _ratio_formatter(v, _pos) -> str:
+    return f"{v:g}×"
+
+
+def _axis_label(metric_name) -> str:
+    if metric_name == "accuracy":
+        return "test accuracy (%)  ↑ better"
+    arrow = "↑" if higher_is_better(metric_name) else "↓"
+    return f"test {str(metric_name).upper() if metric_name == 'rmse' else metric_name}  {arrow} better"
+
+
+def _draw_facet(ax, points: pd.DataFrame, palette: dict, tolerance_acc: float, tolerance_rmse_rel: float) -> None:
+    name = _first(points["metric_name"])
+    hib = higher_is_better(name)
+    dense = points[points["method"] == DENSE]
+    dense_y = dense["metric"].mean()
+    others = points[points["method"] != DENSE]
+    if math.isfinite(dense_y):
+        ax.axhline(dense_y, color="black", lw=1, ls="--", zorder=1)
+        tol_y = dense_y - tolerance_acc if hib else dense_y * (1 + tolerance_rmse_rel)
+        ax.axhline(tol_y, color="grey", lw=0.8, ls=":", zorder=1)
+    for method, grp in others.groupby("method", sort=True):
+        colour = palette[method]
+        ax.errorbar(grp["compression_ratio"], grp["metric"], yerr=grp["metric_std"].fillna(0), fmt="none",
+                    ecolor=colour, elinewidth=1, capsize=3, alpha=0.8, zorder=2)
+        front = pareto_front(pd.concat([grp, dense]), hib)
+        ax.plot(front["compression_ratio"], front["metric"], color=colour, lw=1.5, alpha=0.9, zorder=2)
+    if not others.empty:
+        sns.scatterplot(data=others, x="compression_ratio", y="metric", hue="method", palette=palette, s=45,
+                        edgecolor="white", linewidth=0.5, legend=False, zorder=3, ax=ax)
+    if not dense.empty:
+        ax.errorbar(dense["compression_ratio"], dense["metric"], yerr=dense["metric_std"].fillna(0), fmt="*",
+                    color="black", markersize=12, capsize=3, zorder=4)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(LogLocator(base=2, numticks=12))
+    ax.xaxis.set_major_formatter(FuncFormatter(_ratio_formatter))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("compression ratio, whole model (log scale)")
+    ax.set_ylabel(_axis_label(name))
+    ax.set_xlim(0.8, max(points["compression_ratio"].max() * 1.5, 2.0))
+
+
+def _legend_handles(palette: dict, tolerance_acc: float, tolerance_rmse_rel: float, metric_name) -> list:
+    handles = [Line2D([], [], color=c, marker="o", lw=1.5, label=m) for m, c in palette.items()]
+    tol = f"−{tolerance_acc:g} pt" if higher_is_better(metric_name) else f"+{tolerance_rmse_rel:.0%}"
+    handles += [Line2D([], [], color="black", marker="*", markersize=10, ls="--", lw=1, label="dense (1×)"),
+                Line2D([], [], color="grey", ls=":", lw=0.8, label=f"tolerance ({tol})")]
+    return handles
+
+
+def plot_dataset(points: pd.DataFrame, dataset: str, path: Path, palette: dict,
+                 tolerance_acc: float, tolerance_rmse_rel: float) -> Path:
+    """One PNG for a dataset: a facet per (model, basis), metric against compression ratio."""
+    groups = list(points.groupby(["model", "basis"], sort=True, dropna=False))
+    ncols = min(len(groups), 3)
+    nrows = math.ceil(len(groups) / ncols)
+    fig = Figure(figsize=(5.2 * ncols + 1.8, 4.2 * nrows))  # no pyplot: Agg canvas, no global state
+    with sns.axes_style("whitegrid"):
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+    used = {}
+    for ax, ((model, basis), grp) in zip(axes.flat, groups):
+        _draw_facet(ax, grp, palette, tolerance_acc, tolerance_rmse_rel)
+        arch = _first(grp.loc[grp["method"] == DENSE, "arch"]) or _first(grp["arch"])
+        ax.set_title(f"{model} / {basis}" + (f"  {arch}" if arch else ""), fontsize=10)
+        used.update({m: palette[m] for m in grp["method"] if m != DENSE})
+    for ax in axes.flat[len(groups):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{dataset}: test metric vs compression (mean ± std over seeds; lines = Pareto frontiers)",
+                 fontsize=11)
+    handles = _legend_handles(dict(sorted(used.items())), tolerance_acc, tolerance_rmse_rel,
+                              _first(points["metric_name"]))
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    return path
+
+
+def method_palette(methods) -> dict:
+    """One colour per (non-dense) method, stable across every figure of the report."""
+    names = sorted(m for m in set(methods) if m != DENSE)
+    return dict(zip(names, sns.color_palette("tab10" if len(names) <= 10 else "husl", len(names))))
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------
+
+def dataset_section(points: pd.DataFrame, dataset: str, plot_file: str | None) -> list[str]:
+    name = _first(points["metric_name"])
+    lines = [f"## {dataset} ({name})", ""]
+    if plot_file:
+        lines += [f"![{dataset}: {name} vs compression ratio]({plot_file})", ""]
+    for (model, basis), grp in points.groupby(["model", "basis"], sort=True, dropna=False):
+        arch = _first(grp.loc[grp["method"] == DENSE, "arch"]) or _first(grp["arch"])
+        lines += [f"### {dataset} / {model} / {basis}" + (f" — `{arch}`" if arch else ""), ""]
+        lines += [markdown_table(point_table(rank_points(grp), arch)), ""]
+    return lines
+
+
+def write_report(df: pd.DataFrame, out_dir: Path, title: str | None = None, tolerance_acc: float = 1.0,
+                 tolerance_rmse_rel: float = 0.05, header_lines: list[str] | None = None) -> Path:
+    """Write ``out_dir/LEADERBOARD.md`` and one ``metric_vs_ratio_<dataset>.png`` per dataset."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = header_section(df, title or "KAN compression leaderboard", tolerance_acc, tolerance_rmse_rel,
+                           header_lines)
+    points = aggregate(df)
+    if points.empty:
+        lines += ["**No successful runs** — nothing to rank or plot.", ""]
+    else:
+        points["within_tol"] = within_tolerance(points, tolerance_acc, tolerance_rmse_rel)
+        lines += ["## Headline: best compression within tolerance", ""]
+        headline = headline_table(points)
+        lines += [markdown_table(headline) if not headline.empty else "Only dense runs succeeded.", ""]
+        palette = method_palette(points["method"])
+        used_names: set[str] = set()
+        for dataset, grp in points.groupby("dataset", sort=True):
+            plot_file = _unique(f"metric_vs_ratio_{safe_name(dataset)}", used_names) + ".png"
+            plot_dataset(grp, str(dataset), out_dir / plot_file, palette, tolerance_acc, tolerance_rmse_rel)
+            lines += dataset_section(grp, str(dataset), plot_file)
+    lines += failures_section(df)
+    path = out_dir / "LEADERBOARD.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _unique(stem: str, used: set[str]) -> str:
+    name, i = stem, 2
+    while name in used:
+        name, i = f"{stem}_{i}", i + 1
+    used.add(name)
+    return name
