@@ -98,12 +98,21 @@ class BSplineBasis(Basis):
 
 @register_basis("rbf")
 class RBFBasis(Basis):
-    """Gaussian radial basis on a LayerNorm'ed input (FastKAN): ``exp(-((x - c_k) / h)^2)``."""
+    """Gaussian radial basis on a LayerNorm'ed input (FastKAN): ``exp(-((x - c_k) / h)^2)``.
 
-    def __init__(self, in_features: int, centers: int = 8, lo: float = -2.0, hi: float = 2.0, norm: bool = True):
+    ``norm="auto"`` (default) applies LayerNorm when the layer has at least 4 inputs: over 2 or 3
+    features a per-sample LayerNorm throws away almost all of the input (two features normalise
+    to +-1), which wrecks low-dimensional equation tasks. ``norm=True/False`` forces it.
+    """
+
+    def __init__(self, in_features: int, centers: int = 8, lo: float = -2.0, hi: float = 2.0,
+                 norm: bool | str = "auto"):
         super().__init__(in_features)
         _check(centers >= 2, f"rbf needs >= 2 centers, got {centers}")
         _check(hi > lo, f"rbf range needs lo < hi, got [{lo}, {hi}]")
+        _check(norm in (True, False, "auto"), f"rbf norm must be true, false or 'auto', got {norm!r}")
+        if norm == "auto":
+            norm = in_features >= 4
         self.lo, self.hi, self.use_norm = float(lo), float(hi), bool(norm)
         self.register_buffer("centers", torch.linspace(lo, hi, centers))
         self.inv_width = (centers - 1) / (hi - lo)
