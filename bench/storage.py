@@ -185,6 +185,9 @@ def export_model(model: nn.Module, path: str | Path) -> int:
 
 def load_model(path: str | Path) -> nn.Module:
     """Rebuild the exported model (sources included) with the same predictions."""
+    from .registry import load_plugins
+
+    load_plugins()  # sources defined next to methods register themselves when their plugin loads
     raw = Path(path).read_bytes()
     if not raw.startswith(MAGIC):
         raise ValueError(f"{path} is not an exported KAN model file")
