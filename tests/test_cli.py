@@ -98,3 +98,12 @@ def test_subprocess_user_error_has_no_traceback(tmp_path):
     assert p.returncode == 2
     assert "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines() == [p.stderr.strip()]
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10", "fashion_mnist"])
+def test_missing_offline_data_is_one_line(capsys, tmp_path, monkeypatch, dataset):
+    monkeypatch.setenv("BENCH_FASHION_MNIST_DIR", str(tmp_path / "no-debian-files"))
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f'datasets = ["{dataset}"]\nmethods = ["dense"]\n[dataset.{dataset}]\ndownload = false\n')
+    one_line_error(capsys, ["run", "--config", str(cfg), "--data-dir", str(tmp_path / "data"), "--out",
+                            str(tmp_path / "out")], dataset, str(tmp_path / "data"))
