@@ -158,6 +158,7 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
         model, info = env.trained(spec, ds, trainer, method)
     else:
         model, info = copy.deepcopy(base), base_info
+    dense_ref = storage_report(base)  # the uncompressed architecture, even if a method shrinks the model
     del base
     row.update(train_seconds=info["train_seconds"], params_trainable=info["params_trainable"],
                optimizer_state_bytes=info["optimizer_state_bytes"])
@@ -178,9 +179,10 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
     row["metric_delta"] = row["metric"] - row["dense_metric"]
 
     rep = storage_report(model)
-    row.update(stored_bits=rep.stored_bits, dense_bits=rep.dense_bits, compression_ratio=rep.compression_ratio,
-               coef_stored_bits=rep.coef_stored_bits, coef_dense_bits=rep.coef_dense_bits,
-               coef_compression_ratio=rep.coef_compression_ratio,
+    row.update(stored_bits=rep.stored_bits, dense_bits=dense_ref.dense_bits,
+               compression_ratio=dense_ref.dense_bits / rep.stored_bits, coef_stored_bits=rep.coef_stored_bits,
+               coef_dense_bits=dense_ref.coef_dense_bits,
+               coef_compression_ratio=dense_ref.coef_dense_bits / rep.coef_stored_bits,
                params_total=sum(it.count for _, it in rep.items), arch=model_specs.arch_string(model),
                requested_ratio=method.requested_ratio(),
                theoretical_speedup=ctx.info.pop("theoretical_speedup", 1.0))

@@ -1,0 +1,423 @@
+"""Edge pruning for KANs: scoring, budgeted selection, masked sources and structured node removal.
+
+Scoring is kept apart from applying (as in Torch-Pruning):
+
+- :func:`magnitude_scores`: the L2 norm of every edge vector;
+- :func:`attribution_scores`: pykan-style attribution. On a calibration batch, each edge's
+  activation scale is the standard deviation of ``phi_{o,i}(x_i)`` over the batch; node scores
+  start at 1 on the outputs and flow back,
+  ``edge[o, i] = act_std[o, i] * node[o] / (out_std[o] + 1e-4)``, ``node_in[i] = sum_o edge[o, i]``.
+
+Applying: :class:`MaskedSource` keeps only the surviving edge vectors (float32) and the sparsity
+pattern at whichever is cheaper, a 1-bit-per-edge mask (``uint1``, ``out * in`` bits) or a sorted
+index list (``uint<ceil(log2(out * in))>`` per survivor). :func:`plan_selection` solves for the
+number of kept edges from that exact bit formula, so a requested coefficient compression ratio is
+met from below by at most one edge's worth of bits.
+
+Structured result (fully connected ``KAN`` whose bases act on each input separately; not for the RBF
+basis with LayerNorm, whose normalisation couples a layer's inputs, nor ConvKAN, where a constant
+channel is no longer constant after zero padding): a hidden node with no incoming edges outputs its
+bias, so its outgoing edges are folded into the next layer's bias; a hidden node with no outgoing
+edges is never read, so its incoming edges are dropped. Repeated to a fixpoint
+(:func:`clean_chain`), after which the dead nodes have no edges at all and :func:`remove_dead_nodes`
+rebuilds the layers at the smaller widths with exactly the same outputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .kan import KAN, KANLayer, kan_layers
+from .sources import EdgeSource, StorageItem, float_item, index_bits, register_source
+
+FLOAT_BITS = 32
+
+
+# ----------------------------------------------------------------------------- storage formula
+def pattern_bits(out_features: int, in_features: int, kept: int) -> tuple[int, str]:
+    """Bits of the cheaper sparsity pattern and its kind (``mask`` on a tie)."""
+    mask = out_features * in_features
+    index = kept * index_bits(out_features * in_features)
+    return (mask, "mask") if mask <= index else (index, "index")
+
+
+def masked_layer_bits(out_features: int, in_features: int, edge_dim: int, kept: int) -> int:
+    """Stored bits of one masked layer: survivors at float32 plus the cheaper pattern."""
+    return kept * edge_dim * FLOAT_BITS + pattern_bits(out_features, in_features, kept)[0]
+
+
+@register_source
+class MaskedSource(EdgeSource):
+    """Surviving edge vectors ``values [kept, n+1]`` (float32, trainable) at the sorted flat
+    positions ``flat_index`` (``o * in + i``); pruned edges are zero and stay zero.
+
+    ``contract`` has a sparse path when at most a quarter of the edges survive: it gathers the
+    features of the surviving edges (``[B, kept, n+1]``) and scatters their sums into the
+    outputs, ``kept * (n+1)`` MACs per sample instead of ``out * in * (n+1)``.
+    """
+
+    def __init__(self, out_features: int, in_features: int, edge_dim: int, flat_index: torch.Tensor,
+                 values: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features, self.edge_dim = int(out_features), int(in_features), int(edge_dim)
+        idx = flat_index.detach().reshape(-1).long()
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise ValueError("flat_index must be strictly increasing")
+        if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= out_features * in_features):
+            raise ValueError("flat_index out of range")
+        self.register_buffer("flat_index", idx.clone())
+        self.values = nn.Parameter(values.detach().reshape(idx.numel(), edge_dim).clone().float())
+
+    @classmethod
+    def from_mask(cls, weight: torch.Tensor, mask: torch.Tensor) -> MaskedSource:
+        out, inp, e = weight.shape
+        idx = torch.nonzero(mask.reshape(-1), as_tuple=False).reshape(-1)
+        return cls(out, inp, e, idx, weight.detach().reshape(out * inp, e)[idx])
+
+    @property
+    def kept(self) -> int:
+        return self.flat_index.numel()
+
+    @property
+    def pattern(self) -> str:
+        return pattern_bits(self.out_features, self.in_features, self.kept)[1]
+
+    def mask(self) -> torch.Tensor:
+        m = torch.zeros(self.out_features * self.in_features, dtype=torch.bool, device=self.flat_index.device)
+        m[self.flat_index] = True
+        return m.reshape(self.out_features, self.in_features)
+
+    def edge_tensor(self) -> torch.Tensor:
+        w = self.values.new_zeros(self.out_features * self.in_features, self.edge_dim)
+        w = w.index_copy(0, self.flat_index, self.values)
+        return w.reshape(self.out_features, self.in_features, self.edge_dim)
+
+    def use_fast_path(self) -> bool:
+        return 4 * self.kept <= self.out_features * self.in_features
+
+    def contract(self, features: torch.Tensor) -> torch.Tensor:
+        if not self.use_fast_path():
+            return super().contract(features)
+        src = self.flat_index % self.in_features
+        dst = self.flat_index // self.in_features
+        per_edge = (features[:, src, :] * self.values).sum(-1)  # [B, kept]
+        y = features.new_zeros(features.shape[0], self.out_features)
+        return y.index_add(1, dst, per_edge)
+
+    def storage(self) -> list[StorageItem]:
+        items = [float_item("values", self.values)]
+        if self.pattern == "mask":
+            m = self.mask().reshape(-1).to(torch.uint8)
+            items.append(StorageItem("mask", m.numel(), 1, "uint1", m))
+        else:
+            b = index_bits(self.out_features * self.in_features)
+            items.append(StorageItem("index", self.kept, b, f"uint{b}", self.flat_index))
+        return items
+
+    def export_config(self) -> dict:
+        return {"shape": list(self.shape), "kept": self.kept, "pattern": self.pattern}
+
+    @classmethod
+    def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> MaskedSource:
+        out, inp, e = config["shape"]
+        if config["pattern"] == "mask":
+            idx = torch.nonzero(tensors["mask"].reshape(-1) != 0, as_tuple=False).reshape(-1)
+        else:
+            idx = tensors["index"].reshape(-1).long()
+        return cls(out, inp, e, idx, tensors["values"].reshape(config["kept"], e))
+
+
+# ----------------------------------------------------------------------------- scoring
+def edge_masks(model: nn.Module) -> list[torch.Tensor]:
+    """The current alive-edge mask of every KAN layer (all True for an unpruned layer)."""
+    return [edge_masks_of(layer) for _, layer in kan_layers(model)]
+
+
+@torch.no_grad()
+def magnitude_scores(model: nn.Module) -> list[torch.Tensor]:
+    """``||w[o, i, :]||_2`` for every edge, one ``[out, in]`` tensor per KAN layer."""
+    return [layer.edge_tensor().detach().norm(dim=-1) for _, layer in kan_layers(model)]
+
+
+@torch.no_grad()
+def layer_inputs(model: nn.Module, x: torch.Tensor, max_rows: int = 4096) -> list[torch.Tensor]:
+    """The inputs every KAN layer sees on batch ``x`` (conv layers: patch rows, subsampled evenly
+    to at most ``max_rows``)."""
+    layers = kan_layers(model)
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [layer.register_forward_hook(lambda m, args, out, k=k: seen.__setitem__(k, args[0].detach()))
+             for k, (_, layer) in enumerate(layers)]
+    was = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    res = []
+    for k in range(len(layers)):
+        r = seen[k]
+        if r.shape[0] > max_rows:
+            r = r[torch.linspace(0, r.shape[0] - 1, max_rows, device=r.device).long()]
+        res.append(r)
+    return res
+
+
+def _link_back(score_in: torch.Tensor, prev_out: int) -> torch.Tensor:
+    """Map a layer's input-node scores to the previous layer's output nodes (identity for a KAN;
+    a convolution's ``in_channels * k * k`` patch inputs sum back to their channel)."""
+    if score_in.numel() == prev_out:
+        return score_in
+    if score_in.numel() % prev_out == 0:
+        return score_in.reshape(prev_out, -1).sum(1)
+    raise ValueError(f"cannot link {score_in.numel()} inputs back to {prev_out} outputs")
+
+
+@torch.no_grad()
+def attribution_scores(model: nn.Module, x: torch.Tensor, chunk: int = 8) -> list[torch.Tensor]:
+    """pykan-style edge attribution on calibration batch ``x``; one ``[out, in]`` per layer."""
+    layers = [layer for _, layer in kan_layers(model)]
+    inputs = layer_inputs(model, x)
+    act_std, out_std = [], []
+    for layer, xin in zip(layers, inputs):
+        feats = layer.features(xin)  # [N, in, E]
+        w = layer.edge_tensor().detach()
+        stds = []
+        for o in range(0, layer.out_features, chunk):
+            acts = torch.einsum("nie,oie->noi", feats, w[o:o + chunk])  # [N, chunk, in]
+            stds.append(acts.std(dim=0, unbiased=False))
+        act_std.append(torch.cat(stds, 0))
+        out_std.append(layer.source.contract(feats).std(dim=0, unbiased=False))
+    scores: list[torch.Tensor] = [torch.empty(0)] * len(layers)
+    node = torch.ones(layers[-1].out_features, device=x.device)
+    for k in range(len(layers) - 1, -1, -1):
+        edge = act_std[k] * (node / (out_std[k] + 1e-4)).unsqueeze(1)
+        scores[k] = edge
+        if k > 0:
+            node = _link_back(edge.sum(0), layers[k - 1].out_features)
+    return scores
+
+
+# ----------------------------------------------------------------------------- structure
+def chain_cleanable(model: nn.Module) -> bool:
+    """True if dead hidden nodes can be removed exactly: a fully connected ``KAN`` whose bases act on
+    every input separately (no parameters, no normalisation across inputs) and whose layers have biases."""
+    if not isinstance(model, KAN):
+        return False
+    for layer in model.layers:
+        basis = layer.basis
+        if list(basis.parameters()) or any(isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm))
+                                           for m in basis.modules()):
+            return False
+        if layer.bias is None:
+            return False
+    return True
+
+
+def clean_chain(masks: list[torch.Tensor], fold=None) -> list[torch.Tensor]:
+    """Fixpoint over the hidden nodes of a layer chain (``masks[l]`` is ``[out_l, in_l]``): out-edges
+    of a node with no in-edges are folded (``fold(l + 1, nodes)`` is called first, then they are
+    cleared); in-edges of a node with no out-edges are cleared. Returns new masks."""
+    masks = [m.clone() for m in masks]
+    changed = True
+    while changed:
+        changed = False
+        for k in range(len(masks) - 1):
+            has_in, has_out = masks[k].any(1), masks[k + 1].any(0)
+            unread = has_in & ~has_out
+            if unread.any():
+                masks[k][unread] = False
+                changed = True
+            const = ~has_in & has_out
+            if const.any():
+                nodes = torch.nonzero(const).reshape(-1)
+                if fold is not None:
+                    fold(k + 1, nodes, masks[k + 1])
+                masks[k + 1][:, const] = False
+                changed = True
+    return masks
+
+
+def alive_nodes(masks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Indices of the hidden nodes that keep an edge after cleaning (at least one per layer)."""
+    res = []
+    for k in range(len(masks) - 1):
+        alive = masks[k].any(1) | masks[k + 1].any(0)
+        idx = torch.nonzero(alive).reshape(-1)
+        res.append(idx if idx.numel() else torch.zeros(1, dtype=torch.long, device=alive.device))
+    return res
+
+
+def structured_shapes(masks: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """``(out, in)`` of every layer after dead hidden nodes are removed."""
+    alive = alive_nodes(masks)
+    outs = [len(a) for a in alive] + [masks[-1].shape[0]]
+    ins = [masks[0].shape[1]] + [len(a) for a in alive]
+    return list(zip(outs, ins))
+
+
+@torch.no_grad()
+def fold_constant_nodes(model: KAN):
+    """The ``fold`` callback of :func:`clean_chain` for a real model: node ``j`` of hidden layer
+    ``l - 1`` outputs its bias; add ``sum_j phi_{o,j}(bias_j)`` over kept edges to layer ``l``'s bias."""
+    layers = list(model.layers)
+
+    def fold(k: int, nodes: torch.Tensor, mask: torch.Tensor) -> None:
+        prev, nxt = layers[k - 1], layers[k]
+        x = torch.zeros(1, nxt.in_features, device=prev.bias.device)
+        x[0, nodes] = prev.bias.detach()[nodes]
+        feats = nxt.features(x)[0, nodes]  # [k, E]: basis acts per input, other inputs do not matter
+        w = nxt.edge_tensor().detach()[:, nodes, :] * mask[:, nodes].unsqueeze(-1)
+        nxt.bias.add_(torch.einsum("oke,ke->o", w, feats))
+
+    return fold
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: list[torch.Tensor], clean: bool = True) -> list[torch.Tensor]:
+    """Swap every KAN layer's source for a :class:`MaskedSource` keeping ``masks`` (edges outside the
+    current source's mask are not revived). With ``clean`` and a cleanable chain, dead-node edges
+    are folded/cleared first (outputs unchanged). Returns the masks applied."""
+    layers = kan_layers(model)
+    masks = [m.to(cur.device, torch.bool) & cur for m, cur in zip(masks, edge_masks(model))]
+    if clean and chain_cleanable(model):
+        masks = clean_chain(masks, fold_constant_nodes(model))
+    for (_, layer), m in zip(layers, masks):
+        layer.set_source(MaskedSource.from_mask(layer.edge_tensor().detach(), m).to(_device(layer)))
+    return masks
+
+
+@torch.no_grad()
+def remove_dead_nodes(model: KAN) -> list[int]:
+    """Rebuild a cleaned, masked ``KAN`` without its dead hidden nodes (same outputs); returns the
+    number of nodes removed per hidden layer."""
+    if not chain_cleanable(model):
+        raise ValueError("remove_dead_nodes needs a KAN with per-input bases and biases")
+    masks = edge_masks(model)
+    if any(not torch.equal(a, b) for a, b in zip(clean_chain(masks), masks)):
+        raise ValueError("masks are not cleaned; call apply_masks(..., clean=True) first")
+    alive = alive_nodes(masks)
+    old = list(model.layers)
+    device = old[0].bias.device
+    keep_out = alive + [torch.arange(old[-1].out_features, device=device)]
+    keep_in = [torch.arange(old[0].in_features, device=device)] + alive
+    new_layers = []
+    for layer, ko, ki in zip(old, keep_out, keep_in):
+        ko, ki = ko.to(device), ki.to(device)
+        nl = KANLayer(len(ki), len(ko), model.basis_name, model.basis_kwargs).to(device)
+        nl.basis.load_state_dict(layer.basis.state_dict())
+        nl.bias.copy_(layer.bias[ko])
+        w = layer.edge_tensor().detach()[ko][:, ki]
+        m = edge_masks_of(layer)[ko][:, ki]
+        nl.set_source(MaskedSource.from_mask(w, m).to(device))
+        new_layers.append(nl)
+    removed = [layer.out_features - len(a) for layer, a in zip(old[:-1], alive)]
+    model.layers = nn.ModuleList(new_layers)
+    model.widths = [new_layers[0].in_features] + [nl.out_features for nl in new_layers]
+    return removed
+
+
+def edge_masks_of(layer: KANLayer) -> torch.Tensor:
+    """The alive-edge mask ``[out, in]`` of one layer (all True unless it is masked)."""
+    src = layer.source
+    if isinstance(src, MaskedSource):
+        return src.mask()
+    return torch.ones(layer.out_features, layer.in_features, dtype=torch.bool, device=_device(layer))
+
+
+def _device(layer: KANLayer) -> torch.device:
+    return layer.edge_tensor().device
+
+
+# ----------------------------------------------------------------------------- budgeted selection
+def coef_dense_bits(model: nn.Module) -> int:
+    return sum(math.prod(layer.source.shape) * FLOAT_BITS for _, layer in kan_layers(model))
+
+
+def _prefix_masks(orders, shapes, counts) -> list[torch.Tensor]:
+    masks = []
+    for order, (out, inp), k in zip(orders, shapes, counts):
+        m = torch.zeros(out * inp, dtype=torch.bool)
+        m[order[:k]] = True
+        masks.append(m.reshape(out, inp))
+    return masks
+
+
+def plan_selection(scores: list[torch.Tensor], alive: list[torch.Tensor], edge_dims: list[int], budget_bits: int,
+                   scope: str = "global", structured: bool = False) -> tuple[list[torch.Tensor], int]:
+    """Keep-masks whose exact stored coefficient bits are the largest not above ``budget_bits``.
+
+    ``global``: the top-``t`` alive edges over all layers by score; ``layer``: the top
+    ``round(t * n_l / N)`` alive edges of every layer (same kept fraction everywhere). At least one
+    edge per layer is kept. ``structured`` counts the bits after :func:`clean_chain` and dead-node
+    removal (what a cleaned model stores). Binary search on ``t``; returns (masks, bits).
+    """
+    shapes = [tuple(s.shape) for s in scores]
+    scores = [s.detach().float().cpu().reshape(-1) for s in scores]
+    alive = [a.detach().cpu().reshape(-1) for a in alive]
+    n_alive = [int(a.sum()) for a in alive]
+    if min(n_alive) < 1:
+        raise UserError("every layer needs at least one surviving edge to prune from")
+    orders = []
+    for s, a in zip(scores, alive):
+        s = torch.where(a, s, torch.full_like(s, -math.inf))
+        orders.append(torch.argsort(s, descending=True, stable=True)[: int(a.sum())])
+    total = sum(n_alive)
+    sizes = [s.numel() for s in scores]
+
+    # global: the layer owning each edge, in descending score order over all layers
+    owner = torch.cat([torch.full((na,), i) for i, na in enumerate(n_alive)])
+    owner = owner[torch.argsort(torch.cat([s[o] for s, o in zip(scores, orders)]), descending=True, stable=True)]
+
+    def counts_for(t: int) -> list[int]:
+        if scope == "layer":
+            return [min(na, max(1, round(t * n / sum(sizes)))) for na, n in zip(n_alive, sizes)]
+        # top-t over all layers, but each layer keeps at least its best edge
+        return [max(1, int(c)) for c in torch.bincount(owner[:t], minlength=len(sizes))]
+
+    def bits(t: int) -> tuple[int, list[torch.Tensor]]:
+        masks = _prefix_masks(orders, shapes, counts_for(t))
+        new_shapes = shapes
+        if structured:  # cleaned masks; dead nodes then carry no edges and leave the layer shapes
+            masks = clean_chain(masks)
+            new_shapes = structured_shapes(masks)
+        kept = [int(m.sum()) for m in masks]
+        return sum(masked_layer_bits(o, i, e, k) for (o, i), e, k in zip(new_shapes, edge_dims, kept)), masks
+
+    lo, hi = len(sizes), total
+    b_lo, m_lo = bits(lo)
+    if b_lo > budget_bits:
+        raise UserError(f"pruning budget of {budget_bits} coefficient bits is below the {b_lo} bits of one edge "
+                        f"per layer; ask for a smaller ratio")
+    best_b, best_m = b_lo, m_lo
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        b, m = bits(mid)
+        if b <= budget_bits:
+            lo, best_b, best_m = mid, b, m
+        else:
+            hi = mid - 1
+    return best_m, best_b
+
+
+# ----------------------------------------------------------------------------- cost
+@torch.no_grad()
+def layer_positions(model: nn.Module, x: torch.Tensor) -> list[int]:
+    """How many rows each KAN layer evaluates per sample (1 for a KAN; output pixels for a conv)."""
+    rows = layer_inputs(model, x[:1], max_rows=1 << 62)
+    return [r.shape[0] for r in rows]
+
+
+def edge_macs(model: nn.Module, positions: list[int]) -> int:
+    """Edge multiply-accumulates per sample: ``positions * kept_edges * (n + 1)`` summed over layers."""
+    total = 0
+    for (_, layer), p in zip(kan_layers(model), positions):
+        src = layer.source
+        kept = src.kept if isinstance(src, MaskedSource) else layer.out_features * layer.in_features
+        total += p * kept * layer.edge_dim
+    return total

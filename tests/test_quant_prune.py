@@ -1,0 +1,283 @@
+"""Scalar quantisation (bench.quant, methods/quantize.py) and pruning (bench.prune, methods/prune.py):
+hand-counted bits, bit-packed files, exact reloads, budgets met, structured node removal exact."""
+
+import copy
+import json
+import math
+import struct
+
+import pytest
+import torch
+
+from bench.errors import UserError
+from bench.kan import KAN, kan_layers
+from bench.methods import METHODS
+from bench.prune import (
+    MaskedSource,
+    apply_masks,
+    attribution_scores,
+    coef_dense_bits,
+    edge_masks,
+    magnitude_scores,
+    plan_selection,
+    remove_dead_nodes,
+)
+from bench.quant import FakeQuantSource, QuantSource
+from bench.registry import load_plugins
+from bench.runner import RunEnv, run_one
+from bench.storage import MAGIC, export_model, load_model, storage_report
+from bench.sweep import build_sweep
+
+load_plugins()
+N_EDGES = 784 * 64 + 64 * 10  # [784, 64, 10]
+E = 9  # 8 basis functions + base branch
+
+
+def header_bytes(path) -> int:
+    raw = open(path, "rb").read()
+    return len(MAGIC) + 4 + struct.unpack_from("<I", raw, len(MAGIC))[0]
+
+
+def quantized(model, **kw):
+    m = copy.deepcopy(model)
+    for _, layer in kan_layers(m):
+        layer.set_source(QuantSource.from_float(layer.edge_tensor().detach(), **kw))
+    return m
+
+
+@pytest.fixture(scope="module")
+def big():
+    torch.manual_seed(0)
+    return KAN([784, 64, 10], "bspline")
+
+
+# ----------------------------------------------------------------------------- quantisation
+def test_quant_storage_hand_count(big):
+    dense = storage_report(big)
+    assert dense.coef_stored_bits == N_EDGES * E * 32
+    for bits in (8, 6, 4, 3, 2):
+        rep = storage_report(quantized(big, bits=bits, granularity="node"))
+        assert rep.coef_stored_bits == N_EDGES * E * bits + (64 + 10) * 32
+    r8 = storage_report(quantized(big, bits=8))
+    assert r8.coef_compression_ratio == pytest.approx(4.0, rel=2e-3)
+    assert storage_report(quantized(big, bits=4)).coef_compression_ratio == pytest.approx(8.0, rel=3e-3)
+    # per-layer and per-edge scales, float16 scales, asymmetric zero points
+    assert storage_report(quantized(big, bits=4, granularity="layer")).coef_stored_bits == N_EDGES * E * 4 + 2 * 32
+    edge4 = storage_report(quantized(big, bits=4, granularity="edge")).coef_stored_bits
+    assert edge4 == N_EDGES * E * 4 + N_EDGES * 32 == N_EDGES * 68
+    assert storage_report(quantized(big, bits=4, granularity="edge", scale_dtype="float16")).coef_stored_bits == \
+        N_EDGES * E * 4 + N_EDGES * 16
+    assert storage_report(quantized(big, bits=3, symmetric=False)).coef_stored_bits == \
+        N_EDGES * E * 3 + 74 * (32 + 3)
+    # per-edge float32 scales cost about as much as going to 8-bit values: 4-bit+edge scales ~ 8-bit+node scales
+    assert 0.9 < edge4 / r8.coef_stored_bits < 1.0
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quant_changes_weights_outputs_close_at_8_bits(symmetric):
+    torch.manual_seed(1)
+    model = KAN([16, 8, 3], "bspline")
+    x = torch.randn(64, 16)
+    ref = model(x).detach()
+    errs = {}
+    for bits in (8, 4, 2):
+        q = quantized(model, bits=bits, symmetric=symmetric)
+        for (_, a), (_, b) in zip(kan_layers(model), kan_layers(q)):
+            assert not torch.equal(a.edge_tensor(), b.edge_tensor())
+            step = (a.edge_tensor() - b.edge_tensor()).abs().max()
+            assert step <= a.edge_tensor().abs().max() / (2 ** (bits - 1) - 1)  # at most one quantisation step
+        errs[bits] = float((q(x) - ref).detach().abs().max() / ref.abs().max())
+    assert 0 < errs[8] < 0.02
+    assert errs[8] < errs[4] < errs[2]
+
+
+@pytest.mark.parametrize("bits,symmetric,scale_dtype,granularity", [(4, True, "float32", "node"),
+                                                                    (3, False, "float16", "edge"),
+                                                                    (8, True, "float16", "layer")])
+def test_quant_export_bitpacks_and_reloads(tmp_path, bits, symmetric, scale_dtype, granularity):
+    torch.manual_seed(2)
+    model = KAN([40, 16, 5], "rbf")
+    q = quantized(model, bits=bits, symmetric=symmetric, scale_dtype=scale_dtype, granularity=granularity)
+    rep = storage_report(q)
+    size = export_model(q, tmp_path / "q.kanb")
+    dense_size = export_model(model, tmp_path / "d.kanb")
+    # the payload after the header is exactly every tensor at its stored width (sub-byte codes packed)
+    assert size - header_bytes(tmp_path / "q.kanb") == sum(math.ceil(it.bits / 8) for _, it in rep.items)
+    codes = [it for n, it in rep.items if n.endswith("source.q")]
+    assert [it.encoding for it in codes] == [f"{'' if symmetric else 'u'}int{bits}"] * 2
+    hand = math.ceil(40 * 16 * E * bits / 8) + math.ceil(16 * 5 * E * bits / 8)
+    assert sum(math.ceil(it.bits / 8) for it in codes) == hand
+    payload, dense_payload = size - header_bytes(tmp_path / "q.kanb"), dense_size - header_bytes(tmp_path / "d.kanb")
+    assert payload < dense_payload * (bits + 3) / 32
+    re = load_model(tmp_path / "q.kanb")
+    x = torch.randn(32, 40)
+    assert torch.equal(re(x), q(x))
+    assert type(re.layers[0].source) is QuantSource
+    assert re.layers[0].source.scale.dtype == q.layers[0].source.scale.dtype
+
+
+def test_fake_quant_ste_trains_and_freezes_exactly():
+    torch.manual_seed(3)
+    model = KAN([4, 6, 1], "bspline")
+    x = torch.rand(128, 4) * 2 - 1
+    y = (x[:, :1] * x[:, 1:2]).sin()
+    for _, layer in kan_layers(model):
+        layer.set_source(FakeQuantSource(layer.edge_tensor().detach(), bits=4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        first = first if first is not None else float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        assert model.layers[0].source.weight.grad.abs().sum() > 0  # the STE passes gradients
+        opt.step()
+    assert loss.item() < 0.5 * first
+    before = model(x).detach()
+    for _, layer in kan_layers(model):
+        layer.set_source(layer.source.freeze())
+    assert torch.allclose(model(x), before, atol=1e-6)
+    assert storage_report(model).coef_stored_bits == (4 * 6 + 6 * 1) * E * 4 + 7 * 32
+
+
+def test_calibrated_clipping_lowers_layer_error():
+    torch.manual_seed(4)
+    model = KAN([30, 8], "bspline")
+    x = torch.randn(256, 30)
+    method = METHODS["quantize"](bits=3, calibrate=True)
+    (clip,) = method.calibrate_clips(model, x)
+    assert clip.shape == (8,) and bool((clip <= 1).all()) and bool((clip < 1).any())
+    ref = model(x).detach()
+    plain = quantized(model, bits=3)
+    tuned = copy.deepcopy(model)
+    tuned.layers[0].set_source(QuantSource.from_float(model.layers[0].edge_tensor().detach(), bits=3, clip=clip))
+    assert ((tuned(x) - ref) ** 2).mean() < ((plain(x) - ref) ** 2).mean()
+
+
+def test_quantize_bad_hyperparameters():
+    for bad in ({"bits": 1}, {"bits": 9}, {"granularity": "row"}, {"mode": "both"}, {"scale_dtype": "int8"}):
+        with pytest.raises(UserError):
+            METHODS["quantize"](**bad)
+
+
+# ----------------------------------------------------------------------------- pruning
+@pytest.mark.parametrize("scope,structured", [("global", True), ("layer", False)])
+def test_prune_budget_met_within_5_percent(big, scope, structured):
+    dense = coef_dense_bits(big)
+    scores = magnitude_scores(big)
+    for ratio in (2, 4, 8, 16, 32):
+        m = copy.deepcopy(big)
+        masks, bits = plan_selection(scores, edge_masks(m), [E, E], dense // ratio, scope, structured)
+        apply_masks(m, masks, clean=structured)
+        if structured:
+            remove_dead_nodes(m)
+        rep = storage_report(m)
+        assert rep.coef_stored_bits == bits
+        # hand count: survivors at float32 plus the cheaper of mask and index lists
+        hand = 0
+        for layer in m.layers:
+            n, cells = layer.source.kept, layer.out_features * layer.in_features
+            hand += n * E * 32 + min(cells, n * math.ceil(math.log2(cells)))
+        assert hand == bits
+        assert ratio <= rep.coef_compression_ratio <= 1.05 * ratio
+
+
+def test_mask_or_index_switches_at_the_right_sparsity(tmp_path):
+    out, inp = 64, 784  # 50176 cells: an index costs 16 bits, so index lists win below 50176 / 16 = 3136 edges
+    w = torch.randn(out, inp, E)
+    for kept, pattern, pbits in ((3136, "mask", 50176), (3135, "index", 3135 * 16), (10, "index", 160),
+                                 (20000, "mask", 50176)):
+        idx = torch.randperm(out * inp)[:kept].sort().values
+        src = MaskedSource(out, inp, E, idx, w.reshape(-1, E)[idx])
+        assert src.pattern == pattern
+        items = {it.name: it for it in src.storage()}
+        assert items["values"].bits == kept * E * 32
+        assert (items.get("mask") or items.get("index")).bits == pbits
+        assert (items["mask"].encoding == "uint1") if pattern == "mask" else (items["index"].encoding == "uint16")
+
+
+@pytest.mark.parametrize("kept", [40, 200])
+def test_masked_sparse_path_matches_dense_and_reloads(tmp_path, kept):
+    torch.manual_seed(5)
+    model = KAN([30, 20, 4], "chebyshev")
+    m = torch.zeros(20 * 30, dtype=torch.bool)
+    m[torch.randperm(600)[:kept]] = True
+    apply_masks(model, [m.reshape(20, 30), torch.ones(4, 20, dtype=torch.bool)], clean=False)
+    src = model.layers[0].source
+    assert src.use_fast_path() == (kept <= 150)
+    feats = torch.randn(16, 30, 4 * 0 + src.edge_dim)
+    dense = feats.reshape(16, -1) @ src.edge_tensor().reshape(20, -1).t()
+    assert torch.allclose(src.contract(feats), dense, atol=1e-5)
+    size = export_model(model, tmp_path / "p.kanb")
+    items = storage_report(model).items
+    assert size - header_bytes(tmp_path / "p.kanb") == sum(math.ceil(it.bits / 8) for _, it in items)
+    assert any(it.encoding == "uint1" for _, it in items) or any(n.endswith("index") for n, _ in items)
+    x = torch.randn(8, 30)
+    assert torch.allclose(load_model(tmp_path / "p.kanb")(x), model(x), atol=1e-6)
+
+
+def test_structured_node_removal_is_exact_and_smaller(tmp_path):
+    torch.manual_seed(6)
+    model = KAN([10, 8, 6, 3], "bspline")
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.bias.normal_()
+    masks = [torch.rand(8, 10) < 0.6, torch.rand(6, 8) < 0.6, torch.rand(3, 6) < 0.7]
+    masks[0][0] = False  # hidden node 0 of layer 1: no inputs -> constant, folded into the next bias
+    masks[1][:, 1] = False  # hidden node 1 of layer 1: nobody reads it
+    masks[0][2], masks[1][:, 2] = False, False  # node 2: nothing at all
+    masks[2][:, 4] = False  # node 4 of layer 2 unread -> its in-edges go, possibly killing more
+    masks[1][:, 0] = True  # make sure node 0's outputs matter before folding
+    raw = copy.deepcopy(model)
+    apply_masks(raw, masks, clean=False)
+    small = copy.deepcopy(model)
+    apply_masks(small, masks, clean=True)
+    removed = remove_dead_nodes(small)
+    assert small.widths[0] == 10 and small.widths[-1] == 3
+    assert small.widths[1] <= 5 and small.widths[2] <= 5 and sum(removed) >= 4
+    x = torch.randn(64, 10) * 1.5
+    assert torch.allclose(small(x), raw(x), atol=1e-5)
+    assert storage_report(small).stored_bits < storage_report(raw).stored_bits
+    export_model(small, tmp_path / "s.kanb")
+    re = load_model(tmp_path / "s.kanb")
+    assert re.widths == small.widths
+    assert torch.allclose(re(x), small(x), atol=1e-6)
+
+
+def test_attribution_ignores_dead_paths():
+    torch.manual_seed(7)
+    model = KAN([6, 5, 2], "bspline")
+    with torch.no_grad():
+        model.layers[1].source.weight[:, 3] = 0  # hidden node 3 feeds nothing
+        model.layers[0].source.weight[1, 4] = 0  # one dead edge
+    scores = attribution_scores(model, torch.randn(128, 6))
+    assert [tuple(s.shape) for s in scores] == [(5, 6), (2, 5)]
+    assert float(scores[0][3].abs().max()) < 1e-6  # edges into an unread node carry no attribution
+    assert float(scores[0][1, 4]) == 0.0 and float(scores[1][:, 3].abs().max()) == 0.0
+    assert bool((scores[0][[0, 1, 2, 4]].sum(1) > 0).all())
+
+
+def test_prune_bad_hyperparameters_and_infeasible_budget(big):
+    for bad in ({"ratio": 1.0}, {"ratio": 0.5}, {"score": "random"}, {"scope": "row"}, {"steps": 0}):
+        with pytest.raises(UserError):
+            METHODS["prune"](**bad)
+    with pytest.raises(UserError, match="smaller ratio"):
+        plan_selection(magnitude_scores(big), edge_masks(big), [E, E], 100)
+
+
+def test_prune_method_iterative_attribution_run(tmp_path):
+    env = RunEnv(tmp_path, tmp_path, "cpu")
+    data = {"name": "t", "datasets": ["tiny_images"], "models": ["kan"], "bases": ["bspline"], "methods": ["prune"],
+            "seeds": [0], "train": {"epochs": 2, "finetune_epochs": 2, "batch_size": 32, "lr": 3e-3},
+            "method": {"prune": {"ratio": 4.0, "score": "attribution", "scope": "layer", "steps": 2}}}
+    (spec,) = build_sweep(data).runs
+    row = run_one(spec, env)
+    assert row["status"] == "ok", row["error"]
+    info = json.loads(row["info"])
+    assert row["requested_ratio"] == 4.0
+    assert 4.0 <= info["achieved_coef_ratio"] <= 4.2  # against the original dense KAN
+    assert info["achieved_coef_ratio"] == pytest.approx(row["coef_stored_bits"] and
+                                                         (64 * 6 + 6 * 4) * E * 32 / row["coef_stored_bits"])
+    assert [s["finetune_epochs"] for s in info["steps"]] == [1, 1]
+    assert row["theoretical_speedup"] > 3.0
+    assert row["reload_max_abs_diff"] < 1e-5
