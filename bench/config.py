@@ -27,8 +27,10 @@ def _type_ok(value, tp) -> tuple[bool, object]:
         return True, value
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         for arm in typing.get_args(tp):
-            if arm is type(None) and value is None:
-                return True, None
+            if arm is type(None):
+                if value is None:
+                    return True, None
+                continue
             ok, v = _type_ok(value, arm)
             if ok:
                 return True, v

@@ -113,6 +113,10 @@ class Method:
         cfg = self.config_dict()
         return {"method": self.name, **{k: cfg[k] for k in self.stage_fields}}
 
+    def train_epochs(self) -> int | None:
+        """Epochs for training the prepared model (None: the sweep's ``epochs``)."""
+        return None
+
     def requested_ratio(self) -> float | None:
         """The compression ratio the configuration asks for, if it names one."""
         return None

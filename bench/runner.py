@@ -110,6 +110,9 @@ class RunEnv:
         stage = method.stage_key() if method is not None else {"method": "dense"}
         key = {k: v for k, v in spec.identity().items() if k not in ("method", "method_config")}
         key["train"] = {k: v for k, v in spec.train.items() if k != "finetune_epochs"}
+        epochs = spec.train["epochs"]
+        if method is not None and method.train_epochs() is not None:
+            epochs = key["train"]["epochs"] = method.train_epochs()
         key["stage"] = stage
         digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
         path = self.out / "cache" / f"{stage['method']}-{digest}.pt"
@@ -123,7 +126,7 @@ class RunEnv:
             return model, blob["info"]
         seed_everything(derive_seed(spec.seed, spec.dataset, spec.model, spec.basis, "train"))
         _, trainable = count_params(model)
-        fit = trainer.fit(model, spec.train["epochs"], param_groups=method.param_groups(model) if method else None,
+        fit = trainer.fit(model, epochs, param_groups=method.param_groups(model) if method else None,
                           desc=f"{stage['method']} {spec.dataset}/{spec.basis}")
         info = {"train_seconds": fit.seconds, "peak_memory_bytes": fit.peak_memory_bytes,
                 "optimizer_state_bytes": fit.optimizer_state_bytes, "params_trainable": trainable,
@@ -160,6 +163,8 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
         model, info = copy.deepcopy(base), base_info
     dense_ref = storage_report(base)  # the uncompressed architecture, even if a method shrinks the model
     del base
+    if method.trains_own_model() and method.train_epochs() is not None:
+        row["epochs"] = method.train_epochs()
     row.update(train_seconds=info["train_seconds"], params_trainable=info["params_trainable"],
                optimizer_state_bytes=info["optimizer_state_bytes"])
 

@@ -1,0 +1,52 @@
+"""``kmeans``: ablation of MetaCluster without the meta-learner ("naive weight sharing").
+
+The cached dense base KAN is compressed exactly as MetaCluster compresses its generated model
+(:mod:`bench.meta`): scikit-learn K-means (k-means++, ``n_init`` restarts, ``random_state`` = the
+run's derived compress seed) on the trained edge vectors, per layer or one global codebook;
+every layer's source becomes a codebook (centroids ``[K, n+1]`` float32 + indices at
+``ceil(log2 K)`` bits); then the centroids are fine-tuned with the indices frozen
+(``finetune_epochs``, None = the sweep's budget, at ``finetune_lr``; ``tune_rest`` also tunes
+biases and norms), selecting on validation. ``K=None`` means 16 for ``kan`` and 256 for
+``convkan``, as for MetaCluster. Side by side with ``metacluster`` this shows what the
+meta-learner's pre-shaping of the edge vectors buys.
+"""
+
+from dataclasses import dataclass, field
+
+from bench import meta
+from bench.methods import Method, register_method
+
+
+@register_method("kmeans")
+class KMeansSharing(Method):
+    """K-means codebook of the dense KAN's edge vectors + centroid fine-tune (MetaCluster ablation)."""
+
+    @dataclass
+    class Config:
+        K: int | None = field(default=None, metadata={
+            "min": 2, "max": 65536, "help": "codebook size; default (None) 16 for kan, 256 for convkan"})
+        scope: str = field(default="layer", metadata={"choices": ["layer", "global"],
+                                                       "help": "one codebook per layer or one for the model"})
+        n_init: int = field(default=4, metadata={"min": 1, "max": 100, "help": "K-means restarts"})
+        finetune_epochs: int | None = field(default=None, metadata={
+            "min": 0, "help": "centroid fine-tune epochs; default (None) the sweep's finetune budget"})
+        finetune_lr: float = field(default=1e-3, metadata={"help": "AdamW lr of the centroid fine-tune"})
+        tune_rest: bool = field(default=False, metadata={"help": "also fine-tune biases and norms"})
+
+        def validate(self):
+            meta.optional_int("K", self.K)
+            meta.optional_int("finetune_epochs", self.finetune_epochs)
+            meta.positive("finetune_lr", self.finetune_lr)
+
+    grid = {"K": [4, 8, 16, 32, 64]}
+    test_config = {"K": 4}
+
+    def compress(self, model, ctx):
+        c = self.config
+        k = c.K if c.K is not None else meta.default_k(model)
+        ctx.info["val_dense"] = ctx.trainer.evaluate(model, "val")
+        ctx.info.update(meta.cluster_model(model, k, c.scope, c.n_init, ctx.seed))
+        ctx.info["val_clustered"] = ctx.trainer.evaluate(model, "val")
+        fit = ctx.finetune(model, meta.codebook_param_groups(model, c.finetune_lr, c.tune_rest),
+                           epochs=c.finetune_epochs, desc="kmeans centroids")
+        ctx.info.update(val_finetuned=fit.best_val, finetune_best_epoch=fit.best_epoch)

@@ -1,0 +1,254 @@
+"""MetaKAN generated sources, K-means codebooks (MetaCluster / kmeans ablation): formulas,
+hand-counted storage, fine-tune behaviour, sharing counted once, export/reload."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench import meta
+from bench.data import get_dataset
+from bench.errors import UserError
+from bench.kan import KAN, ConvKAN, kan_layers
+from bench.methods import METHODS, CompressContext
+from bench.sources import CodebookSource
+from bench.storage import count_params, export_model, load_model, storage_report
+from bench.train import Trainer
+
+
+def method(name, **cfg):
+    return METHODS[name](**cfg)
+
+
+def tiny_trainer(batch_size=32):
+    ds = get_dataset("tiny_images")
+    return ds, Trainer(ds.load(None, 0), ds.task, "cpu", batch_size=batch_size, lr=3e-3, seed=0)
+
+
+# ------------------------------------------------------------------ generated source
+def test_generated_source_equals_its_formula():
+    torch.manual_seed(0)
+    model = KAN([5, 4, 3], "rbf")
+    meta.generate_model(model, d=2, h=7, shared=False)
+    x = torch.randn(6, 5)
+    h = x
+    for _, layer in kan_layers(model):
+        src = layer.source
+        z, lrn = src.embedding, src.learner
+        w = F.relu(z @ lrn.fc1.weight.t() + lrn.fc1.bias) @ lrn.fc2.weight.t() + lrn.fc2.bias
+        w = w.reshape(layer.out_features, layer.in_features, layer.edge_dim)
+        torch.testing.assert_close(src.edge_tensor(), w)
+        # the layer's forward is sum_i w[o, i, :] . [phi(x_i), silu(x_i)] + b_o, edge by edge
+        feats = layer.features(h)
+        ref = torch.einsum("bif,oif->bo", feats, w) + layer.bias
+        h_new = layer(h)
+        torch.testing.assert_close(h_new, ref, rtol=1e-5, atol=1e-5)
+        h = h_new
+    # MetaKAN init: Xavier-normal embeddings [edges, d], learner biases zero
+    lrn = kan_layers(model)[0][1].source.learner
+    assert not lrn.fc1.bias.detach().any() and not lrn.fc2.bias.detach().any()
+
+
+def test_metakan_storage_hand_count_784_64_10_per_layer():
+    model = KAN([784, 64, 10], "bspline")
+    dense_total, dense_trainable = count_params(model)
+    method("metakan", d=1, h=32).prepare(model)
+    rep = storage_report(model)
+    edges = 784 * 64 + 64 * 10  # 50,816
+    learner = (1 * 32 + 32) + (32 * 9 + 9)  # Linear(1, 32) + Linear(32, 9) = 361 values
+    assert rep.coef_stored_bits == (edges * 1 + 2 * learner) * 32 == 1_649_216
+    other = (64 + 10) + 2 * 12  # biases + the two layers' B-spline knots (G + 2k + 1 = 12)
+    assert rep.stored_bits == rep.coef_stored_bits + other * 32
+    assert rep.coef_dense_bits == edges * 9 * 32 == 14_635_008
+    # MetaKAN's claim: far fewer trainable parameters than the dense KAN
+    _, trainable = count_params(model)
+    assert dense_trainable == edges * 9 + 74 == 457_418
+    assert trainable == edges + 2 * learner + 74 == 51_612
+    assert dense_trainable / trainable >= 5
+
+
+def test_shared_meta_learner_is_trained_and_counted_once(tmp_path):
+    torch.manual_seed(1)
+    model = KAN([6, 5, 4, 3], "bspline")
+    meta.generate_model(model, d=2, h=8, shared=True)
+    learners = meta.meta_learners(model)
+    assert len(learners) == 1 and all(layer.source.learner is learners[0] for _, layer in kan_layers(model))
+    learner = 2 * 8 + 8 + 8 * 9 + 9  # 105
+    edges = 6 * 5 + 5 * 4 + 4 * 3  # 62
+    rep = storage_report(model)
+    assert rep.coef_stored_bits == (edges * 2 + learner) * 32
+    total, _ = count_params(model)
+    assert total == edges * 2 + learner + (5 + 4 + 3)  # PyTorch sees the shared learner once too
+    # one optimiser group holds it once
+    groups = meta.generator_param_groups(model, 1e-3, 1e-4)
+    assert sum(p.numel() for p in groups[1]["params"]) == learner
+    # export / reload: the non-owner layers get the owner's learner back
+    path = tmp_path / "shared.kanb"
+    size = export_model(model, path)
+    assert rep.stored_bits <= size * 8 <= rep.stored_bits + 8 * 8192
+    back = load_model(path)
+    lb = meta.meta_learners(back)
+    assert len(lb) == 1
+    x = torch.randn(16, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), rtol=0, atol=1e-6)
+    assert storage_report(back).stored_bits == rep.stored_bits
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_metakan_export_reload_identical_predictions(tmp_path, shared):
+    torch.manual_seed(2)
+    model = ConvKAN((1, 8, 8), 4, channels=[3, 4], basis="chebyshev")
+    method("metakan", h=6, shared=shared).prepare(model)
+    path = tmp_path / "mk.kanb"
+    size = export_model(model, path)
+    rep = storage_report(model)
+    assert rep.stored_bits <= size * 8 <= rep.stored_bits + 8 * 8192
+    back = load_model(path)
+    assert all(type(layer.source).__name__ == "GeneratedSource" for _, layer in kan_layers(back))
+    x = torch.randn(5, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), rtol=0, atol=1e-6)
+
+
+def test_metakan_training_learns_with_default_lrs():
+    ds, tr = tiny_trainer()
+    torch.manual_seed(3)
+    model = KAN([64, 6, 4], "bspline")
+    m = method("metakan")
+    m.prepare(model)
+    before = tr.evaluate(model, "val")
+    fit = tr.fit(model, 8, param_groups=m.param_groups(model))
+    assert fit.history[-1]["train_loss"] < 0.6 * fit.history[0]["train_loss"]
+    assert fit.best_val >= 90 and fit.best_val > before  # 4 classes: chance is 25 %
+
+
+def test_stage_key_shared_between_metakan_and_metacluster():
+    a = method("metakan", d=2).stage_key()
+    b = method("metacluster", d=2, K=8, n_init=2, finetune_lr=1e-2).stage_key()
+    assert a == b  # one cached stage-1 model per generator config: a K sweep does not retrain
+    assert method("metacluster", d=1).stage_key() != b
+    assert METHODS["metacluster"].trains_own_model() and not METHODS["kmeans"].trains_own_model()
+
+
+# ------------------------------------------------------------------ clustering
+def test_kmeans_hand_count_784_64_10_bspline_k16_per_layer():
+    torch.manual_seed(4)
+    model = KAN([784, 64, 10], "bspline")
+    info = meta.cluster_model(model, 16, "layer", n_init=1, seed=0)
+    assert info["k_used"] == {"layers.0": 16, "layers.1": 16}
+    assert info["index_bits"] == {"layers.0": 4, "layers.1": 4}
+    rep = storage_report(model)
+    assert rep.coef_dense_bits == 50_816 * 9 * 32 == 14_635_008
+    assert rep.coef_stored_bits == 50_816 * 4 + 2 * 16 * 9 * 32 == 212_480
+    assert rep.coef_compression_ratio == pytest.approx(14_635_008 / 212_480)
+    assert round(rep.coef_compression_ratio, 1) == 68.9
+
+
+def test_clustering_exactly_k_distinct_vectors_recovers_them():
+    g = torch.Generator().manual_seed(5)
+    truth = torch.randn(5, 9, generator=g)
+    labels = torch.cat([torch.arange(5), torch.randint(0, 5, (7 * 6 - 5,), generator=g)])
+    layer_edges = truth[labels].reshape(7, 6, 9)
+    # exactly K distinct vectors: each is its own centroid, inertia 0, the edge tensor is unchanged
+    cent, lab, inertia, k_used = meta.kmeans_vectors(layer_edges.reshape(-1, 9).numpy(), 5, 2, 0)
+    assert k_used == 5 and inertia == 0.0
+    np.testing.assert_array_equal(cent[lab], layer_edges.reshape(-1, 9).numpy())
+    # the same vectors with tiny noise go through scikit-learn's KMeans and come back
+    noisy = layer_edges.reshape(-1, 9) + 1e-4 * torch.randn(42, 9, generator=g)
+    cent, lab, inertia, k_used = meta.kmeans_vectors(noisy.numpy(), 5, 4, 0)
+    assert k_used == 5 and inertia < 42 * 9 * 1e-7
+    np.testing.assert_allclose(cent[lab], layer_edges.reshape(-1, 9).numpy(), atol=1e-3)
+    # a model layer: K above the number of distinct vectors is capped to it
+    model = KAN([6, 7], "bspline")
+    with torch.no_grad():
+        kan_layers(model)[0][1].source.weight.copy_(layer_edges)
+    info = meta.cluster_model(model, 16, "layer", n_init=1, seed=0)
+    assert info["k_used"] == {"layers.0": 5} and info["index_bits"] == {"layers.0": 3}
+    torch.testing.assert_close(kan_layers(model)[0][1].edge_tensor(), layer_edges)
+
+
+def test_global_codebook_shared_and_counted_once(tmp_path):
+    torch.manual_seed(6)
+    model = KAN([6, 5, 4], "rbf")
+    dense_edges = [layer.edge_tensor().detach().clone() for _, layer in kan_layers(model)]
+    info = meta.cluster_model(model, 8, "global", n_init=2, seed=0)
+    srcs = [layer.source for _, layer in kan_layers(model)]
+    assert info["k_used"] == 8 and srcs[0].centroids is srcs[1].centroids
+    assert storage_report(model).coef_stored_bits == 8 * 9 * 32 + (30 + 20) * 3
+    groups = meta.codebook_param_groups(model, 1e-2)
+    assert len(groups[0]["params"]) == 1
+    assert not all(torch.equal(a, layer.edge_tensor()) for a, (_, layer) in zip(dense_edges, kan_layers(model)))
+    path = tmp_path / "g.kanb"
+    export_model(model, path)
+    back = load_model(path)
+    bs = [layer.source for _, layer in kan_layers(back)]
+    assert bs[0].centroids is bs[1].centroids
+    x = torch.randn(9, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("tune_rest", [False, True])
+def test_codebook_finetune_changes_centroids_not_indices(tune_rest):
+    ds, tr = tiny_trainer()
+    torch.manual_seed(7)
+    model = KAN([64, 6, 4], "bspline")  # untrained: fine-tuning has something to gain
+    meta.cluster_model(model, 4, "layer", n_init=1, seed=0)
+    idx = [layer.source.index.clone() for _, layer in kan_layers(model)]
+    cent = [layer.source.centroids.detach().clone() for _, layer in kan_layers(model)]
+    bias = [layer.bias.detach().clone() for _, layer in kan_layers(model)]
+    ctx = CompressContext(trainer=tr, finetune_epochs=4, seed=0, device=torch.device("cpu"))
+    fit = ctx.finetune(model, meta.codebook_param_groups(model, 1e-2, tune_rest))
+    assert fit.best_epoch > 0 and fit.best_val > fit.history[0]["val"] - 100  # a fine-tuned epoch won
+    for (_, layer), i0, c0, b0 in zip(kan_layers(model), idx, cent, bias):
+        assert torch.equal(layer.source.index, i0)
+        assert not torch.allclose(layer.source.centroids, c0)
+        assert torch.equal(layer.bias, b0) != tune_rest
+
+
+@pytest.mark.parametrize("name", ["metacluster", "kmeans"])
+def test_compress_swaps_in_codebooks_and_reloads(tmp_path, name):
+    ds, tr = tiny_trainer()
+    torch.manual_seed(8)
+    model = KAN([64, 6, 4], "rbf")
+    m = method(name, K=4, n_init=1, finetune_epochs=1) if name == "kmeans" else \
+        method(name, h=8, K=4, n_init=1, finetune_epochs=1)
+    if m.trains_own_model():
+        m.prepare(model)
+        tr.fit(model, 2, param_groups=m.param_groups(model))
+    ctx = CompressContext(trainer=tr, finetune_epochs=3, seed=0, device=torch.device("cpu"))
+    m.compress(model, ctx)
+    assert all(isinstance(layer.source, CodebookSource) for _, layer in kan_layers(model))
+    assert not meta.meta_learners(model)  # the deployed model keeps no meta-learner
+    assert ctx.info["k_used"] == {"layers.0": 4, "layers.1": 4} and ctx.info["k_requested"] == 4
+    if name == "metacluster":
+        assert ctx.info["meta_learner_params"] == 2 * (8 + 8 + 8 * 9 + 9)
+    rep = storage_report(model)
+    assert rep.coef_stored_bits == (64 * 6 + 6 * 4) * 2 + 2 * 4 * 9 * 32
+    path = tmp_path / f"{name}.kanb"
+    size = export_model(model, path)
+    assert rep.stored_bits <= size * 8 <= rep.stored_bits + 8 * 8192
+    x = tr.splits.x_test
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(path)(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_default_k_and_h_follow_the_model_kind():
+    kan, conv = KAN([4, 3]), ConvKAN((1, 8, 8), 2, channels=[2])
+    assert (meta.default_k(kan), meta.default_k(conv)) == (16, 256)
+    assert (meta.default_hidden(kan), meta.default_hidden(conv)) == (32, 64)
+    method("metakan").prepare(conv)
+    assert {lrn.h for lrn in meta.meta_learners(conv)} == {64}
+
+
+@pytest.mark.parametrize("name,cfg", [
+    ("metacluster", {"K": 1}), ("metacluster", {"emb_lr": 0.0}), ("metacluster", {"scope": "row"}),
+    ("metacluster", {"finetune_lr": -1.0}), ("metakan", {"d": 0}), ("metakan", {"meta_lr": math.inf}),
+    ("kmeans", {"n_init": 0}), ("kmeans", {"K": "16"}),
+])
+def test_bad_hyperparameters_are_user_errors(name, cfg):
+    with pytest.raises(UserError):
+        method(name, **cfg)
