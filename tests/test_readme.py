@@ -18,7 +18,8 @@ def test_readme_method_example_runs(tmp_path):
     plugin.write_text(example)
     out = tmp_path / "res"
     code = main(["run", "--plugin", str(plugin), "--plugin", PLUGINS, "--datasets", "tiny_images", "--methods",
-                 "dense,half", "--bases", "rbf", "--epochs", "1", "--quiet", "--device", "cpu", "--out", str(out), "--no-report"])
+                 "dense,half", "--bases", "rbf", "--epochs", "1", "--quiet", "--device", "cpu", "--out", str(out),
+                 "--no-report"])
     assert code == 0
     df = pd.read_parquet(out / "runs.parquet").set_index("method")
     assert (df.status == "ok").all()
