@@ -97,7 +97,7 @@ class RunEnv:
         return Trainer(splits, ds.task, self.device, batch_size=t["batch_size"], lr=t["lr"],
                        weight_decay=t["weight_decay"], seed=derive_seed(spec.seed, spec.dataset, spec.model,
                                                                          spec.basis, "shuffle"),
-                       progress=self.progress, amp=False)
+                       progress=self.progress, amp=t.get("amp", False))
 
     # ------------------------------------------------------------------ models
     def fresh_model(self, spec: RunSpec, ds):

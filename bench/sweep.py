@@ -17,9 +17,10 @@ A sweep names what to cross (every key optional; the CLI overrides any of them):
     batch_size = 64
     lr = 1e-3
 
-    [dataset.eq_exp_sin]        # dataset options, plus per-dataset [train] overrides
-    n_train = 1000
+    [dataset.eq_exp_sin]        # dataset options, per-dataset [train] overrides, and
+    n_train = 1000              # `hidden` (this dataset's KAN hidden widths)
     epochs = 200
+    hidden = [5]
 
     [model.kan]                 # model options
     hidden = [64]
@@ -64,6 +65,7 @@ class TrainBudget:
     batch_size: int = field(default=64, metadata={"min": 1})
     lr: float = field(default=1e-3, metadata={"min": 0.0})
     weight_decay: float = field(default=0.0, metadata={"min": 0.0})
+    amp: bool = field(default=False, metadata={"help": "bfloat16 autocast on CUDA (ignored on CPU)"})
 
 
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainBudget)}
@@ -214,10 +216,12 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
             if key not in reg:
                 raise unknown(kind, key, reg)
 
-    ds_objs, ds_opts, ds_train = {}, {}, {}
+    ds_objs, ds_opts, ds_train, ds_hidden = {}, {}, {}, {}
     for d in datasets:
         table = dict(dtables.get(d, {}))
         tr = {k: table.pop(k) for k in list(table) if k in TRAIN_KEYS}
+        if "hidden" in table:  # per-dataset KAN widths (equation tasks want narrower KANs than images)
+            ds_hidden[d] = table.pop("hidden")
         ds_objs[d] = get_dataset(d, **table)
         ds_opts[d] = table
         ds_train[d] = dataclasses.asdict(build_config(TrainBudget, {**base_train, **tr}, f"sweep [dataset.{d}]"))
@@ -236,6 +240,9 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
         if not compatible(m, ds_objs[d]):
             skipped.append(f"{d}/{m}")
             continue
+        m_opts = mo[m]
+        if m == "kan" and d in ds_hidden:
+            m_opts = dataclasses.asdict(model_options(m, {**mtables.get(m, {}), "hidden": ds_hidden[d]}))
         for cfg in points[meth]:
-            runs.append(RunSpec(name, d, ds_opts[d], m, mo[m], b, bo[b], meth, cfg, seed, ds_train[d]))
+            runs.append(RunSpec(name, d, ds_opts[d], m, m_opts, b, bo[b], meth, cfg, seed, ds_train[d]))
     return Sweep(name, runs, device, sorted(set(skipped)), ds_opts)

@@ -96,7 +96,7 @@ class Trainer:
         correct, sq, n, finite = 0, 0.0, 0, True
         for i in range(0, x.shape[0], max(self.batch_size, 1024)):
             xb, yb = x[i:i + max(self.batch_size, 1024)], y[i:i + max(self.batch_size, 1024)]
-            with torch.autocast(self.device.type, enabled=self.amp):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 out = model(xb).float()
             finite = finite and bool(torch.isfinite(out).all())
             if self.task == "classification":
@@ -136,7 +136,6 @@ class Trainer:
             result.seconds = time.perf_counter() - start
             return result
         opt = torch.optim.AdamW(param_groups, lr=lr or self.lr, weight_decay=self.weight_decay)
-        scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         x, y = self.splits.x_train, self.splits.y_train
         n = x.shape[0]
         g = torch.Generator().manual_seed(self.seed)
@@ -159,7 +158,7 @@ class Trainer:
                 if measure:
                     hooks = torch.autograd.graph.saved_tensors_hooks(_recorder(saved), lambda t: t)
                     hooks.__enter__()
-                with torch.autocast(self.device.type, enabled=self.amp):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     out = model(xb)
                     loss = self.loss(out.float(), yb)
                 if measure:
@@ -167,9 +166,8 @@ class Trainer:
                 if not torch.isfinite(loss):
                     raise Diverged(f"non-finite loss at epoch {epoch}, batch {bi}")
                 opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+                loss.backward()  # bfloat16 autocast (amp) needs no loss scaling
+                opt.step()
                 if measure:
                     params = [p for grp in opt.param_groups for p in grp["params"]]
                     cpu_peak = (_tensor_bytes(saved) + _tensor_bytes(params) + _tensor_bytes(p.grad for p in params)

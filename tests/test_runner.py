@@ -112,3 +112,10 @@ def test_convkan_skips_non_image_datasets():
     pairs = {(r.dataset, r.model) for r in sweep.runs}
     assert ("tiny_regression", "convkan") not in pairs and ("tiny_images", "convkan") in pairs
     assert sweep.skipped == ["tiny_regression/convkan"]
+
+
+def test_per_dataset_hidden_widths():
+    sweep = tiny_sweep(datasets=["tiny_images", "tiny_regression"],
+                       dataset={"tiny_regression": {"hidden": [2, 2]}}, model={"kan": {"hidden": [5]}})
+    hidden = {r.dataset: r.model_options["hidden"] for r in sweep.runs}
+    assert hidden == {"tiny_images": [5], "tiny_regression": [2, 2]}

@@ -1,0 +1,39 @@
+"""Every bundled sweep parses and every name in it resolves."""
+
+import pytest
+
+from bench.registry import load_plugins
+from bench.sweep import build_sweep, bundled_sweeps, read_sweep_file
+
+load_plugins()
+
+
+@pytest.mark.parametrize("name", sorted(bundled_sweeps()))
+def test_bundled_sweep_builds(name):
+    data = read_sweep_file(name=name)
+    assert data.get("description"), "a bundled sweep needs a description for `bench list`"
+    sweep = build_sweep(data)
+    assert sweep.runs
+    assert len({r.run_id for r in sweep.runs}) == len(sweep.runs)
+
+
+def test_expected_sweeps_are_bundled():
+    assert {"quick", "cpu", "paper"} <= set(bundled_sweeps())
+
+
+def test_quick_sweep_covers_every_method_once_per_cell():
+    from bench.methods import METHODS
+
+    sweep = build_sweep(read_sweep_file(name="quick"))
+    real = {n for n, c in METHODS.items() if not getattr(c, "test_only", False)}
+    assert {r.method for r in sweep.runs} >= real
+    cells = {(r.dataset, r.basis) for r in sweep.runs}
+    assert cells == {(d, b) for d in ("digits", "eq_exp_sin") for b in ("bspline", "rbf")}
+
+
+def test_paper_sweep_has_the_published_convkan():
+    sweep = build_sweep(read_sweep_file(name="paper"))
+    conv = [r for r in sweep.runs if r.model == "convkan"]
+    assert conv and conv[0].model_options["channels"] == [16, 32, 64, 128, 256, 256, 512, 512]
+    assert {r.dataset for r in sweep.runs} == {"mnist", "cifar10", "cifar100"}
+    assert conv[0].train["amp"] is True
