@@ -1,0 +1,309 @@
+"""Tucker-form edge tensors: ``A = G x1 U_out x2 U_in x3 U_basis``.
+
+A KAN layer's edge tensor ``A [out, in, n+1]`` is kept as a core ``G [r1, r2, r3]`` and three
+factors ``U_out [out, r1]``, ``U_in [in, r2]``, ``U_basis [n+1, r3]`` (all float32, all
+trainable): ``A[o, i, k] = sum_abc G[a, b, c] U_out[o, a] U_in[i, b] U_basis[k, c]``.
+This is the parameterisation of LoTRA / Slim KANs (Gao, Ng, Tan, arXiv 2502.06153).
+
+Storage is exactly those four tensors: ``r1*r2*r3 + out*r1 + in*r2 + (n+1)*r3`` float32 values
+per layer.
+
+:meth:`TuckerSource.contract` never builds ``[B, out, in]`` and, unless it is the cheapest
+way, not the full edge tensor either. It estimates the multiply-accumulates of four orders
+for the batch at hand and runs the cheapest:
+
+- ``basis_first``: ``features . U_basis`` -> ``[B, in, r3]``, then ``U_in`` -> ``[B, r2, r3]``,
+  then the core -> ``[B, r1]``, then ``U_out``;
+- ``in_first``: ``U_in`` first (``[B, r2, n+1]``), then ``U_basis``, the core, ``U_out``;
+- ``merged``: fold ``U_in`` and ``U_basis`` into the core once per call (``[r1, in, n+1]``,
+  independent of the batch), one matmul with the flattened features, then ``U_out``;
+- ``full``: rebuild ``[out, in, n+1]`` and do the dense matmul.
+
+All four are the same linear map (tested against the rebuilt tensor, values and gradients).
+
+:func:`resolve_ranks` turns ranks given as absolute ints or fractions of each mode into ints,
+with a :class:`~bench.errors.UserError` naming the mode for a rank that cannot be.
+:meth:`TuckerSource.from_tensor` decomposes a trained edge tensor with tensorly's ``tucker``
+(HOOI, SVD initialisation) on the PyTorch backend, restoring tensorly's backend afterwards.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .sources import EdgeSource, StorageItem, float_item, register_source
+
+MODES = ("out", "in", "basis")
+ORDERS = ("basis_first", "in_first", "merged", "full")
+
+
+def resolve_ranks(shape, ranks) -> tuple[int, int, int]:
+    """Ranks for an ``[out, in, n+1]`` tensor from three numbers: an ``int`` is an absolute rank,
+    a ``float`` in ``(0, 1]`` a fraction of that mode's size (rounded up, at least 1).
+
+    Raises UserError for the wrong count, a rank ``<= 0``, a fraction above 1, or an absolute
+    rank larger than its mode's size (naming the mode). A rank above the product of the other
+    two is lowered to that product (it could not be used).
+    """
+    ranks = list(ranks)
+    if len(ranks) != 3:
+        raise UserError(f"Tucker ranks need 3 numbers (out, in, basis), got {ranks!r}")
+    out = []
+    for mode, size, r in zip(MODES, shape, ranks):
+        if isinstance(r, bool) or not isinstance(r, (int, float)):
+            raise UserError(f"Tucker rank for mode {mode!r} must be an int or a fraction, got {r!r}")
+        if r <= 0:
+            raise UserError(f"Tucker rank for mode {mode!r} must be > 0, got {r!r}")
+        if isinstance(r, float):
+            if r > 1:
+                raise UserError(f"fractional Tucker rank for mode {mode!r} must be in (0, 1], got {r!r}; "
+                                f"give an int for an absolute rank")
+            out.append(max(1, math.ceil(r * size - 1e-9)))
+        else:
+            if r > size:
+                raise UserError(f"Tucker rank {r} for mode {mode!r} exceeds that mode's size {size} "
+                                f"(tensor shape {list(shape)})")
+            out.append(int(r))
+    # A mode's unfolding has rank <= the product of the other two ranks, so a larger rank adds
+    # storage but no expressiveness: reduce it (requested_ratio() keeps the rank as asked).
+    r1, r2, r3 = out
+    return min(r1, r2 * r3), min(r2, r1 * r3), min(r3, r1 * r2)
+
+
+def check_rank_spec(ranks) -> None:
+    """The checks that need no tensor shape (a method's Config.validate): 3 numbers, each > 0,
+    fractions at most 1."""
+    if len(ranks) != 3:
+        raise UserError(f"Tucker ranks need 3 numbers (out, in, basis), got {list(ranks)!r}")
+    for mode, r in zip(MODES, ranks):
+        if r <= 0:
+            raise UserError(f"Tucker rank for mode {mode!r} must be > 0, got {r!r}")
+        if isinstance(r, float) and r > 1:
+            raise UserError(f"fractional Tucker rank for mode {mode!r} must be in (0, 1], got {r!r}; "
+                            f"give an int for an absolute rank")
+
+
+def nominal_ranks(shape, ranks) -> tuple[float, float, float]:
+    """The ranks as asked, before rounding (a fraction times the mode size; ints as they are)."""
+    return tuple(float(r) * s if isinstance(r, float) else float(r) for r, s in zip(ranks, shape))
+
+
+def tucker_count(shape, ranks) -> float:
+    """Values a Tucker form stores: ``r1*r2*r3 + out*r1 + in*r2 + (n+1)*r3``."""
+    return math.prod(ranks) + sum(s * r for s, r in zip(shape, ranks))
+
+
+def orthonormal(rows: int, cols: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random ``[rows, cols]`` matrix with orthonormal columns (``cols <= rows``)."""
+    q, r = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+@register_source
+class TuckerSource(EdgeSource):
+    """Edge tensor in Tucker form: core ``[r1, r2, r3]``, ``U_out [out, r1]``, ``U_in [in, r2]``,
+    ``U_basis [n+1, r3]``, all float32 parameters."""
+
+    def __init__(self, core: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor, u_basis: torch.Tensor):
+        super().__init__()
+        r = tuple(core.shape)
+        if len(r) != 3 or u_out.shape[1] != r[0] or u_in.shape[1] != r[1] or u_basis.shape[1] != r[2]:
+            raise ValueError(f"Tucker shapes disagree: core {r}, U_out {tuple(u_out.shape)}, "
+                             f"U_in {tuple(u_in.shape)}, U_basis {tuple(u_basis.shape)}")
+        self.out_features, self.in_features, self.edge_dim = u_out.shape[0], u_in.shape[0], u_basis.shape[0]
+        self.core = nn.Parameter(core.detach().clone().float())
+        self.u_out = nn.Parameter(u_out.detach().clone().float())
+        self.u_in = nn.Parameter(u_in.detach().clone().float())
+        self.u_basis = nn.Parameter(u_basis.detach().clone().float())
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_tensor(cls, edge_tensor: torch.Tensor, ranks, n_iter_max: int = 100, tol: float = 1e-8) -> TuckerSource:
+        """Tucker-decompose ``edge_tensor [out, in, n+1]`` (tensorly ``tucker``: HOOI from an SVD
+        initialisation, PyTorch backend, in float64) at ``ranks`` (ints or fractions, see
+        :func:`resolve_ranks`)."""
+        import tensorly as tl
+        from tensorly.decomposition import tucker
+
+        shape = tuple(edge_tensor.shape)
+        r = resolve_ranks(shape, ranks)
+        t = edge_tensor.detach().to("cpu", torch.float64)
+        with torch.no_grad(), tl.backend_context("pytorch"):
+            core, factors = tucker(t, rank=list(r), init="svd", n_iter_max=n_iter_max, tol=tol)
+        src = cls(core, *factors)
+        return src.to(edge_tensor.device)
+
+    @classmethod
+    def random(cls, shape, ranks, rms: float, generator: torch.Generator | None = None) -> TuckerSource:
+        """A random Tucker tensor for training from scratch: orthonormal factors and a Gaussian
+        core scaled so the rebuilt tensor's entries have root-mean-square ``rms`` (orthonormal
+        factors preserve the Frobenius norm, so ``||A|| = ||G||``)."""
+        r = resolve_ranks(shape, ranks)
+        factors = [orthonormal(s, k, generator) for s, k in zip(shape, r)]
+        std = rms * math.sqrt(math.prod(shape) / math.prod(r))
+        core = torch.randn(*r, generator=generator) * std
+        return cls(core, *factors)
+
+    # ------------------------------------------------------------------ the tensor
+    @property
+    def ranks(self) -> tuple[int, int, int]:
+        return tuple(self.core.shape)
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        """Each component by name (core and the three factors)."""
+        return {"core": self.core, "u_out": self.u_out, "u_in": self.u_in, "u_basis": self.u_basis}
+
+    def _merged(self) -> torch.Tensor:
+        """``G x2 U_in x3 U_basis`` as ``[r1, in, n+1]``."""
+        r1 = self.ranks[0]
+        w = self.core @ self.u_basis.t()                    # [r1, r2, n+1]
+        w = w.transpose(1, 2) @ self.u_in.t()               # [r1, n+1, in]
+        return w.transpose(1, 2).reshape(r1, self.in_features, self.edge_dim)
+
+    def edge_tensor(self) -> torch.Tensor:
+        r1 = self.ranks[0]
+        return (self.u_out @ self._merged().reshape(r1, -1)).reshape(self.shape)
+
+    def storage(self) -> list[StorageItem]:
+        return [float_item(n, t) for n, t in self.factors().items()]
+
+    # ------------------------------------------------------------------ fast path
+    def contraction_costs(self, batch: int) -> dict[str, int]:
+        """Multiply-accumulates of each contraction order for ``batch`` samples (the weight-side
+        work of ``merged`` / ``full`` is counted once per call)."""
+        o, i, n = self.shape
+        r1, r2, r3 = self.ranks
+        tail = batch * (r1 * r2 * r3 + r1 * o)               # core, then U_out
+        merge = r1 * r2 * r3 * n + r1 * r2 * i * n           # [r1, in, n+1]
+        return {"basis_first": batch * (i * n * r3 + i * r2 * r3) + tail,
+                "in_first": batch * (i * n * r2 + r2 * n * r3) + tail,
+                "merged": merge + batch * (i * n * r1 + r1 * o),
+                "full": merge + o * r1 * i * n + batch * o * i * n}
+
+    def choose_order(self, batch: int) -> str:
+        costs = self.contraction_costs(batch)
+        return min(ORDERS, key=lambda k: costs[k])  # ties go to the earlier (factored) order
+
+    def contract(self, features: torch.Tensor, order: str | None = None) -> torch.Tensor:
+        """``features [B, in, n+1] -> [B, out]`` through the factors, by the cheapest order
+        (or the one named)."""
+        b = features.shape[0]
+        order = order or self.choose_order(b)
+        r1, r2, r3 = self.ranks
+        if order == "basis_first":
+            t = features @ self.u_basis                                   # [B, in, r3]
+            t = t.transpose(1, 2) @ self.u_in                             # [B, r3, r2]
+            g = self.core.permute(0, 2, 1).reshape(r1, r3 * r2)           # [r1, r3*r2]
+            t = t.reshape(b, r3 * r2) @ g.t()                             # [B, r1]
+        elif order == "in_first":
+            t = features.transpose(1, 2) @ self.u_in                      # [B, n+1, r2]
+            t = t.transpose(1, 2) @ self.u_basis                          # [B, r2, r3]
+            t = t.reshape(b, r2 * r3) @ self.core.reshape(r1, r2 * r3).t()
+        elif order == "merged":
+            t = features.reshape(b, -1) @ self._merged().reshape(r1, -1).t()
+        elif order == "full":
+            return super().contract(features)
+        else:
+            raise ValueError(f"unknown contraction order {order!r}; valid: {', '.join(ORDERS)}")
+        return t @ self.u_out.t()
+
+    def theoretical_speedup(self, batch: int = 1) -> float:
+        """Dense MACs over the chosen order's MACs for ``batch`` samples."""
+        o, i, n = self.shape
+        return batch * o * i * n / self.contraction_costs(batch)[self.choose_order(batch)]
+
+    # ------------------------------------------------------------------ export
+    def export_config(self) -> dict:
+        return {"shape": list(self.shape), "ranks": list(self.ranks)}
+
+    @classmethod
+    def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> TuckerSource:
+        o, i, n = config["shape"]
+        r1, r2, r3 = config["ranks"]
+        return cls(tensors["core"].reshape(r1, r2, r3), tensors["u_out"].reshape(o, r1),
+                   tensors["u_in"].reshape(i, r2), tensors["u_basis"].reshape(n, r3))
+
+
+def component_lrs(source: TuckerSource, base_lr: float, rule: str = "balanced",
+                  multipliers: dict[str, float] | None = None) -> dict[str, float]:
+    """Learning rate of each Tucker component.
+
+    ``shared``: every component at ``base_lr`` (the paper's ablation baseline).
+
+    ``balanced`` (default): Adam moves every entry by about ``lr`` per step whatever the
+    gradient, so a component's *relative* change per step is ``lr / rms(component)``. The
+    components differ in scale by large factors (an orthonormal ``U_in`` of a 784-wide layer
+    has entries ~0.036, ``U_basis`` of 9 rows ~0.33, the core carries the tensor's whole norm),
+    so one shared rate over-drives the small-entry factors and under-drives the others: the
+    imbalance LoTRA's learning-rate analysis warns about. We set
+    ``lr_X = base_lr * rms(X) / (4 * rms(A))`` so that each of the four components gets the
+    same relative step, and their sum matches the relative step that dense training at
+    ``base_lr`` takes on ``A`` itself. For orthonormal factors ``rms(U) = 1/sqrt(mode size)``,
+    i.e. a factor's rate falls as the square root of its mode size.
+
+    ``multipliers`` (keys ``core``, ``u_out``, ``u_in``, ``u_basis``) scale the result.
+    """
+    mult = {k: 1.0 for k in ("core", "u_out", "u_in", "u_basis")}
+    mult.update(multipliers or {})
+    comps = source.factors()
+    if rule == "shared":
+        return {k: base_lr * mult[k] for k in comps}
+    if rule != "balanced":
+        raise UserError(f"unknown learning-rate rule {rule!r}; valid: balanced, shared")
+    with torch.no_grad():
+        rms_a = float(source.edge_tensor().pow(2).mean().sqrt())
+        out = {}
+        for k, t in comps.items():
+            rms = float(t.pow(2).mean().sqrt())
+            ratio = rms / (len(comps) * rms_a) if rms_a > 0 and rms > 0 else 1.0
+            out[k] = base_lr * ratio * mult[k]
+    return out
+
+
+def tucker_param_groups(model: nn.Module, base_lr: float, rule: str = "balanced",
+                        multipliers: dict[str, float] | None = None) -> list[dict]:
+    """AdamW groups: one per Tucker component of every layer at its own rate (see
+    :func:`component_lrs`), plus every other trainable parameter at ``base_lr``."""
+    from .kan import kan_layers
+
+    groups, seen = [], set()
+    for lname, layer in kan_layers(model):
+        src = layer.source
+        if not isinstance(src, TuckerSource):
+            continue
+        lrs = component_lrs(src, base_lr, rule, multipliers)
+        for k, p in src.factors().items():
+            groups.append({"params": [p], "lr": lrs[k], "name": f"{lname}.{k}"})
+            seen.add(id(p))
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    if rest:
+        groups.append({"params": rest, "lr": base_lr, "name": "other"})
+    return groups
+
+
+def requested_coef_ratio(shapes, ranks) -> float | None:
+    """Dense edge values over the Tucker values the ranks ask for (fractions not rounded, no
+    redundant rank lowered), summed over the layers ``shapes``; None before any layer is seen."""
+    if not shapes:
+        return None
+    dense = sum(math.prod(s) for s in shapes)
+    return dense / sum(tucker_count(s, nominal_ranks(s, ranks)) for s in shapes)
+
+
+def model_speedup(model: nn.Module, batch: int) -> float:
+    """Dense multiply-accumulates over Tucker ones (each layer's cheapest order) for ``batch``
+    rows per layer, over all KAN layers (a KAN convolution sees batch x positions rows; this
+    counts ``batch``)."""
+    from .kan import kan_layers
+
+    dense = tucker = 0
+    for _, layer in kan_layers(model):
+        src = layer.source
+        d = batch * math.prod(src.shape)
+        dense += d
+        tucker += src.contraction_costs(batch)[src.choose_order(batch)] if isinstance(src, TuckerSource) else d
+    return dense / tucker

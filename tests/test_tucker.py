@@ -1,0 +1,220 @@
+"""Tucker source, the `tucker` (post-training) and `slimkan` (from scratch) methods."""
+
+import copy
+import math
+
+import pytest
+import tensorly as tl
+import torch
+
+from bench.data import get_dataset
+from bench.errors import UserError
+from bench.kan import KAN, kan_layers
+from bench.methods import METHODS, CompressContext
+from bench.storage import export_model, load_model, storage_report
+from bench.train import Trainer
+from bench.tucker import ORDERS, TuckerSource, component_lrs, requested_coef_ratio, resolve_ranks
+
+HEADER_SLACK_BYTES = 4096
+
+
+def _random_source(shape, ranks, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = resolve_ranks(shape, ranks)
+    return TuckerSource(torch.randn(*r, generator=g), *(torch.randn(s, k, generator=g) for s, k in zip(shape, r)))
+
+
+# (shape, ranks, batch): the cheapest order differs between these cases
+CASES = [((6, 20, 9), (3, 10, 5), 4), ((64, 50, 9), (4, 6, 3), 128), ((10, 64, 9), (10, 64, 9), 1024),
+         ((5, 7, 4), (2, 3, 2), 1), ((32, 40, 9), (30, 39, 9), 64), ((64, 64, 9), (8, 4, 9), 64)]
+
+
+@pytest.mark.parametrize("shape,ranks,batch", CASES)
+@pytest.mark.parametrize("order", ORDERS)
+def test_every_contraction_order_matches_rebuilt_tensor(shape, ranks, batch, order):
+    src = _random_source(shape, ranks, seed=sum(shape)).double()  # float64: the orders agree to rounding
+    x = torch.randn(batch, shape[1], shape[2], generator=torch.Generator().manual_seed(1), dtype=torch.float64,
+                    requires_grad=True)
+    ref_src = copy.deepcopy(src)
+    ref = x.reshape(batch, -1) @ ref_src.edge_tensor().reshape(shape[0], -1).t()  # full tensor, one matmul
+    out = src.contract(x, order=order)
+    assert out.shape == (batch, shape[0])
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-9)
+    g = torch.randn_like(out)
+    gx_ref, = torch.autograd.grad(ref, x, g, retain_graph=True)
+    (ref * g).sum().backward()
+    gx, = torch.autograd.grad(out, x, g, retain_graph=True)
+    (out * g).sum().backward()
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-9)
+    for name, p in src.factors().items():
+        torch.testing.assert_close(p.grad, ref_src.factors()[name].grad, rtol=1e-10, atol=1e-8, msg=name)
+
+
+def test_cost_estimate_picks_different_orders_and_default_uses_it():
+    chosen = [_random_source(s, r).choose_order(b) for s, r, b in CASES]
+    assert chosen == ["basis_first", "merged", "full", "basis_first", "merged", "in_first"]
+    src = _random_source((64, 50, 9), (4, 6, 3))
+    costs = src.contraction_costs(128)
+    assert src.choose_order(128) == min(costs, key=costs.get)
+    # hand count of the merged order: fold [4,6,3] with U_basis and U_in, then B x (50*9*4 + 4*64)
+    assert costs["merged"] == 4 * 6 * 3 * 9 + 4 * 6 * 50 * 9 + 128 * (50 * 9 * 4 + 4 * 64)
+    assert costs["full"] > 128 * 64 * 50 * 9  # rebuilding costs at least the dense product
+    x = torch.randn(128, 50, 9, dtype=torch.float64)
+    src = src.double()
+    torch.testing.assert_close(src.contract(x), src.contract(x, order="merged"), rtol=0, atol=0)
+    torch.testing.assert_close(src.contract(x), src.contract(x, order="full"), rtol=1e-10, atol=1e-9)
+
+
+def test_full_rank_tucker_reconstructs_and_restores_tensorly_backend():
+    a = torch.randn(10, 64, 9, generator=torch.Generator().manual_seed(3))
+    before = tl.get_backend()
+    src = TuckerSource.from_tensor(a, [1.0, 1.0, 1.0])
+    assert tl.get_backend() == before
+    assert src.ranks == (10, 64, 9)
+    err = float((src.edge_tensor().detach() - a).norm() / a.norm())
+    assert err < 1e-5
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in src.factors().values())
+    # factors are orthonormal (HOOI), so a truncation keeps the largest part of the energy
+    torch.testing.assert_close(src.u_in.t() @ src.u_in, torch.eye(64), atol=1e-5, rtol=0)
+    low = TuckerSource.from_tensor(a, [4, 16, 3])
+    low_err = float((low.edge_tensor().detach() - a).norm() / a.norm())
+    assert 0.1 < low_err < 1.0
+
+
+def test_storage_equals_hand_count_and_file_size(tmp_path):
+    m = KAN([20, 6, 4], basis="bspline")
+    dense_coef = storage_report(m).coef_stored_bits
+    for _, layer in kan_layers(m):
+        layer.set_source(TuckerSource.from_tensor(layer.edge_tensor(), [0.5, 0.5, 0.5]))
+    rep = storage_report(m)
+    # layer 1 [6, 20, 9] -> ranks (3, 10, 5); layer 2 [4, 6, 9] -> ranks (2, 3, 5)
+    assert [layer.source.ranks for _, layer in kan_layers(m)] == [(3, 10, 5), (2, 3, 5)]
+    per_layer = [3 * 10 * 5 + 6 * 3 + 20 * 10 + 9 * 5, 2 * 3 * 5 + 4 * 2 + 6 * 3 + 9 * 5]
+    assert per_layer == [413, 101]
+    assert rep.coef_stored_bits == (413 + 101) * 32
+    assert rep.coef_compression_ratio == pytest.approx(dense_coef / ((413 + 101) * 32))
+    size = export_model(m, tmp_path / "t.kanb")
+    assert rep.stored_bits / 8 <= size <= rep.stored_bits / 8 + HEADER_SLACK_BYTES
+
+
+def test_export_reload_identical_predictions(tmp_path):
+    torch.manual_seed(0)
+    m = KAN([12, 5, 3], basis="rbf")
+    for _, layer in kan_layers(m):
+        layer.set_source(TuckerSource.from_tensor(layer.edge_tensor(), [0.6, 0.5, 4]))
+    x = torch.randn(64, 12)
+    export_model(m, tmp_path / "t.kanb")
+    back = load_model(tmp_path / "t.kanb")
+    assert all(isinstance(layer.source, TuckerSource) for _, layer in kan_layers(back))
+    assert [layer.source.ranks for _, layer in kan_layers(back)] == [(3, 6, 4), (2, 3, 4)]
+    with torch.no_grad():
+        assert float((back(x) - m.eval()(x)).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("ranks,msg", [([3, 30, 2], "mode 'in'"), ([11, 2, 2], "mode 'out'"),
+                                       ([2, 2, 10], "mode 'basis'"), ([0, 2, 2], "mode 'out' must be > 0"),
+                                       ([0.5, 1.5, 0.5], "mode 'in' must be in (0, 1]"),
+                                       ([2, 2], "3 numbers")])
+def test_bad_ranks_are_user_errors_naming_the_mode(ranks, msg):
+    with pytest.raises(UserError, match=msg.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")
+                       .replace("[", r"\[")):
+        resolve_ranks((10, 20, 9), ranks)
+
+
+def test_rank_resolution_fractions_and_redundant_rank():
+    assert resolve_ranks((10, 20, 9), [0.5, 0.25, 1.0]) == (5, 5, 9)
+    assert resolve_ranks((10, 20, 9), [0.01, 0.01, 0.01]) == (1, 1, 1)  # rounded up, at least 1
+    assert resolve_ranks((10, 20, 9), [10, 2, 2]) == (4, 2, 2)  # r1 > r2*r3 adds nothing
+    assert resolve_ranks((10, 20, 9), [1, 1.0, 1]) == (1, 1, 1)  # r2 = 20 lowered to r1*r3 = 1
+
+
+@pytest.mark.parametrize("method", ["tucker", "slimkan"])
+def test_method_config_rejects_bad_ranks(method):
+    cls = METHODS[method]
+    for bad in ([0.5, 0.5], [0.5, -1, 0.5], [0.5, 2.5, 0.5], [0.5, "a", 0.5]):
+        with pytest.raises(UserError):
+            cls(ranks=bad)
+    with pytest.raises(UserError, match="lr_rule"):
+        cls(lr_rule="fast")
+
+
+def test_requested_ratio_hand_count_and_grid_spans_2x_to_30x():
+    shapes = [(64, 784, 9), (10, 64, 9)]
+    # [0.5, 0.25, 0.5] asks for (32, 196, 4.5) and (5, 16, 4.5)
+    asked = (32 * 196 * 4.5 + 64 * 32 + 784 * 196 + 9 * 4.5) + (5 * 16 * 4.5 + 10 * 5 + 64 * 16 + 9 * 4.5)
+    assert requested_coef_ratio(shapes, [0.5, 0.25, 0.5]) == pytest.approx((451_584 + 5_760) / asked)
+    m = KAN([784, 64, 10], basis="bspline")
+    ratios = []
+    for ranks in METHODS["tucker"].grid["ranks"]:
+        for _, layer in kan_layers(m):
+            layer.set_source(TuckerSource.random(layer.source.shape, ranks, rms=0.01))
+        ratios.append(storage_report(m).coef_compression_ratio)
+        assert ratios[-1] == pytest.approx(requested_coef_ratio(shapes, ranks), rel=0.05)
+    assert ratios == sorted(ratios) and ratios[0] < 3 and ratios[-1] > 25, ratios
+    assert METHODS["slimkan"].grid == METHODS["tucker"].grid
+
+
+def test_balanced_learning_rates_follow_component_scale():
+    a = torch.randn(16, 100, 9, generator=torch.Generator().manual_seed(0))
+    src = TuckerSource.from_tensor(a, [8, 20, 4])
+    shared = component_lrs(src, 1e-3, "shared", {"core": 2.0})
+    assert shared == {"core": 2e-3, "u_out": 1e-3, "u_in": 1e-3, "u_basis": 1e-3}
+    lrs = component_lrs(src, 1e-3, "balanced")
+    # orthonormal factors have rms 1/sqrt(mode size): rates fall as sqrt of the mode size
+    assert lrs["u_in"] / lrs["u_basis"] == pytest.approx(math.sqrt(9 / 100), rel=1e-4)
+    assert lrs["u_out"] / lrs["u_in"] == pytest.approx(math.sqrt(100 / 16), rel=1e-4)
+    rms_a = float(src.edge_tensor().detach().pow(2).mean().sqrt())
+    rms_g = float(src.core.detach().pow(2).mean().sqrt())
+    assert lrs["core"] == pytest.approx(1e-3 * rms_g / (4 * rms_a), rel=1e-4)
+    assert component_lrs(src, 1e-3, "balanced", {"u_in": 3.0})["u_in"] == pytest.approx(3 * lrs["u_in"])
+
+
+def _tiny_trainer(lr=3e-3):
+    splits = get_dataset("tiny_images").load(None, 0)
+    return Trainer(splits, "classification", "cpu", batch_size=32, lr=lr, seed=0)
+
+
+def test_tucker_finetune_changes_every_factor_and_records_info():
+    torch.manual_seed(0)
+    trainer = _tiny_trainer()
+    model = KAN([64, 6, 4], basis="bspline")  # untrained: fine-tuning surely improves validation
+    method = METHODS["tucker"](ranks=[0.5, 0.5, 0.5])
+    decomposed = copy.deepcopy(model)
+    for _, layer in kan_layers(decomposed):
+        layer.set_source(TuckerSource.from_tensor(layer.edge_tensor(), [0.5, 0.5, 0.5]))
+    val0 = trainer.evaluate(decomposed, "val")
+    ctx = CompressContext(trainer=trainer, finetune_epochs=4, seed=0, device=torch.device("cpu"))
+    method.compress(model, ctx)
+    assert trainer.evaluate(model, "val") > val0
+    for (_, a), (_, b) in zip(kan_layers(decomposed), kan_layers(model)):
+        for name, p in a.source.factors().items():
+            assert not torch.allclose(p, b.source.factors()[name]), name
+    assert set(ctx.info["component_lrs"]) >= {"layers.0.core", "layers.0.u_in", "layers.1.u_basis", "other"}
+    assert len(set(ctx.info["component_lrs"].values())) > 3  # the balanced rule gives different rates
+    assert ctx.info["tucker_ranks"] == {"layers.0": [3, 15, 5], "layers.1": [2, 3, 5]}  # 32 > 3*5: lowered
+    assert method.requested_ratio() == pytest.approx(requested_coef_ratio([(6, 64, 9), (4, 6, 9)], [0.5, 0.5, 0.5]))
+    assert ctx.info["theoretical_speedup"] > 0
+
+
+def test_slimkan_prepares_tucker_sources_and_trains_from_scratch():
+    torch.manual_seed(0)
+    model = KAN([64, 6, 4], basis="rbf")
+    method = METHODS["slimkan"](ranks=[0.5, 0.25, 3], lr=3e-3)
+    method.prepare(model)
+    srcs = [layer.source for _, layer in kan_layers(model)]
+    assert all(isinstance(s, TuckerSource) for s in srcs)
+    assert [s.ranks for s in srcs] == [(3, 9, 3), (2, 2, 3)]  # 16 > 3*3: lowered
+    rms = float(srcs[0].edge_tensor().detach().pow(2).mean().sqrt())
+    assert rms == pytest.approx(0.5 / math.sqrt(64), rel=0.3)  # the dense initialisation's scale
+    groups = method.param_groups(model)
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
+    assert len(groups) == 4 * 2 + 1 and all(g["lr"] > 0 for g in groups)
+    trainer = _tiny_trainer()
+    before = copy.deepcopy(model)
+    fit = trainer.fit(model, 3, param_groups=groups)
+    assert fit.history[-1]["train_loss"] < fit.history[0]["train_loss"]
+    assert fit.best_val > 40  # 4 classes: chance is 25 %
+    assert not torch.allclose(before.layers[0].source.u_in, model.layers[0].source.u_in)
+    assert METHODS["slimkan"].trains_own_model() and not METHODS["tucker"].trains_own_model()
+    assert method.stage_key()["ranks"] == [0.5, 0.25, 3]
