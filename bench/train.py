@@ -121,15 +121,18 @@ class Trainer:
             lr: float | None = None, desc: str = "train") -> FitResult:
         """Train for ``epochs``; restore the best-validation weights; return what happened.
 
-        ``param_groups`` (AdamW groups, each may carry its own ``lr``) defaults to every
-        parameter with ``requires_grad``. ``epochs == 0`` only scores the model.
+        ``param_groups`` (AdamW groups, each may carry its own ``lr`` or an ``lr_scale`` multiplying
+        the run's rate) defaults to every parameter with ``requires_grad``. ``epochs == 0`` only scores the model.
         """
         model.to(self.device).train()
         result = FitResult()
         start = time.perf_counter()
         if param_groups is None:
             param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-        param_groups = [g for g in param_groups if len(list(g["params"])) > 0]
+        param_groups = [dict(g) for g in param_groups if len(list(g["params"])) > 0]
+        for g in param_groups:  # a group may ask for a multiple of the run's learning rate
+            if "lr_scale" in g:
+                g["lr"] = (lr or self.lr) * g.pop("lr_scale")
         best_state = copy.deepcopy(model.state_dict())
         result.best_val = self.evaluate(model, "val")
         if epochs <= 0 or not param_groups:

@@ -9,11 +9,9 @@ form; nothing happens after training (the stored model is the four tensors per l
 ``ranks``: three numbers (out, in, basis), ints absolute, floats in (0, 1] fractions of each
 mode. Learning rates: one optimiser group per component; ``lr_rule = "balanced"`` (default)
 sets each component's rate proportional to its entries' RMS so that all four take the same
-relative step under Adam (see :func:`bench.tucker.component_lrs`); ``"shared"`` uses ``lr``
-for every component (the paper's ablation). ``lr`` is the base rate of these groups: the
-optimiser groups a method returns carry their own rates, so the sweep's ``train.lr`` does
-not reach them; keep the two equal for a like-for-like comparison (the default, 3e-3, is the
-bundled ``quick`` sweep's).
+relative step under Adam (see :func:`bench.tucker.component_lrs`); ``"shared"`` uses the
+sweep's ``train.lr`` for every component (the paper's ablation). Rates are multiples of the
+sweep's ``train.lr`` (``lr_scale`` groups), so every method trains at the same base rate.
 """
 
 import math
@@ -36,8 +34,6 @@ class SlimKAN(Method):
     class Config:
         ranks: list[int | float] = field(default_factory=lambda: [0.5, 0.125, 0.5],
                                          metadata={"min": 0, "help": RANKS_HELP})
-        lr: float = field(default=3e-3, metadata={"min": 0.0, "help": "base learning rate of the Tucker groups "
-                                                                      "(keep equal to the sweep's train.lr)"})
         lr_rule: str = field(default="balanced", metadata={"choices": ["balanced", "shared"],
                                                            "help": "per-component learning rates"})
         lr_core: float = field(default=1.0, metadata={"min": 0.0, "help": "lr multiplier for the core"})
@@ -51,8 +47,8 @@ class SlimKAN(Method):
     # Same points as `tucker` ([784, 64, 10]: 2.3x to 28.5x on the edge tensors).
     grid = {"ranks": [[0.5, 0.25, 0.67], [0.5, 0.125, 0.5], [0.25, 0.0625, 0.34], [0.25, 0.03, 0.34],
                       [0.125, 0.024, 0.23]]}
-    test_config = {"ranks": [0.5, 0.5, 0.5], "lr": 3e-3}
-    stage_fields = ("ranks", "lr", "lr_rule", "lr_core", "lr_out", "lr_in", "lr_basis")
+    test_config = {"ranks": [0.5, 0.5, 0.5]}
+    stage_fields = ("ranks", "lr_rule", "lr_core", "lr_out", "lr_in", "lr_basis")
 
     def __init__(self, **hyperparameters):
         super().__init__(**hyperparameters)
@@ -72,8 +68,8 @@ class SlimKAN(Method):
     def param_groups(self, model: nn.Module) -> list[dict] | None:
         c = self.config
         mult = {"core": c.lr_core, "u_out": c.lr_out, "u_in": c.lr_in, "u_basis": c.lr_basis}
-        groups = tucker_param_groups(model, c.lr, c.lr_rule, mult)
-        return [{k: v for k, v in g.items() if k != "name"} for g in groups]
+        groups = tucker_param_groups(model, 1.0, c.lr_rule, mult)  # rates relative to the sweep's train.lr
+        return [{"params": g["params"], "lr_scale": g["lr"]} for g in groups]
 
     def compress(self, model: nn.Module, ctx) -> None:
         ctx.info["tucker_ranks"] = {n: list(layer.source.ranks) for n, layer in kan_layers(model)}

@@ -199,7 +199,7 @@ def test_tucker_finetune_changes_every_factor_and_records_info():
 def test_slimkan_prepares_tucker_sources_and_trains_from_scratch():
     torch.manual_seed(0)
     model = KAN([64, 6, 4], basis="rbf")
-    method = METHODS["slimkan"](ranks=[0.5, 0.25, 3], lr=3e-3)
+    method = METHODS["slimkan"](ranks=[0.5, 0.25, 3])
     method.prepare(model)
     srcs = [layer.source for _, layer in kan_layers(model)]
     assert all(isinstance(s, TuckerSource) for s in srcs)
@@ -209,7 +209,7 @@ def test_slimkan_prepares_tucker_sources_and_trains_from_scratch():
     groups = method.param_groups(model)
     grouped = [p for g in groups for p in g["params"]]
     assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
-    assert len(groups) == 4 * 2 + 1 and all(g["lr"] > 0 for g in groups)
+    assert len(groups) == 4 * 2 + 1 and all(g["lr_scale"] > 0 for g in groups)
     trainer = _tiny_trainer()
     before = copy.deepcopy(model)
     fit = trainer.fit(model, 3, param_groups=groups)
