@@ -57,8 +57,23 @@ def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
     return ok
 
 
-def compact_config(config) -> str:
-    """``'{"K": 16, "d": 1}'`` -> ``"K=16, d=1"``; empty for no hyperparameters."""
+def method_defaults(method) -> dict:
+    """The registered method's default hyperparameters ({} if it is not registered here)."""
+    from .methods import METHODS
+
+    cls = METHODS.get(method) if isinstance(method, str) else None
+    if cls is None:
+        return {}
+    try:
+        return cls().config_dict()
+    except Exception:  # a method without defaults for every field: show its whole config
+        return {}
+
+
+def compact_config(config, method=None) -> str:
+    """``'{"K": 16, "d": 1}'`` -> ``"K=16, d=1"``; empty for no hyperparameters. With ``method``
+    given (and registered), only the values that differ from its defaults are shown, or
+    ``default``."""
     if config is None or (isinstance(config, float) and math.isnan(config)):
         return ""
     if isinstance(config, str):
@@ -68,7 +83,11 @@ def compact_config(config) -> str:
             return config
     if not isinstance(config, dict):
         return json.dumps(config)
-    return ", ".join(f"{k}={_config_value(v)}" for k, v in config.items())
+    defaults = method_defaults(method) if method is not None else {}
+    shown = {k: v for k, v in config.items() if k not in defaults or defaults[k] != v}
+    if config and defaults and not shown:
+        return "default"
+    return ", ".join(f"{k}={_config_value(v)}" for k, v in shown.items())
 
 
 def _config_value(v) -> str:
@@ -127,7 +146,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     ).reset_index()
     points["synthetic"] = False
     points = pd.concat([points, _dense_controls(ok, points)], ignore_index=True)
-    points["config"] = points["method_config"].map(compact_config)
+    points["config"] = [compact_config(c, m) for c, m in zip(points["method_config"], points["method"])]
     return points.sort_values(POINT, kind="stable").reset_index(drop=True)
 
 

@@ -26,8 +26,10 @@ def provenance_lines(df, command: str | None = None) -> list[str]:
 
 def report_folder(results: Path, out: Path, command: str | None = None, tolerance_acc: float = 1.0,
                   tolerance_rmse_rel: float = 0.05) -> Path:
+    from .registry import load_plugins
     from .report import write_report
 
+    load_plugins()  # method defaults let the tables show only the non-default hyperparameters
     df = read_results(results)
     title = f"KAN compression leaderboard: {Path(results).name}"
     return write_report(df, Path(out), title=title, tolerance_acc=tolerance_acc,

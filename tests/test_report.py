@@ -208,3 +208,15 @@ def test_reads_a_parquet_results_folder(tmp_path):
     rows_to_frame(synthetic_rows()).to_parquet(tmp_path / "runs.parquet", index=False)
     md = write_report(read_results(tmp_path), tmp_path / "board").read_text()
     assert "91.00 ± 1.00" in md and "seed0" in md
+
+
+def test_compact_config_shows_only_non_defaults_of_registered_methods():
+    from bench.methods import METHODS
+    from bench.registry import load_plugins
+    from bench.report import compact_config
+
+    load_plugins()
+    cfg = METHODS["quantize"](bits=4).config_dict()
+    assert compact_config(json.dumps(cfg), "quantize") == "bits=4"
+    assert compact_config(json.dumps(METHODS["quantize"]().config_dict()), "quantize") == "default"
+    assert compact_config('{"K": 3}', "not_registered") == "K=3"
