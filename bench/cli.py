@@ -1,4 +1,4 @@
-"""``python -m bench run | report | list``.
+"""``python -m bench run | report | merge | list``.
 
 Every user mistake ends in one line on stderr and exit code 2 (never a traceback).
 """
@@ -58,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bars (for CI)")
     r.add_argument("--no-report", action="store_true", help="do not write the leaderboard at the end")
     r.add_argument("--strict", action="store_true", help="exit 1 if any run failed or diverged")
+    ex = r.add_argument_group("executors (where the runs execute)")
+    ex.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
+                    help="local: this process (default); ray: one Ray task per run; slurm: a submitit job array")
+    ex.add_argument("--ray-address", metavar="ADDR", help="existing Ray cluster, e.g. ray://head:10001 or auto "
+                    "(default: start a local Ray)")
+    ex.add_argument("--ray-num-cpus", type=float, metavar="N", help="CPUs per run (default 1)")
+    ex.add_argument("--slurm-partition", metavar="NAME", help="SLURM partition")
+    ex.add_argument("--slurm-gpus", type=int, metavar="N", help="GPUs per job (default 1; 0 with --slurm-local)")
+    ex.add_argument("--slurm-time", type=int, metavar="MIN", help="time limit per job in minutes (default 60)")
+    ex.add_argument("--slurm-cpus", type=int, metavar="N", help="CPUs per job (default 2)")
+    ex.add_argument("--slurm-local", action="store_true", help="run the slurm jobs on this machine with submitit's "
+                    "local executor (no cluster needed)")
 
     rep = sub.add_parser("report", help="write LEADERBOARD.md and plots from a results folder")
     rep.add_argument("results", metavar="RESULTS_DIR")
@@ -66,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "'no loss' (default 1.0)")
     rep.add_argument("--rmse-tolerance", type=float, default=0.05, help="relative RMSE tolerance (default 0.05)")
     rep.add_argument("--plugin", metavar="PATH", action="append", default=[], help=argparse.SUPPRESS)
+
+    mg = sub.add_parser("merge", help="combine the results folders of several machines into one")
+    mg.add_argument("folders", metavar="DIR", nargs="+", help="results folders (each with rows/ or runs.parquet)")
+    mg.add_argument("--out", metavar="DIR", required=True, help="merged results folder")
+    mg.add_argument("--report", action="store_true", help="also write LEADERBOARD.md and plots into --out")
+    mg.add_argument("--plugin", metavar="PATH", action="append", default=[], help=argparse.SUPPRESS)
 
     ls = sub.add_parser("list", help="methods (with hyperparameters), datasets, bases, models, sweeps")
     ls.add_argument("--plugin", metavar="PATH", action="append", default=[], help="extra plugin file/folder")
@@ -87,8 +105,15 @@ def cmd_run(args) -> int:
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     check_data(sweep, data_dir)
     out = Path(args.out or Path("results") / sweep.name)
+    options = _executor_options(args)
     t0 = time.perf_counter()
-    counts = run_sweep(sweep, out, data_dir, quiet=args.quiet, device=args.device)
+    if args.executor == "local":
+        counts = run_sweep(sweep, out, data_dir, quiet=args.quiet, device=args.device)
+    else:
+        from .executors import run_with_executor
+
+        counts = run_with_executor(args.executor, sweep, out, data_dir, quiet=args.quiet, device=args.device,
+                                   options=options)
     took = time.perf_counter() - t0
     print(f"done in {took:.0f}s: {counts['ok']} ok, {counts['failed']} failed, {counts['diverged']} diverged, "
           f"{counts['skipped_finished']} already finished -> {out / 'runs.parquet'}")
@@ -97,6 +122,44 @@ def cmd_run(args) -> int:
         print(f"leaderboard: {md}")
     if args.strict and (counts["failed"] or counts["diverged"]):
         return 1
+    return 0
+
+
+def _executor_options(args):
+    """Check that executor flags match --executor (one line if not) and collect them."""
+    from .executors import ExecutorOptions, require
+
+    given = {"ray": [f for f in ("ray_address", "ray_num_cpus") if getattr(args, f) is not None],
+             "slurm": [f for f in ("slurm_partition", "slurm_gpus", "slurm_time", "slurm_cpus")
+                       if getattr(args, f) is not None] + (["slurm_local"] if args.slurm_local else [])}
+    for executor, flags in given.items():
+        if flags and args.executor != executor:
+            names = ", ".join("--" + f.replace("_", "-") for f in flags)
+            raise UserError(f"{names}: only valid with --executor {executor}")
+    if args.executor != "local":
+        require(args.executor)
+    opts = ExecutorOptions(plugins=list(args.plugin), ray_address=args.ray_address,
+                           slurm_partition=args.slurm_partition, slurm_gpus=args.slurm_gpus,
+                           slurm_local=args.slurm_local)
+    for f in ("ray_num_cpus", "slurm_time", "slurm_cpus"):
+        if getattr(args, f) is not None:
+            setattr(opts, f, getattr(args, f))
+    return opts
+
+
+def cmd_merge(args) -> int:
+    from .executors import merge_results
+    from .registry import load_plugins
+    from .report_cli import report_folder
+
+    load_plugins(args.plugin)
+    out = Path(args.out)
+    n = merge_results(args.folders, out)
+    print(f"merged {n['folders']} folders: {n['rows']} runs ({n['duplicates']} duplicate rows dropped) "
+          f"-> {out / 'runs.parquet'}")
+    if args.report:
+        md = report_folder(out, out, command="python -m bench " + " ".join(sys.argv[1:]))
+        print(f"leaderboard: {md}")
     return 0
 
 
@@ -157,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 2
-        return {"run": cmd_run, "report": cmd_report, "list": cmd_list}[args.command](args)
+        return {"run": cmd_run, "report": cmd_report, "list": cmd_list, "merge": cmd_merge}[args.command](args)
     except UserError as exc:
         msg = " ".join(str(exc).split())
         print(f"error: {msg}", file=sys.stderr)

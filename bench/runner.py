@@ -105,17 +105,24 @@ class RunEnv:
         opts = model_specs.model_options(spec.model, spec.model_options)
         return model_specs.build(spec.model, opts, ds, spec.basis, spec.basis_options)
 
-    def trained(self, spec: RunSpec, ds, trainer: Trainer, method=None):
-        """The trained model for this spec's stage (dense base if ``method`` is None), cached."""
+    @staticmethod
+    def cache_key(spec: RunSpec, method=None) -> tuple[dict, str]:
+        """(key, file name under ``<out>/cache/``) of the trained model of this spec's stage:
+        the dense base (``method`` None) or the method's own trained form."""
         stage = method.stage_key() if method is not None else {"method": "dense"}
         key = {k: v for k, v in spec.identity().items() if k not in ("method", "method_config")}
         key["train"] = {k: v for k, v in spec.train.items() if k != "finetune_epochs"}
-        epochs = spec.train["epochs"]
         if method is not None and method.train_epochs() is not None:
-            epochs = key["train"]["epochs"] = method.train_epochs()
+            key["train"]["epochs"] = method.train_epochs()
         key["stage"] = stage
         digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        path = self.out / "cache" / f"{stage['method']}-{digest}.pt"
+        return key, f"{stage['method']}-{digest}.pt"
+
+    def trained(self, spec: RunSpec, ds, trainer: Trainer, method=None):
+        """The trained model for this spec's stage (dense base if ``method`` is None), cached."""
+        key, name = self.cache_key(spec, method)
+        stage, epochs = key["stage"], key["train"]["epochs"]
+        path = self.out / "cache" / name
         model = self.fresh_model(spec, ds)
         if method is not None:
             method.prepare(model)
