@@ -144,7 +144,7 @@ def test_failed_run_listed_with_truncated_error(report):
 
 def test_plots_are_pngs_linked_from_markdown(report):
     out, md = report
-    links = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", md)
+    links = re.findall(r"!\[[^\]]*\]\((metric_vs_ratio[^)]+\.png)\)", md)
     assert sorted(links) == ["metric_vs_ratio_feynman.png", "metric_vs_ratio_mnist.png"]
     for name in links:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
@@ -220,3 +220,23 @@ def test_compact_config_shows_only_non_defaults_of_registered_methods():
     assert compact_config(json.dumps(cfg), "quantize") == "bits=4"
     assert compact_config(json.dumps(METHODS["quantize"]().config_dict()), "quantize") == "default"
     assert compact_config('{"K": 3}', "not_registered") == "K=3"
+
+
+def test_budget_ladder_and_paper_claims(report):
+    out, md = report
+    ladder = _section(md, "## Best whole-model ratio by accuracy budget")
+    assert "≤ 0.5 pt" in ladder and "≤ 1 pt" in ladder and "≤ 5% RMSE" in ladder
+    claims = _section(md, "## Compared with the papers' headline claims")
+    assert "80×" in claims and "124.1×" in claims and "MetaKAN" in claims
+    assert "not measured" in claims  # no metacluster / metakan runs in the synthetic frame
+
+
+def test_extra_figures_and_self_contained_html(report):
+    out, md = report
+    for name in ("metric_vs_speedup.png", "training_resources.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in md
+    page = (out / "index.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<table>" in page
+    assert page.count("data:image/png;base64,") == md.count("![")
+    assert 'src="metric' not in page  # every image inlined: the page stands alone
