@@ -84,6 +84,13 @@ class BSplineBasis(Basis):
         return {"grid": self.grid_size, "order": self.order, "lo": self.lo, "hi": self.hi}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.order == 3:
+            return _UniformCubic.apply(x, self.lo, self.hi, self.grid_size)
+        return self.reference(x)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Cox-de Boor recursion on the knot vector (any order; the cubic fast path is tested
+        against it)."""
         span = self.hi - self.lo
         eps = 1e-6 * span
         x = x.clamp(self.lo, self.hi - eps).unsqueeze(-1)  # [B, in, 1]
@@ -94,6 +101,46 @@ class BSplineBasis(Basis):
             right = (t[p + 1 :] - x) / (t[p + 1 :] - t[1:-p])
             b = left * b[..., :-1] + right * b[..., 1:]
         return b  # [B, in, G + k]
+
+
+class _UniformCubic(torch.autograd.Function):
+    """Cubic B-splines on a uniform grid in closed form: basis ``j`` at ``x`` is the cardinal
+    cubic ``N(a)`` of ``a = |u - j - 2|`` with ``u = (x - lo) / h + 3`` (knot units):
+    ``N = 2/3 - a^2 + a^3/2`` for ``a < 1``, ``(2 - a)^3 / 6`` for ``1 <= a < 2``, else 0.
+
+    Backward recomputes from ``x`` instead of keeping the intermediates (only ``x`` is saved,
+    ``[B, in]``); inputs are clamped to ``[lo, hi)``, so the gradient is zero outside it.
+    """
+
+    @staticmethod
+    def _distance(x, lo, hi, grid):
+        h = (hi - lo) / grid
+        u = (x.clamp(lo, hi - 1e-6 * (hi - lo)) - lo) * (1.0 / h) + 3.0
+        j = torch.arange(grid + 3, dtype=x.dtype, device=x.device) + 2.0
+        return u.unsqueeze(-1) - j, h  # [B, in, G + 3]
+
+    @staticmethod
+    def forward(ctx, x, lo, hi, grid):
+        d, _ = _UniformCubic._distance(x, lo, hi, grid)
+        a = d.abs_()
+        near = a < 1
+        far = (2.0 - a).clamp_(min=0.0)
+        out = torch.where(near, (2.0 / 3.0) - a * a * (1.0 - 0.5 * a), far * far * far * (1.0 / 6.0))
+        ctx.save_for_backward(x)
+        ctx.consts = (lo, hi, grid)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        lo, hi, grid = ctx.consts
+        d, h = _UniformCubic._distance(x, lo, hi, grid)
+        a = d.abs()
+        far = (2.0 - a).clamp(min=0.0)
+        dn_da = torch.where(a < 1, a * (1.5 * a - 2.0), -0.5 * far * far)
+        gx = (grad * dn_da * torch.sign(d)).sum(-1) * (1.0 / h)
+        inside = (x >= lo) & (x < hi - 1e-6 * (hi - lo))
+        return gx * inside, None, None, None
 
 
 @register_basis("rbf")

@@ -1,4 +1,4 @@
-"""``python -m bench run | report | merge | list``.
+"""``python -m bench run | report | merge | list | transfer``.
 
 Every user mistake ends in one line on stderr and exit code 2 (never a traceback).
 """
@@ -84,6 +84,40 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--out", metavar="DIR", required=True, help="merged results folder")
     mg.add_argument("--report", action="store_true", help="also write LEADERBOARD.md and plots into --out")
     mg.add_argument("--plugin", metavar="PATH", action="append", default=[], help=argparse.SUPPRESS)
+
+    pf = sub.add_parser("perf", help="micro-benchmark: KAN vs MLP train/inference, compressed inference, memory")
+    pf.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    pf.add_argument("--batch", type=int, default=256)
+    pf.add_argument("--widths", type=lambda v: [int(w) for w in _csv(v)], default=[784, 64, 10],
+                    help="KAN widths (default 784,64,10)")
+    pf.add_argument("--bases", type=_csv, help="comma-separated bases (default: all five)")
+    pf.add_argument("--repeats", type=int, default=20, help="timed repeats (median is reported)")
+    pf.add_argument("--no-compressed", action="store_true", help="skip the compressed-inference rows")
+    pf.add_argument("--out", default="results/perf.csv", help="CSV to write (default results/perf.csv)")
+
+    from .transfer import DEFAULT_FINETUNE_EPOCHS, DEFAULT_PRETRAIN_EPOCHS, DEFAULT_RANKS, DEFAULT_SEEDS, TARGETS
+
+    tr = sub.add_parser("transfer", help="LoTRA transfer benchmark: pre-train on a source equation, adapt to "
+                        "related targets (full fine-tune vs Tucker-update ranks)")
+    tr.add_argument("--out", metavar="DIR", default="results/transfer", help="results folder (default: "
+                    "results/transfer); a rerun resumes, skipping finished rows")
+    tr.add_argument("--seeds", type=_seeds, default=list(DEFAULT_SEEDS), help="comma-separated seeds (default "
+                    + ",".join(map(str, DEFAULT_SEEDS)) + ")")
+    tr.add_argument("--pretrain-epochs", type=int, default=DEFAULT_PRETRAIN_EPOCHS, dest="pretrain_epochs",
+                    help=f"source pre-training epochs (default {DEFAULT_PRETRAIN_EPOCHS})")
+    tr.add_argument("--finetune-epochs", type=int, default=DEFAULT_FINETUNE_EPOCHS, dest="finetune_epochs",
+                    help=f"epochs of every adaptation (default {DEFAULT_FINETUNE_EPOCHS})")
+    tr.add_argument("--ranks", nargs="+", metavar="R1,R2,R3", default=[",".join(map(str, r)) for r in DEFAULT_RANKS],
+                    help="LoTRA rank triples (out,in,basis); ints absolute (capped per layer at the mode size), "
+                    "numbers with a point fractions (default: " + " ".join(",".join(map(str, r)) for r in
+                                                                        DEFAULT_RANKS) + ")")
+    tr.add_argument("--targets", nargs="+", metavar="a=..,b=..", default=list(TARGETS),
+                    help="target tasks of exp(sin(a pi x1) + b x2^2); the source is a=1,b=1 (default: "
+                    + " ".join(TARGETS) + ")")
+    tr.add_argument("--lr-rule", choices=["balanced", "shared"], default="balanced", dest="lr_rule",
+                    help="LoTRA learning rates per Tucker component (default balanced)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bars (for CI)")
+    tr.add_argument("--no-report", action="store_true", help="do not write the leaderboard at the end")
 
     ls = sub.add_parser("list", help="methods (with hyperparameters), datasets, bases, models, sweeps")
     ls.add_argument("--plugin", metavar="PATH", action="append", default=[], help="extra plugin file/folder")
@@ -172,6 +206,32 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_perf(args) -> int:
+    from .perf import main as perf_main
+
+    if args.batch < 1 or args.repeats < 1 or len(args.widths) < 2 or min(args.widths) < 1:
+        raise UserError("perf needs --batch >= 1, --repeats >= 1 and --widths of at least two positive sizes")
+    return perf_main(args)
+
+
+def cmd_transfer(args) -> int:
+    from .report_cli import report_folder
+    from .transfer import parse_ranks, parse_targets, run_transfer
+
+    ranks, targets = parse_ranks(args.ranks), parse_targets(args.targets)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    rows = run_transfer(out, ranks, targets, pretrain_epochs=args.pretrain_epochs,
+                        finetune_epochs=args.finetune_epochs, seeds=args.seeds, lr_rule=args.lr_rule,
+                        progress=not args.quiet)
+    ok = sum(r.get("status") == "ok" for r in rows)
+    print(f"done in {time.perf_counter() - t0:.0f}s: {ok} ok, {len(rows) - ok} not ok -> {out / 'transfer.csv'}")
+    if not args.no_report:
+        md = report_folder(out, out, command="python -m bench " + " ".join(sys.argv[1:]))
+        print(f"leaderboard: {md}")
+    return 0
+
+
 def cmd_list(args) -> int:
     from .bases import BASES
     from .config import describe
@@ -220,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 2
-        return {"run": cmd_run, "report": cmd_report, "list": cmd_list, "merge": cmd_merge}[args.command](args)
+        return {"run": cmd_run, "report": cmd_report, "list": cmd_list, "merge": cmd_merge,
+                "perf": cmd_perf, "transfer": cmd_transfer}[args.command](args)
     except UserError as exc:
         msg = " ".join(str(exc).split())
         print(f"error: {msg}", file=sys.stderr)

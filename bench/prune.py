@@ -55,9 +55,9 @@ class MaskedSource(EdgeSource):
     """Surviving edge vectors ``values [kept, n+1]`` (float32, trainable) at the sorted flat
     positions ``flat_index`` (``o * in + i``); pruned edges are zero and stay zero.
 
-    ``contract`` has a sparse path when at most a quarter of the edges survive: it gathers the
-    features of the surviving edges (``[B, kept, n+1]``) and scatters their sums into the
-    outputs, ``kept * (n+1)`` MACs per sample instead of ``out * in * (n+1)``.
+    ``contract`` skips the inputs that no surviving edge reads (one dense matmul over the active
+    columns): on CPU a random-sparse kernel at 1/8 density is slower than dense BLAS, so the
+    real saving comes from whole inputs and nodes that pruning removes.
     """
 
     def __init__(self, out_features: int, in_features: int, edge_dim: int, flat_index: torch.Tensor,
@@ -96,17 +96,22 @@ class MaskedSource(EdgeSource):
         w = w.index_copy(0, self.flat_index, self.values)
         return w.reshape(self.out_features, self.in_features, self.edge_dim)
 
+    def active_inputs(self) -> torch.Tensor:
+        """Inputs that still have at least one edge (sorted)."""
+        return torch.unique(self.flat_index % self.in_features)
+
     def use_fast_path(self) -> bool:
-        return 4 * self.kept <= self.out_features * self.in_features
+        """Skip the inputs no surviving edge reads when that drops at least a tenth of them."""
+        return 10 * self.active_inputs().numel() <= 9 * self.in_features
 
     def contract(self, features: torch.Tensor) -> torch.Tensor:
         if not self.use_fast_path():
             return super().contract(features)
-        src = self.flat_index % self.in_features
-        dst = self.flat_index // self.in_features
-        per_edge = (features[:, src, :] * self.values).sum(-1)  # [B, kept]
-        y = features.new_zeros(features.shape[0], self.out_features)
-        return y.index_add(1, dst, per_edge)
+        # One dense matmul over the active inputs only (random sparse kernels lose to dense
+        # BLAS at these densities on CPU; measured by `python -m bench perf`).
+        cols = self.active_inputs()
+        w = self.edge_tensor()[:, cols, :].reshape(self.out_features, -1)
+        return features[:, cols, :].reshape(features.shape[0], -1) @ w.t()
 
     def storage(self) -> list[StorageItem]:
         items = [float_item("values", self.values)]

@@ -37,7 +37,8 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
-def _tensor_bytes(tensors) -> int:
+def tensor_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors``."""
     seen, total = set(), 0
     for t in tensors:
         if not isinstance(t, torch.Tensor):
@@ -50,7 +51,8 @@ def _tensor_bytes(tensors) -> int:
     return total
 
 
-def _recorder(store: list):
+def recorder(store: list):
+    """A saved-tensors pack hook that records every tensor autograd keeps for backward."""
     def pack(t):
         store.append(t)
         return t
@@ -59,7 +61,7 @@ def _recorder(store: list):
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    return _tensor_bytes(v for st in opt.state.values() for v in st.values())
+    return tensor_bytes(v for st in opt.state.values() for v in st.values())
 
 
 class Trainer:
@@ -159,7 +161,7 @@ class Trainer:
                 measure = epoch == 1 and bi == 0 and self.device.type != "cuda"
                 saved: list[torch.Tensor] = []
                 if measure:
-                    hooks = torch.autograd.graph.saved_tensors_hooks(_recorder(saved), lambda t: t)
+                    hooks = torch.autograd.graph.saved_tensors_hooks(recorder(saved), lambda t: t)
                     hooks.__enter__()
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                     out = model(xb)
@@ -173,7 +175,7 @@ class Trainer:
                 opt.step()
                 if measure:
                     params = [p for grp in opt.param_groups for p in grp["params"]]
-                    cpu_peak = (_tensor_bytes(saved) + _tensor_bytes(params) + _tensor_bytes(p.grad for p in params)
+                    cpu_peak = (tensor_bytes(saved) + tensor_bytes(params) + tensor_bytes(p.grad for p in params)
                                 + optimizer_state_bytes(opt))
                     saved.clear()
                 total += loss.item() * xb.shape[0]

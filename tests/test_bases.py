@@ -70,3 +70,18 @@ def test_bad_options_are_user_errors():
         make_basis("bspline", 3, grid=0)
     with pytest.raises(UserError, match="bad option"):
         make_basis("rbf", 3, colour=1)
+
+
+@pytest.mark.parametrize("grid,lo,hi", [(5, -2.0, 2.0), (3, -1.0, 1.0), (8, 0.0, 4.0)])
+def test_cubic_fast_path_matches_recursion_values_and_gradients(grid, lo, hi):
+    b = make_basis("bspline", 6, grid=grid, order=3, lo=lo, hi=hi).double()
+    x = (torch.rand(9, 6, dtype=torch.double) * (hi - lo) * 1.4 + lo - 0.2 * (hi - lo)).requires_grad_()
+    fast, ref = b(x), b.reference(x)
+    assert torch.allclose(fast, ref, atol=1e-6)
+    g = torch.randn_like(fast)
+    (gf,) = torch.autograd.grad(fast, x, g)
+    (gr,) = torch.autograd.grad(ref, x, g)
+    assert torch.allclose(gf, gr, atol=1e-5)
+    inside = x.detach()[(x.detach() > lo + 1e-3) & (x.detach() < hi - 1e-3)][:4].reshape(2, 2).clone()
+    small = make_basis("bspline", 2, grid=grid, order=3, lo=lo, hi=hi).double()
+    assert torch.autograd.gradcheck(small, (inside.requires_grad_(),), eps=1e-6, atol=1e-5)

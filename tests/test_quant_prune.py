@@ -281,3 +281,22 @@ def test_prune_method_iterative_attribution_run(tmp_path):
     assert [s["finetune_epochs"] for s in info["steps"]] == [1, 1]
     assert row["theoretical_speedup"] > 3.0
     assert row["reload_max_abs_diff"] < 1e-5
+
+
+def test_masked_fast_path_skips_dead_inputs_and_matches_dense():
+    from bench.prune import MaskedSource
+    from bench.sources import EdgeSource
+
+    torch.manual_seed(0)
+    w = torch.randn(5, 12, 9, dtype=torch.double)
+    mask = torch.zeros(5, 12, dtype=torch.bool)
+    mask[:, :4] = torch.rand(5, 4) < 0.7  # inputs 4..11 are dead
+    mask[0, 0] = True
+    src = MaskedSource.from_mask(w, mask).double()
+    assert src.use_fast_path() and src.active_inputs().max() < 4
+    f = torch.randn(3, 12, 9, dtype=torch.double, requires_grad=True)
+    assert torch.allclose(src.contract(f), EdgeSource.contract(src, f))
+    g = torch.randn(3, 5, dtype=torch.double)
+    fast = torch.autograd.grad(src.contract(f), (src.values, f), g)
+    dense = torch.autograd.grad(EdgeSource.contract(src, f), (src.values, f), g)
+    assert all(torch.allclose(a, b) for a, b in zip(fast, dense))

@@ -1,0 +1,214 @@
+"""``python -m bench perf``: how fast KAN layers train and compressed KANs infer, as ratios.
+
+Everything is measured in one process, with warm-up and the median over repeats, and reported
+as a ratio to a reference measured in the same run (machines here are shared and noisy; ratios
+travel, milliseconds do not):
+
+- **train step** (forward + backward + AdamW step) and **inference** of ``kan [784, 64, 10]``
+  per basis at batch 256, against an MLP ``784 -> H -> 10`` whose H matches the KAN's
+  parameter count (ratio KAN / MLP);
+- **peak memory of a training step** per basis against the MLP: CUDA ``max_memory_allocated``
+  on GPU; on CPU the bytes the step holds (parameters, gradients, AdamW state and every tensor
+  autograd saves for backward), plus the largest saved tensor relative to ``[B, in, n_basis]``
+  of the widest layer;
+- **compressed inference**: each compressed form made by the real method (``kmeans`` K=16
+  codebook, ``quantize`` 8-bit, ``prune`` at 8x, ``tucker`` at its default ranks) against the
+  dense model it came from (ratio compressed / dense, below 1 is faster).
+
+Targets (issue 6) are printed next to each ratio.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Splits
+from .errors import UserError
+from .kan import KAN, kan_layers
+from .train import Trainer, optimizer_state_bytes, recorder, tensor_bytes
+
+TRAIN_TARGETS = {"bspline": 2.0, "rbf": 2.0, "chebyshev": 2.5, "gram": 2.5}
+COMPRESSED = {  # name -> (method, hyperparameters, target ratio compressed/dense inference or None)
+    "codebook K=16": ("kmeans", {"K": 16, "n_init": 1}, 1.0),
+    "quantised 8-bit": ("quantize", {"bits": 8, "calibrate": False}, None),
+    "pruned 8x": ("prune", {"ratio": 8.0}, 1 / 8),
+    "tucker default": ("tucker", {}, None),
+}
+
+
+@dataclass
+class Timer:
+    device: torch.device
+    warmup: int = 3
+    repeats: int = 20
+
+    def __call__(self, fn) -> float:
+        """Median seconds of ``fn()`` over the repeats."""
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.repeats):
+            self.sync()
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def matched_mlp(widths: list[int], n_params: int) -> nn.Module:
+    """``in -> H -> out`` MLP with H chosen so its parameter count is closest to ``n_params``."""
+    i, o = widths[0], widths[-1]
+    h = max(1, round((n_params - o) / (i + 1 + o)))
+    return nn.Sequential(nn.Linear(i, h), nn.ReLU(), nn.Linear(h, o))
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step, opt
+
+
+def step_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[int, int]:
+    """(bytes one training step holds, bytes of its largest saved tensor)."""
+    step, opt = train_step(model, x, y)
+    step()  # create the optimiser state
+    saved: list[torch.Tensor] = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.autograd.graph.saved_tensors_hooks(recorder(saved), lambda t: t):
+        loss = F.cross_entropy(model(x), y)
+    largest = max((t.numel() * t.element_size() for t in saved), default=0)
+    if device.type == "cuda":
+        loss.backward()
+        opt.step()
+        return int(torch.cuda.max_memory_allocated(device)), largest
+    held = tensor_bytes(saved)
+    loss.backward()
+    params = list(model.parameters())
+    total = held + tensor_bytes(params) + tensor_bytes(p.grad for p in params) + optimizer_state_bytes(opt)
+    opt.step()
+    return int(total), largest
+
+
+def _compress(dense: nn.Module, method: str, hyper: dict, x: torch.Tensor, y: torch.Tensor, device) -> nn.Module:
+    from .methods import CompressContext, get_method_class
+
+    model = copy.deepcopy(dense)
+    n = x.shape[0]
+    splits = Splits(x, y, x[: n // 2], y[: n // 2], x[n // 2:], y[n // 2:])
+    trainer = Trainer(splits, "classification", device, batch_size=n)
+    get_method_class(method)(**hyper).compress(model, CompressContext(trainer, 0, 0, device))
+    return model.eval()
+
+
+def run_perf(device: str = "auto", batch: int = 256, widths=(784, 64, 10), bases=None, repeats: int = 20,
+             compressed: bool = True, log=print) -> pd.DataFrame:
+    from .bases import BASES
+    from .registry import load_plugins
+    from .runner import resolve_device
+
+    dev = resolve_device(device)
+    bases = list(bases or ["bspline", "rbf", "chebyshev", "gram", "fourier"])
+    for b in bases:
+        if b not in BASES:
+            raise UserError(f"unknown basis {b!r}; valid: {', '.join(sorted(BASES))}")
+    timer = Timer(dev, repeats=repeats)
+    torch.manual_seed(0)
+    widths = list(widths)
+    x = torch.randn(batch, widths[0], device=dev)
+    y = torch.randint(0, widths[-1], (batch,), device=dev)
+    rows = []
+
+    def add(kind, basis, subject, value, reference, target=None, unit="ms"):
+        ratio = value / reference if reference else float("nan")
+        rows.append({"kind": kind, "basis": basis, "subject": subject, "value": value, "reference": reference,
+                     "unit": unit, "ratio": ratio, "target": target,
+                     "meets_target": None if target is None else bool(ratio <= target)})
+
+    kan0 = KAN(widths, bases[0])
+    mlp = matched_mlp(widths, n_params(kan0)).to(dev)
+    mlp_step, _ = train_step(mlp, x, y)
+    with torch.no_grad():
+        mlp_infer = timer(lambda: mlp(x))
+    mlp_train = timer(mlp_step)
+    mlp_mem, _ = step_memory(mlp, x, y, dev)
+    log(f"MLP {widths[0]}->{mlp[0].out_features}->{widths[-1]}: {n_params(mlp):,} params "
+        f"(KAN: {n_params(kan0):,}); train step {mlp_train * 1e3:.2f} ms, inference {mlp_infer * 1e3:.2f} ms")
+    load_plugins()
+    for basis in bases:
+        torch.manual_seed(0)
+        kan = KAN(widths, basis).to(dev)
+        step, _ = train_step(kan, x, y)
+        add("train_step", basis, f"kan{widths} / mlp", timer(step) * 1e3, mlp_train * 1e3, TRAIN_TARGETS.get(basis))
+        kan.eval()
+        with torch.no_grad():
+            dense_infer = timer(lambda m=kan: m(x))
+        add("inference", basis, f"kan{widths} / mlp", dense_infer * 1e3, mlp_infer * 1e3)
+        kan.train()
+        mem, largest = step_memory(kan, x, y, dev)
+        add("train_memory", basis, f"kan{widths} / mlp", mem / 2**20, mlp_mem / 2**20, unit="MiB")
+        widest = max(batch * layer.in_features * layer.n_basis for _, layer in kan_layers(kan)) * 4
+        add("largest_saved_tensor", basis, "largest saved / [B, in, n_basis] of widest layer", largest / 2**20,
+            widest / 2**20, 1.0 + 1.0 / kan.layers[0].n_basis + 1e-9, unit="MiB")
+        if not compressed:
+            continue
+        kan.eval()
+        for name, (method, hyper, target) in COMPRESSED.items():
+            try:
+                small = _compress(kan, method, hyper, x, y, dev)
+            except Exception as exc:  # report, do not hide: the row says why
+                log(f"  {basis} {name}: could not compress ({type(exc).__name__}: {exc})")
+                continue
+            with torch.no_grad():
+                t = timer(lambda m=small: m(x))
+            add("compressed_inference", basis, f"{name} / dense", t * 1e3, dense_infer * 1e3, target)
+    return pd.DataFrame(rows)
+
+
+def format_table(df: pd.DataFrame) -> str:
+    lines = [f"{'kind':22s} {'basis':10s} {'subject':52s} {'value':>10s} {'ref':>10s} {'ratio':>7s}  target"]
+    for r in df.to_dict("records"):
+        target = "" if r["target"] is None or pd.isna(r["target"]) else (
+            f"<= {r['target']:.3g}  {'ok' if r['meets_target'] else 'MISSED'}")
+        unit = r["unit"]
+        lines.append(f"{r['kind']:22s} {r['basis']:10s} {r['subject'][:52]:52s} {r['value']:7.2f}{unit:>3s} "
+                     f"{r['reference']:7.2f}{unit:>3s} {r['ratio']:7.2f}  {target}")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    import platform
+
+    df = run_perf(args.device, args.batch, args.widths, args.bases, args.repeats, not args.no_compressed)
+    print(f"machine: {platform.machine()} {platform.processor()}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}, device {args.device}")
+    print(format_table(df))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,45 @@
+"""`bench perf`: the measurement code runs and reports ratios (correctness of the fast paths
+themselves is tested next to each path: bases, codebook, Tucker, masked sources)."""
+
+import math
+
+from bench.cli import main
+from bench.perf import format_table, matched_mlp, n_params, run_perf, step_memory
+
+
+def test_matched_mlp_has_about_the_kan_parameter_count():
+    mlp = matched_mlp([784, 64, 10], 457_418)
+    assert abs(n_params(mlp) - 457_418) / 457_418 < 0.002
+
+
+def test_run_perf_tiny(tmp_path):
+    df = run_perf("cpu", batch=16, widths=[20, 8, 4], bases=["bspline", "rbf"], repeats=1, log=lambda *a: None)
+    kinds = set(df["kind"])
+    assert kinds == {"train_step", "inference", "train_memory", "largest_saved_tensor", "compressed_inference"}
+    assert df["ratio"].map(math.isfinite).all() and (df["value"] > 0).all()
+    subjects = set(df.loc[df.kind == "compressed_inference", "subject"])
+    assert subjects == {"codebook K=16 / dense", "quantised 8-bit / dense", "pruned 8x / dense",
+                        "tucker default / dense"}
+    assert "train_step" in format_table(df)
+
+
+def test_step_memory_counts_saved_activations():
+    import torch
+
+    from bench.kan import KAN
+
+    small, big = KAN([20, 8, 4]), KAN([20, 8, 4])
+    x, y = torch.randn(8, 20), torch.randint(0, 4, (8,))
+    m1, _ = step_memory(small, x, y, torch.device("cpu"))
+    m2, _ = step_memory(big, torch.randn(64, 20), torch.randint(0, 4, (64,)), torch.device("cpu"))
+    assert m2 > m1 > 3 * n_params(small) * 4  # params + grads + two AdamW moments, plus activations
+
+
+def test_perf_cli_writes_csv_and_rejects_bad_input(tmp_path, capsys):
+    out = tmp_path / "perf.csv"
+    assert main(["perf", "--device", "cpu", "--batch", "8", "--widths", "12,6,3", "--bases", "gram", "--repeats",
+                 "1", "--no-compressed", "--out", str(out)]) == 0
+    assert out.read_text().startswith("kind,")
+    assert main(["perf", "--bases", "nope", "--out", str(out)]) == 2
+    assert "unknown basis 'nope'" in capsys.readouterr().err
+    assert main(["perf", "--batch", "0"]) == 2
