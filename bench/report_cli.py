@@ -24,13 +24,40 @@ def provenance_lines(df, command: str | None = None) -> list[str]:
     return lines
 
 
+TRANSFER_CSV = "transfer.csv"
+
+
+def read_transfer(path: str | Path):
+    """The transfer benchmark's rows (``transfer.csv`` of a results folder), or None if it has none."""
+    import pandas as pd
+
+    p = Path(path)
+    p = p / TRANSFER_CSV if p.is_dir() else p
+    if p.name != TRANSFER_CSV or not p.is_file():
+        return None
+    return pd.read_csv(p, dtype={"ranks": str, "layer_ranks": str, "target": str, "error": str})
+
+
+def _has_runs(path: Path) -> bool:
+    return path.is_file() or (path / "runs.parquet").exists() or (path / "runs.csv").exists()
+
+
 def report_folder(results: Path, out: Path, command: str | None = None, tolerance_acc: float = 1.0,
                   tolerance_rmse_rel: float = 0.05) -> Path:
+    """LEADERBOARD.md of a results folder: the compression runs (``runs.parquet``) and, when the
+    folder holds ``transfer.csv``, the LoTRA transfer section; a folder with only transfer results
+    gets a report of that section alone."""
     from .registry import load_plugins
-    from .report import write_report
+    from .report import write_report, write_transfer_report
 
+    results = Path(results)
+    transfer = read_transfer(results) if results.is_dir() else None
+    if transfer is not None and not _has_runs(results):
+        return write_transfer_report(transfer, Path(out), title=f"LoTRA transfer benchmark: {results.name}",
+                                     header_lines=provenance_lines(transfer, command))
     load_plugins()  # method defaults let the tables show only the non-default hyperparameters
     df = read_results(results)
-    title = f"KAN compression leaderboard: {Path(results).name}"
+    title = f"KAN compression leaderboard: {results.name}"
     return write_report(df, Path(out), title=title, tolerance_acc=tolerance_acc,
-                        tolerance_rmse_rel=tolerance_rmse_rel, header_lines=provenance_lines(df, command))
+                        tolerance_rmse_rel=tolerance_rmse_rel, header_lines=provenance_lines(df, command),
+                        transfer=transfer)
