@@ -151,12 +151,31 @@ def cmd_run(args) -> int:
     took = time.perf_counter() - t0
     print(f"done in {took:.0f}s: {counts['ok']} ok, {counts['failed']} failed, {counts['diverged']} diverged, "
           f"{counts['skipped_finished']} already finished -> {out / 'runs.parquet'}")
+    command = "python -m bench " + " ".join(sys.argv[1:])
+    log_invocation(out, command, took, counts, args.executor)
     if not args.no_report:
-        md = report_folder(out, out, command="python -m bench " + " ".join(sys.argv[1:]))
+        md = report_folder(out, out, command=command)
         print(f"leaderboard: {md}")
     if args.strict and (counts["failed"] or counts["diverged"]):
         return 1
     return 0
+
+
+def log_invocation(out: Path, command: str, seconds: float, counts: dict, executor: str) -> None:
+    """Append this sweep call (command, wall time, machine) to ``<out>/invocations.jsonl``;
+    the report's header lists them, so a results folder says how long it took to make."""
+    import datetime as dt
+    import json
+    import socket
+
+    import torch
+
+    entry = {"command": command, "executor": executor, "wall_seconds": round(seconds, 1), "counts": counts,
+             "host": socket.gethostname(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+             "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "invocations.jsonl", "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
 
 
 def _executor_options(args):

@@ -42,6 +42,28 @@ def _has_runs(path: Path) -> bool:
     return path.is_file() or (path / "runs.parquet").exists() or (path / "runs.csv").exists()
 
 
+def invocation_lines(results: Path) -> list[str]:
+    """One line per recorded sweep call (``invocations.jsonl``, written by ``bench run``)."""
+    import json
+
+    path = Path(results) / "invocations.jsonl"
+    if not path.is_file():
+        return []
+    lines = []
+    for raw in path.read_text().splitlines():
+        try:
+            e = json.loads(raw)
+        except json.JSONDecodeError:
+            continue
+        c = e.get("counts", {})
+        lines.append(f"Sweep call: `{e.get('command')}` — {e.get('wall_seconds')} s wall on {e.get('host')} "
+                     f"({e.get('cpus')} CPUs, {e.get('torch_threads')} torch threads, executor "
+                     f"{e.get('executor', 'local')}), finished {e.get('finished_at')}: {c.get('ok', 0)} ok, "
+                     f"{c.get('failed', 0)} failed, {c.get('diverged', 0)} diverged, "
+                     f"{c.get('skipped_finished', 0)} already finished")
+    return lines
+
+
 def report_folder(results: Path, out: Path, command: str | None = None, tolerance_acc: float = 1.0,
                   tolerance_rmse_rel: float = 0.05) -> Path:
     """LEADERBOARD.md of a results folder: the compression runs (``runs.parquet``) and, when the
@@ -58,6 +80,6 @@ def report_folder(results: Path, out: Path, command: str | None = None, toleranc
     load_plugins()  # method defaults let the tables show only the non-default hyperparameters
     df = read_results(results)
     title = f"KAN compression leaderboard: {results.name}"
+    header = provenance_lines(df, command) + invocation_lines(results)
     return write_report(df, Path(out), title=title, tolerance_acc=tolerance_acc,
-                        tolerance_rmse_rel=tolerance_rmse_rel, header_lines=provenance_lines(df, command),
-                        transfer=transfer)
+                        tolerance_rmse_rel=tolerance_rmse_rel, header_lines=header, transfer=transfer)

@@ -87,6 +87,8 @@ def test_run_end_to_end_writes_results_and_leaderboard(capsys, tmp_path):
     # rerun resumes: nothing new to do
     assert main(["run", *TINY, "--bases", "bspline,rbf", "--methods", "dense", "--out", str(out)]) == 0
     assert "2 already finished" in capsys.readouterr().out
+    assert len((out / "invocations.jsonl").read_text().splitlines()) == 2
+    assert "Sweep call: `python -m bench" in (out / "LEADERBOARD.md").read_text()
     # report to another folder
     assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "LEADERBOARD.md").exists()
