@@ -255,6 +255,8 @@ def run_sweep(sweep: Sweep, out: str | Path, data_dir: str | Path, quiet: bool =
             row = failed_row(spec, "diverged", str(exc))
         except (KeyboardInterrupt, SystemExit):
             raise
+        except UserError as exc:  # e.g. a ratio this model cannot reach: the message says it all
+            row = failed_row(spec, "failed", f"UserError: {exc}")
         except Exception as exc:  # a failed run is recorded and the sweep goes on
             tb = traceback.format_exc(limit=3).strip().splitlines()
             row = failed_row(spec, "failed", f"{type(exc).__name__}: {exc} | {' / '.join(tb[-3:])}")

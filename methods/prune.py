@@ -97,6 +97,9 @@ class Prune(Method):
             budget = dense_bits / target if cfg.target == "coef" else rep0.dense_bits / target - other_bits
             masks, bits = plan_selection(self._scores(model, ctx), edge_masks(model), [la.edge_dim for la in layers],
                                          int(budget), cfg.scope, structured)
+            if bits == 0:
+                raise UserError(f"pruning to {target:.3g}x leaves no connected path from the inputs to the outputs "
+                                "of this model; ask for a smaller ratio")
             apply_masks(model, masks, clean=structured)
             epochs = base + (1 if t <= extra else 0)
             if epochs > 0:
