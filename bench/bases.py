@@ -105,27 +105,30 @@ class BSplineBasis(Basis):
 
 class _UniformCubic(torch.autograd.Function):
     """Cubic B-splines on a uniform grid in closed form: basis ``j`` at ``x`` is the cardinal
-    cubic ``N(a)`` of ``a = |u - j - 2|`` with ``u = (x - lo) / h + 3`` (knot units):
-    ``N = 2/3 - a^2 + a^3/2`` for ``a < 1``, ``(2 - a)^3 / 6`` for ``1 <= a < 2``, else 0.
+    cubic of ``a = |u - j - 2|`` with ``u = (x - lo) / h + 3`` (knot units),
+    ``N(a) = ((2 - a)_+^3 - 4 (1 - a)_+^3) / 6``.
 
-    Backward recomputes from ``x`` instead of keeping the intermediates (only ``x`` is saved,
-    ``[B, in]``); inputs are clamped to ``[lo, hi)``, so the gradient is zero outside it.
+    Written with in-place ops on two ``[B, in, G + 3]`` buffers (fresh large allocations cost
+    page faults on every call); backward recomputes from ``x`` instead of keeping intermediates
+    (only ``x``, ``[B, in]``, is saved). Inputs are clamped to ``[lo, hi)``, so the gradient is zero
+    outside it.
     """
 
     @staticmethod
-    def _distance(x, lo, hi, grid):
+    def _abs_distance(x, lo, hi, grid):
         h = (hi - lo) / grid
         u = (x.clamp(lo, hi - 1e-6 * (hi - lo)) - lo) * (1.0 / h) + 3.0
         j = torch.arange(grid + 3, dtype=x.dtype, device=x.device) + 2.0
-        return u.unsqueeze(-1) - j, h  # [B, in, G + 3]
+        d = u.unsqueeze(-1) - j  # [B, in, G + 3]
+        return d, h
 
     @staticmethod
     def forward(ctx, x, lo, hi, grid):
-        d, _ = _UniformCubic._distance(x, lo, hi, grid)
+        d, _ = _UniformCubic._abs_distance(x, lo, hi, grid)
         a = d.abs_()
-        near = a < 1
-        far = (2.0 - a).clamp_(min=0.0)
-        out = torch.where(near, (2.0 / 3.0) - a * a * (1.0 - 0.5 * a), far * far * far * (1.0 / 6.0))
+        out = torch.rsub(a, 2.0).clamp_(min=0.0).pow_(3)   # (2 - a)_+^3
+        inner = a.neg_().add_(1.0).clamp_(min=0.0).pow_(3)  # (1 - a)_+^3, reusing a's buffer
+        out.sub_(inner, alpha=4.0).mul_(1.0 / 6.0)
         ctx.save_for_backward(x)
         ctx.consts = (lo, hi, grid)
         return out
@@ -134,13 +137,38 @@ class _UniformCubic(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         lo, hi, grid = ctx.consts
-        d, h = _UniformCubic._distance(x, lo, hi, grid)
-        a = d.abs()
-        far = (2.0 - a).clamp(min=0.0)
-        dn_da = torch.where(a < 1, a * (1.5 * a - 2.0), -0.5 * far * far)
-        gx = (grad * dn_da * torch.sign(d)).sum(-1) * (1.0 / h)
+        d, h = _UniformCubic._abs_distance(x, lo, hi, grid)
+        sign = torch.sign(d)
+        a = d.abs_()
+        # dN/da = -(2 - a)_+^2 / 2 + 2 (1 - a)_+^2
+        far = torch.rsub(a, 2.0).clamp_(min=0.0)
+        near = a.neg_().add_(1.0).clamp_(min=0.0)
+        dn = near.mul_(near).mul_(2.0).sub_(far.mul_(far), alpha=0.5)
+        gx = (grad * dn.mul_(sign)).sum(-1) * (1.0 / h)
         inside = (x >= lo) & (x < hi - 1e-6 * (hi - lo))
         return gx * inside, None, None, None
+
+
+class _Gaussian(torch.autograd.Function):
+    """``exp(-((x - c_k) w)^2)`` with in-place ops; backward recomputes from ``x`` (only
+    ``[B, in]`` is saved instead of three ``[B, in, K]`` intermediates)."""
+
+    @staticmethod
+    def forward(ctx, x, centers, inv_width):
+        z = (x.unsqueeze(-1) - centers).mul_(inv_width)
+        out = z.square_().neg_().exp_()
+        ctx.save_for_backward(x, centers)
+        ctx.inv_width = inv_width
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, centers = ctx.saved_tensors
+        w = ctx.inv_width
+        z = (x.unsqueeze(-1) - centers).mul_(w)
+        out = torch.square(z).neg_().exp_()
+        gx = (grad * out).mul_(z).sum(-1).mul_(-2.0 * w)
+        return gx, None, None
 
 
 @register_basis("rbf")
@@ -170,6 +198,9 @@ class RBFBasis(Basis):
         return {"centers": self.n_basis, "lo": self.lo, "hi": self.hi, "norm": self.use_norm}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Gaussian.apply(self.norm(x), self.centers, self.inv_width)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
         z = (self.norm(x).unsqueeze(-1) - self.centers) * self.inv_width
         return torch.exp(-z * z)
 

@@ -110,7 +110,7 @@ class MaskedSource(EdgeSource):
         # One dense matmul over the active inputs only (random sparse kernels lose to dense
         # BLAS at these densities on CPU; measured by `python -m bench perf`).
         cols = self.active_inputs()
-        w = self.edge_tensor()[:, cols, :].reshape(self.out_features, -1)
+        w = self.inference_tensor()[:, cols, :].reshape(self.out_features, -1)
         return features[:, cols, :].reshape(features.shape[0], -1) @ w.t()
 
     def storage(self) -> list[StorageItem]:

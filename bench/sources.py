@@ -76,8 +76,22 @@ class EdgeSource(nn.Module):
 
     def contract(self, features: torch.Tensor) -> torch.Tensor:
         """``features[B, in, n+1] -> [B, out]`` (one matmul over the flattened edge tensor)."""
-        w = self.edge_tensor().reshape(self.out_features, -1)
+        w = self.inference_tensor().reshape(self.out_features, -1)
         return features.reshape(features.shape[0], -1) @ w.t()
+
+    def inference_tensor(self) -> torch.Tensor:
+        """``edge_tensor()``; without autograd (inference) a decompressed tensor is kept and reused
+        until one of the source's parameters or buffers changes (decompress once, as a deployed
+        model would at load time)."""
+        if torch.is_grad_enabled():
+            self._cache = None
+            return self.edge_tensor()
+        key = tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+        cache = getattr(self, "_cache", None)
+        if cache is None or cache[0] != key:
+            cache = (key, self.edge_tensor().detach())
+            self._cache = cache
+        return cache[1]
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -129,9 +143,9 @@ class CodebookSource(EdgeSource):
     """Shared edge vectors: ``centroids [K, n+1]`` (float32, trainable) and a frozen per-edge
     ``index [out, in]`` stored at ``ceil(log2 K)`` bits.
 
-    ``contract`` has a fast path: when ``K < out`` it computes ``P = features . centroids^T``
-    once (``[B, in, K]``) and gathers ``P[b, i, index[o, i]]`` summed over ``i``, instead of
-    rebuilding the full ``[out, in, n+1]`` tensor; both paths give the same output.
+    ``contract`` picks the cheaper of two paths by a cost estimate: rebuild the edge tensor
+    (``centroids[index]``) and do one matmul, or ``contract_gather`` (``P = features .
+    centroids^T`` once, then a gather-sum by index); both give the same output (tested).
     """
 
     def __init__(self, centroids: torch.Tensor, index: torch.Tensor):
@@ -153,19 +167,28 @@ class CodebookSource(EdgeSource):
         return [float_item("centroids", self.centroids),
                 StorageItem("index", self.index.numel(), b, f"uint{b}", self.index)]
 
+    # One gathered add costs about as much as this many BLAS multiply-adds on a CPU (measured
+    # with `python -m bench perf`: the embedding-bag sum is memory-bound, the matmul is not).
+    GATHER_COST = 32
+
     def use_fast_path(self) -> bool:
-        """Cost per sample: dense ``out*in*(n+1)`` MACs versus ``in*(n+1)*K`` plus ``in*out`` adds."""
+        """Cost per sample: dense ``out*in*(n+1)`` MACs (after an ``[out, in, n+1]`` gather of the
+        centroids, negligible per sample) versus ``in*(n+1)*K`` MACs plus ``in*out`` gathered adds."""
         n1 = self.edge_dim
-        return self.in_features * n1 * self.k + self.in_features * self.out_features < \
-            self.out_features * self.in_features * n1
+        gather_path = self.in_features * n1 * self.k + self.GATHER_COST * self.in_features * self.out_features
+        return gather_path < self.out_features * self.in_features * n1
 
     def contract(self, features: torch.Tensor) -> torch.Tensor:
-        if not self.use_fast_path():
-            return super().contract(features)
+        if self.use_fast_path():
+            return self.contract_gather(features)
+        return super().contract(features)
+
+    def contract_gather(self, features: torch.Tensor) -> torch.Tensor:
+        """``P = phi(x) . centroids^T`` once (``[B, in, K]``), then ``y[b, o] = sum_i P[b, i,
+        index[o, i]]`` as an embedding-bag sum over the rows of ``P^T``: never builds
+        ``[B, out, in]`` nor the full edge tensor."""
         b = features.shape[0]
-        p = (features @ self.centroids.t()).reshape(b, -1)  # P = phi(x) . centroids^T: [B, in*K]
-        # y[b, o] = sum_i P[b, i*K + index[o, i]]: an embedding-bag sum over the rows of P^T,
-        # never building [B, out, in].
+        p = (features @ self.centroids.t()).reshape(b, -1)  # [B, in*K]
         offsets = self.index + self.k * torch.arange(self.in_features, device=self.index.device)
         return F.embedding_bag(offsets, p.t().contiguous(), mode="sum").t()
 

@@ -85,3 +85,14 @@ def test_cubic_fast_path_matches_recursion_values_and_gradients(grid, lo, hi):
     inside = x.detach()[(x.detach() > lo + 1e-3) & (x.detach() < hi - 1e-3)][:4].reshape(2, 2).clone()
     small = make_basis("bspline", 2, grid=grid, order=3, lo=lo, hi=hi).double()
     assert torch.autograd.gradcheck(small, (inside.requires_grad_(),), eps=1e-6, atol=1e-5)
+
+
+def test_rbf_fast_path_matches_reference_values_and_gradients():
+    b = make_basis("rbf", 6).double()
+    x = torch.randn(7, 6, dtype=torch.double, requires_grad=True)
+    assert torch.allclose(b(x), b.reference(x))
+    g = torch.randn(7, 6, 8, dtype=torch.double)
+    fast = torch.autograd.grad(b(x), [x, *b.norm.parameters()], g)
+    ref = torch.autograd.grad(b.reference(x), [x, *b.norm.parameters()], g)
+    assert all(torch.allclose(a, r) for a, r in zip(fast, ref))
+    assert torch.autograd.gradcheck(b, (x[:2, :].detach().clone().requires_grad_(),))

@@ -93,7 +93,13 @@ def test_export_bitpacks_codebook_indices(tmp_path):
 
 def test_codebook_fast_path_equals_full_tensor_path():
     torch.manual_seed(0)
-    src = CodebookSource(torch.randn(4, 9), torch.randint(0, 4, (40, 6)))
-    assert src.use_fast_path()
-    f = torch.randn(5, 6, 9)
-    assert torch.allclose(src.contract(f), EdgeSource.contract(src, f), atol=1e-5)
+    src = CodebookSource(torch.randn(4, 9, dtype=torch.double), torch.randint(0, 4, (40, 6))).double()
+    f = torch.randn(5, 6, 9, dtype=torch.double, requires_grad=True)
+    assert torch.allclose(src.contract_gather(f), EdgeSource.contract(src, f))
+    g = torch.randn(5, 40, dtype=torch.double)
+    fast = torch.autograd.grad(src.contract_gather(f), (src.centroids, f), g)
+    dense = torch.autograd.grad(EdgeSource.contract(src, f), (src.centroids, f), g)
+    assert all(torch.allclose(a, b) for a, b in zip(fast, dense))
+    # the cost model: long edge vectors and a small codebook take the gather path; 9 values per edge never do
+    assert CodebookSource(torch.randn(2, 65), torch.randint(0, 2, (64, 6))).use_fast_path()  # 64 basis functions
+    assert not CodebookSource(torch.randn(16, 9), torch.randint(0, 16, (64, 784))).use_fast_path()
