@@ -11,8 +11,6 @@ biases and norms), selecting on validation. ``K=None`` means 16 for ``kan`` and 
 meta-learner's pre-shaping of the edge vectors buys.
 """
 
-from dataclasses import dataclass, field
-
 from bench import meta
 from bench.methods import Method, register_method
 
@@ -21,22 +19,7 @@ from bench.methods import Method, register_method
 class KMeansSharing(Method):
     """K-means codebook of the dense KAN's edge vectors + centroid fine-tune (MetaCluster ablation)."""
 
-    @dataclass
-    class Config:
-        K: int | None = field(default=None, metadata={
-            "min": 2, "max": 65536, "help": "codebook size; default (None) 16 for kan, 256 for convkan"})
-        scope: str = field(default="layer", metadata={"choices": ["layer", "global"],
-                                                       "help": "one codebook per layer or one for the model"})
-        n_init: int = field(default=4, metadata={"min": 1, "max": 100, "help": "K-means restarts"})
-        finetune_epochs: int | None = field(default=None, metadata={
-            "min": 0, "help": "centroid fine-tune epochs; default (None) the sweep's finetune budget"})
-        finetune_lr: float = field(default=1e-3, metadata={"help": "AdamW lr of the centroid fine-tune"})
-        tune_rest: bool = field(default=False, metadata={"help": "also fine-tune biases and norms"})
-
-        def validate(self):
-            meta.optional_int("K", self.K)
-            meta.optional_int("finetune_epochs", self.finetune_epochs)
-            meta.positive("finetune_lr", self.finetune_lr)
+    Config = meta.ClusterOptions
 
     grid = {"K": [4, 8, 16, 32, 64]}
     test_config = {"K": 4}

@@ -15,38 +15,27 @@ sweep's ``train.lr`` (``lr_scale`` groups), so every method trains at the same b
 """
 
 import math
-from dataclasses import dataclass, field
 
 from torch import nn
 
 from bench.kan import kan_layers
 from bench.methods import Method, register_method
-from bench.tucker import TuckerSource, check_rank_spec, model_speedup, requested_coef_ratio, tucker_param_groups
-
-RANKS_HELP = "Tucker ranks (out, in, basis): ints are absolute, floats in (0, 1] fractions of the mode"
+from bench.tucker import (
+    RANK_GRID,
+    TuckerOptions,
+    TuckerSource,
+    model_speedup,
+    requested_coef_ratio,
+    tucker_param_groups,
+)
 
 
 @register_method("slimkan")
 class SlimKAN(Method):
     """Slim KAN: every edge tensor in Tucker form (core + 3 factors), trained from scratch."""
 
-    @dataclass
-    class Config:
-        ranks: list[int | float] = field(default_factory=lambda: [0.5, 0.125, 0.5],
-                                         metadata={"min": 0, "help": RANKS_HELP})
-        lr_rule: str = field(default="balanced", metadata={"choices": ["balanced", "shared"],
-                                                           "help": "per-component learning rates"})
-        lr_core: float = field(default=1.0, metadata={"min": 0.0, "help": "lr multiplier for the core"})
-        lr_out: float = field(default=1.0, metadata={"min": 0.0, "help": "lr multiplier for U_out"})
-        lr_in: float = field(default=1.0, metadata={"min": 0.0, "help": "lr multiplier for U_in"})
-        lr_basis: float = field(default=1.0, metadata={"min": 0.0, "help": "lr multiplier for U_basis"})
-
-        def validate(self):
-            check_rank_spec(self.ranks)
-
-    # Same points as `tucker` ([784, 64, 10]: 2.3x to 28.5x on the edge tensors).
-    grid = {"ranks": [[0.5, 0.25, 0.67], [0.5, 0.125, 0.5], [0.25, 0.0625, 0.34], [0.25, 0.03, 0.34],
-                      [0.125, 0.024, 0.23]]}
+    Config = TuckerOptions
+    grid = {"ranks": RANK_GRID}  # the same points as `tucker`
     test_config = {"ranks": [0.5, 0.5, 0.5]}
     stage_fields = ("ranks", "lr_rule", "lr_core", "lr_out", "lr_in", "lr_basis")
 
@@ -67,8 +56,7 @@ class SlimKAN(Method):
 
     def param_groups(self, model: nn.Module) -> list[dict] | None:
         c = self.config
-        mult = {"core": c.lr_core, "u_out": c.lr_out, "u_in": c.lr_in, "u_basis": c.lr_basis}
-        groups = tucker_param_groups(model, 1.0, c.lr_rule, mult)  # rates relative to the sweep's train.lr
+        groups = tucker_param_groups(model, 1.0, c.lr_rule, c.multipliers())  # rates relative to the sweep's train.lr
         return [{"params": g["params"], "lr_scale": g["lr"]} for g in groups]
 
     def compress(self, model: nn.Module, ctx) -> None:

@@ -28,9 +28,14 @@ from torch import nn
 
 from bench.kan import kan_layers
 from bench.methods import Method, register_method
-from bench.tucker import TuckerSource, check_rank_spec, model_speedup, requested_coef_ratio, tucker_param_groups
-
-RANKS_HELP = "Tucker ranks (out, in, basis): ints are absolute, floats in (0, 1] fractions of the mode"
+from bench.tucker import (
+    RANK_GRID,
+    TuckerOptions,
+    TuckerSource,
+    model_speedup,
+    requested_coef_ratio,
+    tucker_param_groups,
+)
 
 
 @register_method("tucker")
@@ -38,33 +43,15 @@ class Tucker(Method):
     """Post-training Tucker decomposition of each edge tensor (tensorly HOOI), factors fine-tuned."""
 
     @dataclass
-    class Config:
-        ranks: list[int | float] = field(default_factory=lambda: [0.5, 0.125, 0.5],
-                                         metadata={"min": 0, "help": RANKS_HELP})
-        lr_rule: str = field(default="balanced", metadata={"choices": ["balanced", "shared"],
-                                                           "help": "per-component learning rates"})
-        lr_core: float = field(default=1.0, metadata={"min": 0.0, "help": "lr multiplier for the core"})
-        lr_out: float = field(default=1.0, metadata={"min": 0.0, "help": "lr multiplier for U_out"})
-        lr_in: float = field(default=1.0, metadata={"min": 0.0, "help": "lr multiplier for U_in"})
-        lr_basis: float = field(default=1.0, metadata={"min": 0.0, "help": "lr multiplier for U_basis"})
+    class Config(TuckerOptions):
         hooi_iters: int = field(default=100, metadata={"min": 1, "help": "max HOOI iterations"})
 
-        def validate(self):
-            check_rank_spec(self.ranks)
-
-    # [784, 64, 10] with 9-value edges: 2.3x, 4.8x, 10.6x, 21.1x, 28.5x on the edge tensors (no rank
-    # is redundant, so requested and achieved agree up to rounding).
-    grid = {"ranks": [[0.5, 0.25, 0.67], [0.5, 0.125, 0.5], [0.25, 0.0625, 0.34], [0.25, 0.03, 0.34],
-                      [0.125, 0.024, 0.23]]}
+    grid = {"ranks": RANK_GRID}
     test_config = {"ranks": [0.5, 0.5, 0.5]}
 
     def __init__(self, **hyperparameters):
         super().__init__(**hyperparameters)
         self._shapes: list[tuple[int, int, int]] = []
-
-    def multipliers(self) -> dict[str, float]:
-        c = self.config
-        return {"core": c.lr_core, "u_out": c.lr_out, "u_in": c.lr_in, "u_basis": c.lr_basis}
 
     def requested_ratio(self) -> float | None:
         return requested_coef_ratio(self._shapes, self.config.ranks)
@@ -80,7 +67,7 @@ class Tucker(Method):
             self._shapes.append(tuple(a.shape))
         ctx.info["tucker_ranks"] = {n: list(layer.source.ranks) for n, layer in kan_layers(model)}
         ctx.info["decomposition_rel_error"] = errors
-        groups = tucker_param_groups(model, ctx.trainer.lr, self.config.lr_rule, self.multipliers())
+        groups = tucker_param_groups(model, ctx.trainer.lr, self.config.lr_rule, self.config.multipliers())
         ctx.info["component_lrs"] = {g["name"]: g["lr"] for g in groups}
         ctx.finetune(model, param_groups=[{k: v for k, v in g.items() if k != "name"} for g in groups])
         ctx.info["theoretical_speedup"] = model_speedup(model, ctx.trainer.batch_size)
