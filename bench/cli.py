@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write LEADERBOARD.md and plots from a results folder")
     rep.add_argument("results", metavar="RESULTS_DIR")
     rep.add_argument("--out", metavar="DIR", help="where to write (default: RESULTS_DIR)")
+    rep.add_argument("--title", help="leaderboard title (default: named after RESULTS_DIR)")
     rep.add_argument("--tolerance", type=float, default=1.0, help="accuracy points from dense that count as "
                      "'no loss' (default 1.0)")
     rep.add_argument("--rmse-tolerance", type=float, default=0.05, help="relative RMSE tolerance (default 0.05)")
@@ -220,7 +221,8 @@ def cmd_report(args) -> int:
     from .report_cli import report_folder
 
     out = Path(args.out) if args.out else Path(args.results)
-    md = report_folder(Path(args.results), out, tolerance_acc=args.tolerance, tolerance_rmse_rel=args.rmse_tolerance)
+    md = report_folder(Path(args.results), out, tolerance_acc=args.tolerance, tolerance_rmse_rel=args.rmse_tolerance,
+                       title=args.title)
     print(f"leaderboard: {md}")
     return 0
 

@@ -65,7 +65,7 @@ def invocation_lines(results: Path) -> list[str]:
 
 
 def report_folder(results: Path, out: Path, command: str | None = None, tolerance_acc: float = 1.0,
-                  tolerance_rmse_rel: float = 0.05) -> Path:
+                  tolerance_rmse_rel: float = 0.05, title: str | None = None) -> Path:
     """LEADERBOARD.md of a results folder: the compression runs (``runs.parquet``) and, when the
     folder holds ``transfer.csv``, the LoTRA transfer section; a folder with only transfer results
     gets a report of that section alone."""
@@ -79,7 +79,7 @@ def report_folder(results: Path, out: Path, command: str | None = None, toleranc
                                      header_lines=provenance_lines(transfer, command))
     load_plugins()  # method defaults let the tables show only the non-default hyperparameters
     df = read_results(results)
-    title = f"KAN compression leaderboard: {results.name}"
+    title = title or f"KAN compression leaderboard: {results.name}"
     header = provenance_lines(df, command) + invocation_lines(results)
     return write_report(df, Path(out), title=title, tolerance_acc=tolerance_acc,
                         tolerance_rmse_rel=tolerance_rmse_rel, header_lines=header, transfer=transfer)

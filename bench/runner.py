@@ -217,7 +217,7 @@ def failed_row(spec: RunSpec, status: str, error: str) -> dict:
             "basis": spec.basis, "method": spec.method, "method_config": json.dumps(spec.method_config, sort_keys=True),
             "seed": spec.seed, "status": status, "error": error, "epochs": spec.train["epochs"],
             "finetune_epochs": spec.train["finetune_epochs"], "host": socket.gethostname(),
-            "torch_version": torch.__version__,
+            "torch_version": torch.__version__, "git_sha": git_sha(),
             "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
 
 
