@@ -51,10 +51,13 @@ def load_plugin_file(path: Path) -> None:
 
 def load_plugins(extra: list[str | Path] | tuple = ()) -> None:
     """Load the bundled plugin folders, then every extra file or folder given."""
+    missing = [str(d) for d in PLUGIN_DIRS if not d.is_dir()]
+    if missing:
+        raise UserError(f"bundled plugin folders not found ({', '.join(missing)}): the harness runs from a "
+                        "checkout; install it with `pip install -e .` from the repository root")
     for d in PLUGIN_DIRS:
-        if d.is_dir():
-            for f in _plugin_files(d):
-                load_plugin_file(f)
+        for f in _plugin_files(d):
+            load_plugin_file(f)
     for p in extra:
         p = Path(p)
         if not p.exists():

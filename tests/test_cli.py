@@ -109,3 +109,10 @@ def test_missing_offline_data_is_one_line(capsys, tmp_path, monkeypatch, dataset
     cfg.write_text(f'datasets = ["{dataset}"]\nmethods = ["dense"]\n[dataset.{dataset}]\ndownload = false\n')
     one_line_error(capsys, ["run", "--config", str(cfg), "--data-dir", str(tmp_path / "data"), "--out",
                             str(tmp_path / "out")], dataset, str(tmp_path / "data"))
+
+
+def test_non_editable_install_is_one_clear_line(capsys, monkeypatch, tmp_path):
+    import bench.registry as registry
+
+    monkeypatch.setattr(registry, "PLUGIN_DIRS", [tmp_path / "methods", tmp_path / "datasets"])
+    one_line_error(capsys, ["list"], "bundled plugin folders not found", "pip install -e .")
