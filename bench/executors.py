@@ -30,7 +30,6 @@ import os
 import shutil
 import socket
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,15 +91,11 @@ def _worker_env(out: str, data_dir: str, device: str, plugins: list[str], thread
     return _ENV_CACHE[key]
 
 
-def _error_text(exc: BaseException) -> str:
-    tb = traceback.format_exc(limit=3).strip().splitlines()
-    return f"{type(exc).__name__}: {exc} | {' / '.join(tb[-3:])}"
-
-
 def prepare_stage(spec: dict, own_model: bool, out: str, data_dir: str, device: str, plugins: list[str],
                   threads: int = 1) -> dict:
     """Phase 1 task: train (or find cached) the dense base, or the method's own stage-1 model."""
     from .methods import get_method_class
+    from .runner import error_text
     from .sweep import RunSpec
     from .train import Diverged
 
@@ -116,24 +111,21 @@ def prepare_stage(spec: dict, own_model: bool, out: str, data_dir: str, device: 
     except Diverged as exc:
         status, error = "diverged", str(exc)
     except Exception as exc:
-        status, error = "failed", _error_text(exc)
+        status, error = "failed", error_text(exc)
     return {"status": status, "error": error, "host": socket.gethostname(), "seconds": time.perf_counter() - t0}
 
 
 def execute_run(spec: dict, out: str, data_dir: str, device: str, plugins: list[str], threads: int = 1) -> dict:
     """Phase 2 task: one run, RunSpec (as a dict) in, results row out; errors become rows as in ``local``."""
-    from .runner import failed_row, run_one
+    from .runner import error_row, run_one
     from .sweep import RunSpec
-    from .train import Diverged
 
     run = RunSpec(**spec)
     try:
         env = _worker_env(out, data_dir, device, plugins, threads)
         return run_one(run, env)
-    except Diverged as exc:
-        return failed_row(run, "diverged", str(exc))
     except Exception as exc:
-        return failed_row(run, "failed", _error_text(exc))
+        return error_row(run, exc)
 
 
 # ---------------------------------------------------------------------------------------- planning

@@ -324,12 +324,6 @@ def generator_stage_key(config: dict) -> dict:
     return {"method": GENERATOR_STAGE, **{k: config[k] for k in GENERATOR_FIELDS}}
 
 
-def optional_int(name: str, value) -> None:
-    """UserError unless ``value`` is None or an int (``int | None`` options)."""
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-        raise UserError(f"{name} must be an integer or None, got {value!r}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Hyperparameters shared by the methods that use these mechanisms (metakan, metacluster, kmeans)
 # ---------------------------------------------------------------------------------------------

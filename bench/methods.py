@@ -29,7 +29,6 @@ budget; it swaps layer sources (:mod:`bench.sources`) and may fine-tune with ``c
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -99,9 +98,6 @@ class Method:
     # -- identity -------------------------------------------------------------------------
     def config_dict(self) -> dict:
         return to_dict(self.config)
-
-    def config_json(self) -> str:
-        return json.dumps(self.config_dict(), sort_keys=True)
 
     @classmethod
     def trains_own_model(cls) -> bool:

@@ -34,7 +34,7 @@ from torch import nn
 from .data import Splits
 from .errors import UserError
 from .kan import KAN, kan_layers
-from .train import Trainer, optimizer_state_bytes, recorder, tensor_bytes
+from .train import Trainer, recorder, step_bytes
 
 NOISE = 0.02  # repeat-to-repeat spread of the alternating timer here: a ratio within 2 % of its target meets it
 TRAIN_TARGETS = {"bspline": 2.0, "rbf": 2.0, "chebyshev": 2.5, "gram": 2.5}
@@ -123,10 +123,8 @@ def step_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torc
         loss.backward()
         opt.step()
         return int(torch.cuda.max_memory_allocated(device)), largest
-    held = tensor_bytes(saved)
     loss.backward()
-    params = list(model.parameters())
-    total = held + tensor_bytes(params) + tensor_bytes(p.grad for p in params) + optimizer_state_bytes(opt)
+    total = step_bytes(saved, opt)
     opt.step()
     return int(total), largest
 

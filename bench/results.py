@@ -79,21 +79,26 @@ def rows_to_frame(rows: list[dict]) -> pd.DataFrame:
     return df
 
 
+def read_json_rows(folder: Path) -> list[dict]:
+    """Every ``*.json`` row in ``folder`` (sorted by name; none if it does not exist)."""
+    if not folder.is_dir():
+        return []
+    out = []
+    for p in sorted(folder.glob("*.json")):
+        try:
+            out.append(json.loads(p.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue  # a torn file cannot happen with atomic writes, but never crash on one
+    return out
+
+
 class ResultsStore:
     def __init__(self, out_dir: str | Path):
         self.out = Path(out_dir)
         self.rows_dir = self.out / "rows"
 
     def rows(self) -> list[dict]:
-        if not self.rows_dir.is_dir():
-            return []
-        out = []
-        for p in sorted(self.rows_dir.glob("*.json")):
-            try:
-                out.append(json.loads(p.read_text()))
-            except (OSError, json.JSONDecodeError):
-                continue  # a torn file cannot happen with atomic writes, but never crash on one
-        return out
+        return read_json_rows(self.rows_dir)
 
     def finished_ids(self) -> set[str]:
         return {r["run_id"] for r in self.rows() if r.get("status") == "ok"}

@@ -138,6 +138,8 @@ class RunEnv:
         info = {"train_seconds": fit.seconds, "peak_memory_bytes": fit.peak_memory_bytes,
                 "optimizer_state_bytes": fit.optimizer_state_bytes, "params_trainable": trainable,
                 "best_epoch": fit.best_epoch, "best_val": fit.best_val, "history": fit.history}
+        if method is None:  # the dense control's test score, shared by every run compressing this base
+            info["test_metric"] = trainer.evaluate(model, "test")
         buf = io.BytesIO()
         torch.save({"state_dict": model.state_dict(), "info": info, "key": key}, buf)
         atomic_write_bytes(path, buf.getvalue())
@@ -163,7 +165,9 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
            "started_at": started, "python": platform.python_version()}
 
     base, base_info = env.trained(spec, ds, trainer)
-    row["dense_metric"] = trainer.evaluate(base, "test")
+    row["dense_metric"] = base_info.get("test_metric")
+    if row["dense_metric"] is None:  # a cache written before the score was kept in it
+        row["dense_metric"] = trainer.evaluate(base, "test")
     if method.trains_own_model():
         model, info = env.trained(spec, ds, trainer, method)
     else:
@@ -221,6 +225,22 @@ def failed_row(spec: RunSpec, status: str, error: str) -> dict:
             "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
 
 
+def error_text(exc: BaseException) -> str:
+    """One line for a failed run: a UserError's message alone (it says what to change), otherwise
+    the exception and the last lines of its traceback."""
+    if isinstance(exc, UserError):
+        return f"UserError: {exc}"
+    tb = traceback.format_exc(limit=3).strip().splitlines()
+    return f"{type(exc).__name__}: {exc} | {' / '.join(tb[-3:])}"
+
+
+def error_row(spec: RunSpec, exc: BaseException) -> dict:
+    """The results row of a run that raised: ``diverged`` for a non-finite loss, else ``failed``."""
+    if isinstance(exc, Diverged):
+        return failed_row(spec, "diverged", str(exc))
+    return failed_row(spec, "failed", error_text(exc))
+
+
 def check_data(sweep: Sweep, data_dir: Path) -> None:
     """Fail fast (UserError) if any dataset of the sweep cannot be had offline."""
     for name, opts in sweep.datasets.items():
@@ -251,15 +271,8 @@ def run_sweep(sweep: Sweep, out: str | Path, data_dir: str | Path, quiet: bool =
             bar.set_postfix_str(spec.label()[:80])
         try:
             row = run_one(spec, env)
-        except Diverged as exc:
-            row = failed_row(spec, "diverged", str(exc))
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except UserError as exc:  # e.g. a ratio this model cannot reach: the message says it all
-            row = failed_row(spec, "failed", f"UserError: {exc}")
         except Exception as exc:  # a failed run is recorded and the sweep goes on
-            tb = traceback.format_exc(limit=3).strip().splitlines()
-            row = failed_row(spec, "failed", f"{type(exc).__name__}: {exc} | {' / '.join(tb[-3:])}")
+            row = error_row(spec, exc)
         store.add(row)
         counts[row["status"]] = counts.get(row["status"], 0) + 1
         if bar is not None:

@@ -64,6 +64,14 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
     return tensor_bytes(v for st in opt.state.values() for v in st.values())
 
 
+def step_bytes(saved: list[torch.Tensor], opt: torch.optim.Optimizer) -> int:
+    """What a CPU training step holds after backward: the tensors autograd saved for it, the
+    optimised parameters, their gradients and the optimiser state."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    return (tensor_bytes(saved) + tensor_bytes(params) + tensor_bytes(p.grad for p in params)
+            + optimizer_state_bytes(opt))
+
+
 class Trainer:
     """Trains and scores models on one dataset's splits (already on ``device``)."""
 
@@ -174,9 +182,7 @@ class Trainer:
                 loss.backward()  # bfloat16 autocast (amp) needs no loss scaling
                 opt.step()
                 if measure:
-                    params = [p for grp in opt.param_groups for p in grp["params"]]
-                    cpu_peak = (tensor_bytes(saved) + tensor_bytes(params) + tensor_bytes(p.grad for p in params)
-                                + optimizer_state_bytes(opt))
+                    cpu_peak = step_bytes(saved, opt)
                     saved.clear()
                 total += loss.item() * xb.shape[0]
                 count += xb.shape[0]

@@ -57,7 +57,7 @@ from torch import nn
 from .data import Splits
 from .errors import UserError
 from .kan import KAN, kan_layers
-from .results import atomic_write_bytes
+from .results import atomic_write_bytes, read_json_rows
 from .sources import EdgeSource, StorageItem, float_item, register_source
 from .train import Diverged, Trainer
 from .tucker import MODES, TuckerSource, check_rank_spec, orthonormal, resolve_ranks
@@ -306,15 +306,7 @@ class TransferStore:
         self.rows_dir = self.out / ROWS_DIR
 
     def rows(self) -> list[dict]:
-        if not self.rows_dir.is_dir():
-            return []
-        out = []
-        for p in sorted(self.rows_dir.glob("*.json")):
-            try:
-                out.append(json.loads(p.read_text()))
-            except (OSError, json.JSONDecodeError):
-                continue
-        return out
+        return read_json_rows(self.rows_dir)
 
     def finished(self) -> dict[str, dict]:
         return {r["row_id"]: r for r in self.rows() if r.get("status") == "ok"}

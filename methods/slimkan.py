@@ -14,6 +14,7 @@ sweep's ``train.lr`` for every component (the paper's ablation). Rates are multi
 sweep's ``train.lr`` (``lr_scale`` groups), so every method trains at the same base rate.
 """
 
+import dataclasses
 import math
 
 from torch import nn
@@ -37,7 +38,7 @@ class SlimKAN(Method):
     Config = TuckerOptions
     grid = {"ranks": RANK_GRID}  # the same points as `tucker`
     test_config = {"ranks": [0.5, 0.5, 0.5]}
-    stage_fields = ("ranks", "lr_rule", "lr_core", "lr_out", "lr_in", "lr_basis")
+    stage_fields = tuple(f.name for f in dataclasses.fields(TuckerOptions))  # all of them shape the trained model
 
     def __init__(self, **hyperparameters):
         super().__init__(**hyperparameters)
