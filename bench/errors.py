@@ -16,3 +16,12 @@ def unknown(kind: str, name: object, valid) -> UserError:
     """The standard 'unknown X' error, listing what is valid."""
     choices = ", ".join(sorted(str(v) for v in valid)) or "(none registered)"
     return UserError(f"unknown {kind} {name!r}; valid: {choices}")
+
+
+class Infeasible(Exception):
+    """A configuration that cannot be met on this model (a pruning budget below the smallest
+    connected model, a codebook larger than the edges it clusters, a Tucker rank above its mode).
+
+    Not a user mistake in the sweep file's syntax and not a failure: the runner records the run
+    with ``status = "infeasible"`` and this message as the reason, and a rerun does not retry it.
+    """
