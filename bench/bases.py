@@ -77,7 +77,7 @@ class BSplineBasis(Basis):
         self.grid_size, self.order, self.lo, self.hi = grid, order, float(lo), float(hi)
         h = (hi - lo) / grid
         knots = lo + h * torch.arange(-order, grid + order + 1, dtype=torch.float32)
-        self.register_buffer("knots", knots)  # [G + 2k + 1], kept by a deployed model
+        self.register_buffer("knots", knots, persistent=False)  # [G + 2k + 1], derived from the config
         self.n_basis = grid + order
 
     def config(self) -> dict:
@@ -189,7 +189,7 @@ class RBFBasis(Basis):
         if norm == "auto":
             norm = in_features >= 4
         self.lo, self.hi, self.use_norm = float(lo), float(hi), bool(norm)
-        self.register_buffer("centers", torch.linspace(lo, hi, centers))
+        self.register_buffer("centers", torch.linspace(lo, hi, centers), persistent=False)  # from the config
         self.inv_width = (centers - 1) / (hi - lo)
         self.norm = nn.LayerNorm(in_features) if norm else nn.Identity()
         self.n_basis = centers

@@ -151,7 +151,9 @@ def cmd_run(args) -> int:
                                    options=options)
     took = time.perf_counter() - t0
     print(f"done in {took:.0f}s: {counts['ok']} ok, {counts['failed']} failed, {counts['diverged']} diverged, "
-          f"{counts['skipped_finished']} already finished -> {out / 'runs.parquet'}")
+          + (f"{counts['infeasible']} infeasible, " if counts.get("infeasible") else "")
+          + f"{counts['skipped_finished']} already finished "
+          f"-> {out / 'runs.parquet'}")
     command = "python -m bench " + " ".join(sys.argv[1:])
     log_invocation(out, command, took, counts, args.executor)
     if not args.no_report:

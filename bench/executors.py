@@ -106,7 +106,9 @@ def prepare_stage(spec: dict, own_model: bool, out: str, data_dir: str, device: 
         ds, splits = env.splits(run)
         trainer = env.trainer(run, ds, splits)
         method = get_method_class(run.method)(**run.method_config) if own_model else None
-        env.trained(run, ds, trainer, method)
+        model, _ = env.trained(run, ds, trainer, method)
+        if method is None:  # the base's fine-tuned control, which every run of this base reads
+            env.control(run, trainer, model)
         status, error = "ok", None
     except Diverged as exc:
         status, error = "diverged", str(exc)
@@ -172,7 +174,7 @@ class _Progress:
 
     def __init__(self, total: int, quiet: bool, log):
         self.quiet, self.log = quiet, log
-        self.counts = {"ok": 0, "failed": 0, "diverged": 0}
+        self.counts = {"ok": 0, "failed": 0, "diverged": 0, "infeasible": 0}
         self.running = self.preparing = 0  # submitted and not yet returned
         self.slots = None  # how many tasks can execute at once, where known (Ray); the rest are queued
         self.bar = None
@@ -198,7 +200,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(1)
             self.show()
-        elif row["status"] != "ok" and not self.quiet:
+        elif row["status"] not in ("ok", "infeasible") and not self.quiet:
             self.log(f"run {label} {row['status']}: {row['error']}")
 
     def close(self) -> None:

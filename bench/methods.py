@@ -63,22 +63,37 @@ class CompressContext:
     finetune_epochs: int
     seed: int
     device: Any
+    finetune_lr: float = 1e-4  # the shared rule: the sweep's finetune_lr_scale * lr
     info: dict = dataclasses.field(default_factory=dict)  # the method may record extra results here
+    finetunes: list = dataclasses.field(default_factory=list)  # FitResult of every ctx.finetune call
 
     @property
     def splits(self):
         return self.trainer.splits
 
+    @property
+    def finetune_scale(self) -> float:
+        """The shared rule's fine-tune rate as a fraction of the training rate (``finetune_lr_scale``):
+        methods with their own training rates (MetaKAN's embeddings) scale those by it."""
+        return self.finetune_lr / self.trainer.lr if self.trainer.lr else 1.0
+
     def finetune(self, model: nn.Module, param_groups: list[dict] | None = None, epochs: int | None = None,
                  lr: float | None = None, desc: str = "finetune"):
-        """Fine-tune with the shared budget (``finetune_epochs`` unless given), selecting the
-        best epoch on validation (epoch 0, no fine-tuning, is a candidate)."""
+        """Fine-tune with the shared budget: up to ``finetune_epochs`` (unless ``epochs`` is given)
+        at peak rate ``finetune_lr`` (unless ``lr`` is given; groups may carry ``lr_scale``
+        multiples of it) under the sweep's schedule and patience, selecting the best epoch on
+        validation (epoch 0, no fine-tuning, is a candidate: ``best_epoch == 0`` means the
+        fine-tune changed nothing, and the row says so)."""
         epochs = self.finetune_epochs if epochs is None else epochs
-        result = self.trainer.fit(model, epochs, param_groups=param_groups, lr=lr, desc=desc)
-        self.info.setdefault("finetune_seconds", 0.0)
-        self.info["finetune_seconds"] += result.seconds
-        self.info["peak_memory_bytes"] = max(self.info.get("peak_memory_bytes", 0), result.peak_memory_bytes)
+        result = self.trainer.fit(model, epochs, param_groups=param_groups, lr=lr or self.finetune_lr, desc=desc)
+        self.finetunes.append(result)
         return result
+
+
+def control_finetune(model: nn.Module, ctx: CompressContext):
+    """The ``dense_ft`` control: every trainable parameter fine-tuned with the shared budget. The runner
+    applies it once per base model (cached); ``methods/dense_ft.py`` is the same call as a method."""
+    return ctx.finetune(model, desc="dense_ft control")
 
 
 class Method:

@@ -2,8 +2,8 @@
 
 Each finished run is written as ``<out>/rows/<run_id>.json`` (atomic: temp file, then rename),
 then ``<out>/runs.parquet`` and ``<out>/runs.csv`` are rebuilt from all rows (also atomically).
-A kill at any moment loses only the run in flight; a rerun skips every ``ok`` row and retries
-failed or diverged ones.
+A kill at any moment loses only the run in flight; a rerun skips every ``ok`` and ``infeasible``
+row (a setting the model cannot meet stays infeasible) and retries failed or diverged ones.
 """
 
 from __future__ import annotations
@@ -19,19 +19,28 @@ import pandas as pd
 # Column order of runs.parquet / runs.csv. Numbers are numeric; method_config is JSON text.
 COLUMNS = [
     "run_id", "sweep", "dataset", "task", "model", "arch", "basis", "method", "method_config",
-    "seed", "status", "error", "metric_name", "metric", "dense_metric", "metric_delta",
-    "val_metric", "params_total", "params_trainable", "optimizer_state_bytes", "stored_bits", "dense_bits",
+    "seed", "status", "error", "metric_name", "metric", "val_metric", "control_metric", "control_val_metric",
+    "metric_delta", "dense_metric", "dense_val_metric", "dense_delta", "best_epoch", "epochs_run",
+    "finetune_best_epoch", "finetune_epochs_run", "finetune_lr", "params_total", "params_trainable", "optimizer_state_bytes", "stored_bits", "dense_bits",
     "compression_ratio", "coef_stored_bits", "coef_dense_bits", "coef_compression_ratio",
-    "requested_ratio", "theoretical_speedup", "file_bytes", "epochs", "finetune_epochs",
+    "requested_ratio", "theoretical_speedup", "file_bytes", "header_bytes", "dense_file_bytes",
+    "file_compression_ratio", "epochs", "finetune_epochs", "lr", "batch_size", "finetune_lr_scale", "schedule",
+    "patience", "weight_decay", "threads",
     "train_seconds", "compress_seconds", "peak_memory_bytes", "peak_memory_kind", "device",
     "host", "torch_version", "git_sha", "started_at", "finished_at",
 ]
 NUMERIC = {
-    "seed", "metric", "dense_metric", "metric_delta", "val_metric", "params_total", "params_trainable",
+    "seed", "metric", "dense_metric", "metric_delta", "val_metric", "control_metric", "control_val_metric",
+    "dense_val_metric", "dense_delta", "best_epoch", "epochs_run", "finetune_best_epoch", "finetune_epochs_run",
+    "finetune_lr", "header_bytes", "dense_file_bytes", "file_compression_ratio", "lr", "batch_size",
+    "finetune_lr_scale", "patience", "weight_decay", "threads", "params_total", "params_trainable",
     "optimizer_state_bytes", "stored_bits", "dense_bits", "compression_ratio", "coef_stored_bits",
     "coef_dense_bits", "coef_compression_ratio", "requested_ratio", "theoretical_speedup", "file_bytes",
     "epochs", "finetune_epochs", "train_seconds", "compress_seconds", "peak_memory_bytes",
 }
+
+
+FINISHED = ("ok", "infeasible")  # statuses a rerun does not retry
 
 
 def _umask() -> int:
@@ -101,7 +110,7 @@ class ResultsStore:
         return read_json_rows(self.rows_dir)
 
     def finished_ids(self) -> set[str]:
-        return {r["run_id"] for r in self.rows() if r.get("status") == "ok"}
+        return {r["run_id"] for r in self.rows() if r.get("status") in FINISHED}
 
     def add(self, row: dict) -> None:
         row = {k: _clean(v) for k, v in row.items()}

@@ -29,10 +29,10 @@ import torch
 
 from . import models as model_specs
 from .data import Splits, get_dataset
-from .errors import UserError
-from .methods import CompressContext, get_method_class
+from .errors import Infeasible, UserError
+from .methods import CompressContext, control_finetune, get_method_class
 from .results import ResultsStore, atomic_write_bytes
-from .storage import count_params, export_model, load_model, storage_report
+from .storage import count_params, export_model, header_bytes, load_model, storage_report
 from .sweep import RunSpec, Sweep
 from .train import Diverged, Trainer
 
@@ -97,7 +97,17 @@ class RunEnv:
         return Trainer(splits, ds.task, self.device, batch_size=t["batch_size"], lr=t["lr"],
                        weight_decay=t["weight_decay"], seed=derive_seed(spec.seed, spec.dataset, spec.model,
                                                                          spec.basis, "shuffle"),
-                       progress=self.progress, amp=t.get("amp", False))
+                       progress=self.progress, amp=t.get("amp", False), schedule=t.get("schedule", "constant"),
+                       patience=t.get("patience", 0))
+
+    @staticmethod
+    def context(spec: RunSpec, trainer: Trainer, device) -> CompressContext:
+        """The compress context of this spec: the shared fine-tune budget and the run's compress seed
+        (derived without the method, so the control and every method fine-tune alike)."""
+        t = spec.train
+        return CompressContext(trainer=trainer, finetune_epochs=t["finetune_epochs"],
+                               seed=derive_seed(spec.seed, spec.dataset, spec.model, spec.basis, "compress"),
+                               device=device, finetune_lr=t["lr"] * t.get("finetune_lr_scale", 1.0))
 
     # ------------------------------------------------------------------ models
     def fresh_model(self, spec: RunSpec, ds):
@@ -111,7 +121,7 @@ class RunEnv:
         the dense base (``method`` None) or the method's own trained form."""
         stage = method.stage_key() if method is not None else {"method": "dense"}
         key = {k: v for k, v in spec.identity().items() if k not in ("method", "method_config")}
-        key["train"] = {k: v for k, v in spec.train.items() if k != "finetune_epochs"}
+        key["train"] = {k: v for k, v in spec.train.items() if k not in FINETUNE_KEYS}
         if method is not None and method.train_epochs() is not None:
             key["train"]["epochs"] = method.train_epochs()
         key["stage"] = stage
@@ -137,13 +147,49 @@ class RunEnv:
                           desc=f"{stage['method']} {spec.dataset}/{spec.basis}")
         info = {"train_seconds": fit.seconds, "peak_memory_bytes": fit.peak_memory_bytes,
                 "optimizer_state_bytes": fit.optimizer_state_bytes, "params_trainable": trainable,
-                "best_epoch": fit.best_epoch, "best_val": fit.best_val, "history": fit.history}
-        if method is None:  # the dense control's test score, shared by every run compressing this base
+                "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run, "best_val": fit.best_val,
+                "history": fit.history}
+        if method is None:  # the dense base's scores and file size, shared by every run compressing it
             info["test_metric"] = trainer.evaluate(model, "test")
+            info["file_bytes"] = export_model(copy.deepcopy(model).cpu(), path.with_suffix(".kanb"))
         buf = io.BytesIO()
         torch.save({"state_dict": model.state_dict(), "info": info, "key": key}, buf)
         atomic_write_bytes(path, buf.getvalue())
         return model, info
+
+    @classmethod
+    def control_key(cls, spec: RunSpec) -> tuple[dict, str]:
+        """(key, file name under ``<out>/cache/``) of the fine-tuned control of this spec's base."""
+        key, _ = cls.cache_key(spec)
+        key["finetune"] = {k: spec.train.get(k) for k in FINETUNE_KEYS}
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return key, f"dense_ft-{digest}.pt"
+
+    def control(self, spec: RunSpec, trainer: Trainer, base) -> tuple[object, dict]:
+        """The ``dense_ft`` control of this spec's base: ``base`` fine-tuned with the shared budget
+        (:func:`bench.methods.control_finetune`), cached, with its validation and test scores."""
+        key, name = self.control_key(spec)
+        path = self.out / "cache" / name
+        model = copy.deepcopy(base)
+        if path.exists():
+            blob = torch.load(path, map_location=self.device, weights_only=False)
+            model.load_state_dict(blob["state_dict"])
+            return model, blob["info"]
+        ctx = self.context(spec, trainer, self.device)
+        seed_everything(ctx.seed)
+        fit = control_finetune(model, ctx)
+        model.eval()
+        info = {"val_metric": trainer.evaluate(model, "val"), "test_metric": trainer.evaluate(model, "test"),
+                "finetune_best_epoch": fit.best_epoch, "finetune_epochs_run": fit.epochs_run,
+                "finetune_lr": fit.lr, "finetune_seconds": fit.seconds, "peak_memory_bytes": fit.peak_memory_bytes}
+        buf = io.BytesIO()
+        torch.save({"state_dict": model.state_dict(), "info": info, "key": key}, buf)
+        atomic_write_bytes(path, buf.getvalue())
+        return model, info
+
+
+FINETUNE_KEYS = ("finetune_epochs", "finetune_lr_scale")  # budget keys that do not change a trained stage
+BUDGET_COLUMNS = ("lr", "batch_size", "finetune_lr_scale", "schedule", "patience", "weight_decay", "threads")
 
 
 def _metric_is_bad(x: float) -> bool:
@@ -151,8 +197,13 @@ def _metric_is_bad(x: float) -> bool:
 
 
 def run_one(spec: RunSpec, env: RunEnv) -> dict:
-    """Execute one run and return its results row (status ok | diverged; exceptions propagate)."""
+    """Execute one run and return its results row (status ok | diverged; exceptions propagate).
+
+    Every row carries its base model's scores (``dense_*``), the ``dense_ft`` control's scores
+    (``control_*``) and its own; ``metric_delta`` is against the control, ``dense_delta`` against
+    the un-fine-tuned base."""
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    torch.set_num_threads(int(spec.train.get("threads", torch.get_num_threads())))
     method = get_method_class(spec.method)(**spec.method_config)
     ds, splits = env.splits(spec)
     trainer = env.trainer(spec, ds, splits)
@@ -162,13 +213,22 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
            "metric_name": trainer.metric_name, "epochs": spec.train["epochs"],
            "finetune_epochs": spec.train["finetune_epochs"], "device": str(env.device),
            "host": socket.gethostname(), "torch_version": torch.__version__, "git_sha": env.sha,
-           "started_at": started, "python": platform.python_version()}
+           "started_at": started, "python": platform.python_version(), "threads": torch.get_num_threads(),
+           **{k: spec.train.get(k) for k in BUDGET_COLUMNS if k != "threads"}}
 
     base, base_info = env.trained(spec, ds, trainer)
     row["dense_metric"] = base_info.get("test_metric")
     if row["dense_metric"] is None:  # a cache written before the score was kept in it
         row["dense_metric"] = trainer.evaluate(base, "test")
-    if method.trains_own_model():
+    row["dense_val_metric"] = base_info["best_val"]
+    dense_file_bytes = base_info.get("file_bytes") or export_model(copy.deepcopy(base).cpu(),
+                                                                   env.out / "cache" / "dense-reference.kanb")
+    control, control_info = env.control(spec, trainer, base)
+    row["control_metric"], row["control_val_metric"] = control_info["test_metric"], control_info["val_metric"]
+    is_control = getattr(method, "is_control", False)
+    if is_control:  # the dense_ft row is the cached control itself (same model as the control_* columns)
+        model, info = control, base_info
+    elif method.trains_own_model():
         model, info = env.trained(spec, ds, trainer, method)
     else:
         model, info = copy.deepcopy(base), base_info
@@ -177,22 +237,30 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
     if method.trains_own_model() and method.train_epochs() is not None:
         row["epochs"] = method.train_epochs()
     row.update(train_seconds=info["train_seconds"], params_trainable=info["params_trainable"],
-               optimizer_state_bytes=info["optimizer_state_bytes"])
+               optimizer_state_bytes=info["optimizer_state_bytes"], best_epoch=info.get("best_epoch"),
+               epochs_run=info.get("epochs_run"))
 
-    ctx = CompressContext(trainer=trainer, finetune_epochs=spec.train["finetune_epochs"],
-                          seed=derive_seed(spec.seed, spec.dataset, spec.model, spec.basis, "compress"),
-                          device=env.device)
+    ctx = env.context(spec, trainer, env.device)
     t0 = time.perf_counter()
-    seed_everything(ctx.seed)
-    method.compress(model, ctx)
+    if is_control:
+        finetunes = [control_info]
+    else:
+        seed_everything(ctx.seed)
+        method.compress(model, ctx)
+        finetunes = [{"finetune_best_epoch": f.best_epoch, "finetune_epochs_run": f.epochs_run, "finetune_lr": f.lr,
+                      "peak_memory_bytes": f.peak_memory_bytes} for f in ctx.finetunes]
     row["compress_seconds"] = time.perf_counter() - t0
-    row["peak_memory_bytes"] = max(info["peak_memory_bytes"], ctx.info.pop("peak_memory_bytes", 0))
+    last = finetunes[-1] if finetunes else {}
+    row.update(finetune_best_epoch=last.get("finetune_best_epoch"), finetune_epochs_run=last.get("finetune_epochs_run"),
+               finetune_lr=last.get("finetune_lr"))
+    row["peak_memory_bytes"] = max([info["peak_memory_bytes"]] + [f["peak_memory_bytes"] for f in finetunes])
     row["peak_memory_kind"] = "cuda_max_allocated" if env.device.type == "cuda" else "step_tensors"
     model.eval()
 
     row["val_metric"] = trainer.evaluate(model, "val")
     row["metric"] = trainer.evaluate(model, "test")  # the one test evaluation of this run
-    row["metric_delta"] = row["metric"] - row["dense_metric"]
+    row["metric_delta"] = row["metric"] - row["control_metric"]
+    row["dense_delta"] = row["metric"] - row["dense_metric"]
 
     rep = storage_report(model)
     row.update(stored_bits=rep.stored_bits, dense_bits=dense_ref.dense_bits,
@@ -204,11 +272,13 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
                theoretical_speedup=ctx.info.pop("theoretical_speedup", 1.0))
     path = env.out / "models" / f"{spec.run_id}.kanb"
     row["file_bytes"] = export_model(model.cpu(), path)
+    row["header_bytes"] = header_bytes(path)
+    row["dense_file_bytes"] = dense_file_bytes
+    row["file_compression_ratio"] = dense_file_bytes / row["file_bytes"]
     reloaded = load_model(path)
     x_check = splits.x_test[:256].cpu()
     with torch.no_grad():
         row["reload_max_abs_diff"] = float((reloaded(x_check) - model(x_check)).abs().max())
-    ctx.info.pop("finetune_seconds", None)
     row["info"] = json.dumps(ctx.info, sort_keys=True, default=str)
     row["status"] = "diverged" if _metric_is_bad(row["metric"]) else "ok"
     row["error"] = "non-finite test metric" if row["status"] == "diverged" else None
@@ -235,9 +305,12 @@ def error_text(exc: BaseException) -> str:
 
 
 def error_row(spec: RunSpec, exc: BaseException) -> dict:
-    """The results row of a run that raised: ``diverged`` for a non-finite loss, else ``failed``."""
+    """The results row of a run that raised: ``diverged`` for a non-finite loss, ``infeasible`` for a
+    setting the model cannot meet (:class:`bench.errors.Infeasible`), else ``failed``."""
     if isinstance(exc, Diverged):
         return failed_row(spec, "diverged", str(exc))
+    if isinstance(exc, Infeasible):
+        return failed_row(spec, "infeasible", str(exc))
     return failed_row(spec, "failed", error_text(exc))
 
 
@@ -255,7 +328,8 @@ def run_sweep(sweep: Sweep, out: str | Path, data_dir: str | Path, quiet: bool =
     env = RunEnv(out, data_dir, device or sweep.device, progress=not quiet)
     done = store.finished_ids()
     todo = [r for r in sweep.runs if r.run_id not in done]
-    counts = {"ok": 0, "failed": 0, "diverged": 0, "skipped_finished": len(sweep.runs) - len(todo)}
+    counts = {"ok": 0, "failed": 0, "diverged": 0, "infeasible": 0,
+              "skipped_finished": len(sweep.runs) - len(todo)}
     if sweep.skipped and not quiet:
         log(f"skipping incompatible dataset/model pairs: {', '.join(sweep.skipped)}")
     if not quiet:

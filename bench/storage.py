@@ -5,9 +5,12 @@ Definitions (what every number in the results means):
 - ``stored_bits``: every tensor a deployed model must keep, at its stored width. Each KAN
   layer's edges count as its source's ``storage()`` says (a codebook counts its float32
   centroids plus ``ceil(log2 K)`` bits per index; a quantised source counts its integers and
-  scales). Every other parameter and persistent buffer (biases, LayerNorm weights, B-spline
-  knots) counts at its own dtype. Non-persistent buffers are derived from the config and are
-  not stored.
+  scales). Every other parameter and persistent buffer (biases, LayerNorm weights, batch-norm
+  statistics) counts at its own dtype. What a deployed model derives from its config (uniform
+  B-spline knots, RBF centres: non-persistent buffers) is neither stored nor counted; the config
+  is in the file's header.
+- ``header_bytes``: the file's own overhead (magic, header length, compressed JSON header),
+  reported beside the counted bits; ``file_bytes = header_bytes + sum(ceil(bits / 8))``.
 - ``dense_bits``: the same architecture with every edge tensor and every other tensor at
   float32, i.e. the uncompressed KAN.
 - ``compression_ratio = dense_bits / stored_bits`` (whole model);
@@ -181,6 +184,17 @@ def export_model(model: nn.Module, path: str | Path) -> int:
         for b in blobs:
             fh.write(b)
     return path.stat().st_size
+
+
+def header_bytes(path: str | Path) -> int:
+    """Bytes of an exported file that are not counted tensors: the magic line, the header length
+    and the compressed JSON header (architecture, source types and configs, tensor table)."""
+    with open(path, "rb") as fh:
+        head = fh.read(len(MAGIC) + 4)
+    if not head.startswith(MAGIC):
+        raise ValueError(f"{path} is not an exported KAN model file")
+    (hlen,) = struct.unpack_from("<I", head, len(MAGIC))
+    return len(MAGIC) + 4 + hlen
 
 
 def load_model(path: str | Path) -> nn.Module:

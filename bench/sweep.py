@@ -60,11 +60,28 @@ TOP_KEYS = {"name", "description", "datasets", "models", "bases", "methods", "se
 
 @dataclass
 class TrainBudget:
-    epochs: int = field(default=20, metadata={"min": 0})
+    """The budget every method gets (the comparison protocol).
+
+    Every model is trained for up to ``epochs`` at peak rate ``lr`` under ``schedule`` with early
+    stopping after ``patience`` epochs without a better validation score, then fine-tuned for up
+    to ``finetune_epochs`` at ``finetune_lr_scale * lr`` under the same schedule and patience: the
+    ``dense_ft`` control, every post-training method and every method that trains its own model
+    (MetaKAN, Slim-KAN) alike. A method may override its fine-tune rate (recorded in the row).
+    ``threads`` pins torch's CPU threads, so a run gives the same numbers under every executor.
+    """
+
+    epochs: int = field(default=20, metadata={"min": 1})
     finetune_epochs: int = field(default=2, metadata={"min": 0})
     batch_size: int = field(default=64, metadata={"min": 1})
     lr: float = field(default=1e-3, metadata={"min": 0.0})
+    finetune_lr_scale: float = field(default=0.1, metadata={
+        "min": 0.0, "max": 1.0, "help": "fine-tune peak lr as a fraction of lr (one rule for every method)"})
+    schedule: str = field(default="cosine", metadata={"choices": ["cosine", "constant"],
+                                                      "help": "learning-rate schedule of training and fine-tune"})
+    patience: int = field(default=5, metadata={
+        "min": 0, "help": "stop after this many epochs without a better validation score (0: never)"})
     weight_decay: float = field(default=0.0, metadata={"min": 0.0})
+    threads: int = field(default=2, metadata={"min": 1, "help": "torch CPU threads per run (pinned)"})
     amp: bool = field(default=False, metadata={"help": "bfloat16 autocast on CUDA (ignored on CPU)"})
 
 

@@ -1,8 +1,14 @@
 """Training and evaluation: one loop for base training, from-scratch methods and fine-tuning.
 
 - Mini-batch AdamW over tensors already on the device (the datasets here fit in memory).
+- The learning rate follows a schedule over the planned epochs: ``cosine`` (default; per step,
+  from the initial rate down to 0 at the last planned step, every optimiser group scaled alike)
+  or ``constant``. A constant rate at the rates these KANs train well at swings validation
+  accuracy by ~2 points between epochs; the cosine decay lets the model settle.
 - After every epoch the model is scored on the **validation** split; the best epoch's weights
-  are restored at the end (model selection never looks at the test split).
+  are restored at the end (model selection never looks at the test split). With ``patience``
+  > 0, training stops early once validation has not improved for that many epochs (the
+  result records the epochs actually run).
 - A non-finite loss raises :class:`Diverged`; the runner records the run as ``diverged``.
 - Peak training memory: on CUDA, ``torch.cuda.max_memory_allocated``; on CPU, the bytes a
   training step holds (parameters, gradients, optimiser state and the activations autograd
@@ -27,9 +33,14 @@ class Diverged(RuntimeError):
     """Training produced a non-finite loss."""
 
 
+SCHEDULES = ("cosine", "constant")
+
+
 @dataclass
 class FitResult:
-    best_epoch: int = 0
+    best_epoch: int = 0  # 0: the starting model was kept (training changed nothing)
+    epochs_run: int = 0
+    lr: float = float("nan")  # the initial (peak) learning rate of the default group
     best_val: float = float("nan")
     seconds: float = 0.0
     peak_memory_bytes: int = 0
@@ -77,10 +88,13 @@ class Trainer:
 
     def __init__(self, splits: Splits, task: str, device: torch.device | str = "cpu", batch_size: int = 128,
                  lr: float = 1e-3, weight_decay: float = 0.0, seed: int = 0, progress: bool = False,
-                 amp: bool = False):
+                 amp: bool = False, schedule: str = "cosine", patience: int = 0):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
         self.splits, self.task, self.device = splits, task, torch.device(device)
         self.batch_size, self.lr, self.weight_decay, self.seed = batch_size, lr, weight_decay, seed
         self.progress, self.amp = progress, amp and self.device.type == "cuda"
+        self.schedule, self.patience = schedule, patience
 
     # ------------------------------------------------------------------ metrics
     @property
@@ -129,13 +143,15 @@ class Trainer:
     # ------------------------------------------------------------------ training
     def fit(self, model: nn.Module, epochs: int, param_groups: list[dict] | None = None,
             lr: float | None = None, desc: str = "train") -> FitResult:
-        """Train for ``epochs``; restore the best-validation weights; return what happened.
+        """Train for up to ``epochs`` under the trainer's schedule and patience; restore the
+        best-validation weights (epoch 0, the starting model, is a candidate); return what happened.
 
-        ``param_groups`` (AdamW groups, each may carry its own ``lr`` or an ``lr_scale`` multiplying
-        the run's rate) defaults to every parameter with ``requires_grad``. ``epochs == 0`` only scores the model.
+        ``lr`` (default: the trainer's) is the peak rate; ``param_groups`` (AdamW groups, each may
+        carry its own ``lr`` or an ``lr_scale`` multiplying ``lr``) default to every parameter with
+        ``requires_grad``. ``epochs == 0`` only scores the model.
         """
         model.to(self.device).train()
-        result = FitResult()
+        result = FitResult(lr=lr or self.lr)
         start = time.perf_counter()
         if param_groups is None:
             param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
@@ -151,6 +167,12 @@ class Trainer:
         opt = torch.optim.AdamW(param_groups, lr=lr or self.lr, weight_decay=self.weight_decay)
         x, y = self.splits.x_train, self.splits.y_train
         n = x.shape[0]
+        total_steps = epochs * math.ceil(n / self.batch_size)
+        if self.schedule == "cosine":
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+        else:
+            sched = None
         g = torch.Generator().manual_seed(self.seed)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -181,6 +203,8 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()  # bfloat16 autocast (amp) needs no loss scaling
                 opt.step()
+                if sched is not None:
+                    sched.step()
                 if measure:
                     cpu_peak = step_bytes(saved, opt)
                     saved.clear()
@@ -191,9 +215,12 @@ class Trainer:
             if self.better(val, result.best_val) or result.best_epoch == 0 and val == result.best_val:
                 result.best_val, result.best_epoch = val, epoch
                 best_state = copy.deepcopy(model.state_dict())
+            result.epochs_run = epoch
             if bar is not None:
                 bar.set_postfix(loss=f"{total / max(count, 1):.4f}", val=f"{val:.4g}")
                 bar.update(1)
+            if self.patience > 0 and epoch - result.best_epoch >= self.patience:
+                break  # validation has not improved for `patience` epochs
         if bar is not None:
             bar.close()
         model.load_state_dict(best_state)

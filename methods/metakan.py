@@ -6,6 +6,10 @@ Linear(h, n_basis + 1)`` generates its edge vector (one learner per layer, or on
 layers with ``shared=true``). The model trains from scratch end to end with two AdamW groups:
 embeddings at ``emb_lr`` and meta-learners at ``meta_lr`` (biases and norms at the sweep's lr).
 
+After stage 1 (the sweep's ``epochs``) the generated model is fine-tuned end to end with the
+shared fine-tune budget (``finetune_epochs`` at ``finetune_lr_scale`` times each group's
+training rate, best epoch on validation), so it trains for as long as the ``dense_ft`` control.
+
 The deployed model stores the embeddings and the meta-learner(s), float32 (a shared learner
 once). The results row's ``params_trainable`` / ``optimizer_state_bytes`` / ``peak_memory_bytes``
 come from training this re-parameterised model, since fewer trainable parameters is MetaKAN's
@@ -31,6 +35,9 @@ class MetaKAN(meta.GeneratorStage, Method):
 
     def compress(self, model, ctx):
         c = self.config
+        ctx.finetune(model, meta.generator_param_groups(model, c.emb_lr * ctx.finetune_scale,
+                                                        c.meta_lr * ctx.finetune_scale),
+                     desc="metakan finetune")
         ctx.info.update(d=c.d, h=c.h if c.h is not None else meta.default_hidden(model), shared=c.shared,
                         meta_learner_params=meta.meta_learner_params(model),
                         embedding_params=sum(layer.source.embedding.numel() for _, layer in kan_layers(model)))

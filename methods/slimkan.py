@@ -4,10 +4,14 @@ Recipe (Gao, Ng, Tan, arXiv 2502.06153, "Slim KANs"): before training, ``prepare
 each layer's dense source with a random :class:`bench.tucker.TuckerSource` at the given ranks
 (orthonormal random factors; a Gaussian core scaled so the rebuilt tensor has the dense
 initialisation's scale, RMS ``0.5 / sqrt(in)``). The model is then trained end to end in that
-form; nothing happens after training (the stored model is the four tensors per layer).
+form, then fine-tuned with the shared fine-tune budget (``finetune_epochs``, every component's
+rate scaled by ``finetune_lr_scale``), so it trains for as long as the ``dense_ft`` control. The
+stored model is the four tensors per layer.
 
-``ranks``: three numbers (out, in, basis), ints absolute, floats in (0, 1] fractions of each
-mode. Learning rates: one optimiser group per component; ``lr_rule = "balanced"`` (default)
+``ranks``: three numbers (out, in, basis), ints absolute (above a mode's size:
+:class:`~bench.errors.Infeasible`), floats in (0, 1] fractions of each mode, rounded up and at
+least 2 (the whole mode when it is smaller; see :func:`bench.tucker.resolve_ranks`).
+Learning rates: one optimiser group per component; ``lr_rule = "balanced"`` (default)
 sets each component's rate proportional to its entries' RMS so that all four take the same
 relative step under Adam (see :func:`bench.tucker.component_lrs`); ``"shared"`` uses the
 sweep's ``train.lr`` for every component (the paper's ablation). Rates are multiples of the
@@ -61,5 +65,9 @@ class SlimKAN(Method):
         return [{"params": g["params"], "lr_scale": g["lr"]} for g in groups]
 
     def compress(self, model: nn.Module, ctx) -> None:
+        c = self.config
+        groups = tucker_param_groups(model, ctx.finetune_lr, c.lr_rule, c.multipliers())
+        ctx.finetune(model, param_groups=[{k: v for k, v in g.items() if k != "name"} for g in groups],
+                     desc="slimkan finetune")
         ctx.info["tucker_ranks"] = {n: list(layer.source.ranks) for n, layer in kan_layers(model)}
         ctx.info["theoretical_speedup"] = model_speedup(model, ctx.trainer.batch_size)

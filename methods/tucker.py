@@ -8,18 +8,22 @@ Recipe (Gao, Ng, Tan, "Low Tensor-Rank Adaptation of KANs", arXiv 2502.06153):
 2. the layer's source is swapped for a :class:`bench.tucker.TuckerSource` (the four tensors
    in float32; the forward contracts through the factors, never rebuilding the full tensor
    unless that is the cheapest order);
-3. core and factors are fine-tuned with the shared budget, one optimiser group per component,
+3. core and factors are fine-tuned with the shared budget (the shared fine-tune rate, split
+   per component by ``lr_rule``), one optimiser group per component,
    the best epoch chosen on validation (epoch 0, the plain decomposition, is a candidate).
 
-``ranks``: three numbers (out, in, basis); an int is an absolute rank, a float in (0, 1] a
-fraction of that mode's size (so one grid fits every layer). Learning rates: ``lr_rule =
-"balanced"`` (default) gives each component the same relative step under Adam, i.e. a rate
-proportional to its entries' RMS (orthonormal factors: 1/sqrt(mode size)); see
+``ranks``: three numbers (out, in, basis); an int is an absolute rank (a rank above its mode's
+size in some layer is :class:`~bench.errors.Infeasible`), a float in (0, 1] a fraction of that
+mode's size, rounded up and at least 2 (the whole mode when it is smaller), so one grid fits
+every layer and a small layer (an equation task's ``[8, 2, 9]``) never drops to rank 1.
+Learning rates: ``lr_rule = "balanced"`` (default) gives each component the same relative step
+under Adam, i.e. a rate proportional to its entries' RMS (orthonormal factors: 1/sqrt(mode size)); see
 :func:`bench.tucker.component_lrs`. ``"shared"`` uses one rate for all (the paper's ablation).
 ``lr_core`` / ``lr_out`` / ``lr_in`` / ``lr_basis`` multiply the result.
 
 ``requested_ratio``: the edge-tensor compression ratio the ranks ask for before rounding
-fractions to whole ranks; the achieved one is the stored tensors' ``coef_compression_ratio``.
+fractions up to whole ranks (with the floor of 2 applied); the achieved one is the stored tensors'
+``coef_compression_ratio``.
 """
 
 from dataclasses import dataclass, field
@@ -67,7 +71,7 @@ class Tucker(Method):
             self._shapes.append(tuple(a.shape))
         ctx.info["tucker_ranks"] = {n: list(layer.source.ranks) for n, layer in kan_layers(model)}
         ctx.info["decomposition_rel_error"] = errors
-        groups = tucker_param_groups(model, ctx.trainer.lr, self.config.lr_rule, self.config.multipliers())
+        groups = tucker_param_groups(model, ctx.finetune_lr, self.config.lr_rule, self.config.multipliers())
         ctx.info["component_lrs"] = {g["name"]: g["lr"] for g in groups}
         ctx.finetune(model, param_groups=[{k: v for k, v in g.items() if k != "name"} for g in groups])
         ctx.info["theoretical_speedup"] = model_speedup(model, ctx.trainer.batch_size)

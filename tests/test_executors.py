@@ -11,7 +11,7 @@ import pytest
 from bench.cli import main
 from bench.executors import ExecutorOptions, make_plan, merge_results, run_with_executor, stage_cache_key, start_ray
 from bench.results import ResultsStore
-from bench.runner import run_sweep
+from bench.runner import RunEnv, run_sweep
 from bench.sweep import build_sweep
 
 pytest.importorskip("ray")
@@ -64,8 +64,10 @@ def test_ray_and_submitit_give_the_same_rows_as_local(tmp_path, ray_cluster):
                 assert row[col] == ref[rid][col], (folder, col)
             assert row["metric"] == pytest.approx(ref[rid]["metric"], rel=1e-5, abs=1e-7), folder
             assert row["host"] and row["device"] == "cpu"
-        # phase 1 wrote exactly the cached models the plan predicted (the dense base and one stage-1 model)
+        # phase 1 wrote exactly the cached models the plan predicted (the dense base, its fine-tuned
+        # control and one stage-1 model)
         predicted = {stage_cache_key(s, own)[1].name for s, own in plan.preps.values()}
+        predicted |= {RunEnv.control_key(s)[1] for s, own in plan.preps.values() if not own}
         assert {p.name for p in (tmp_path / folder / "cache").glob("*.pt")} == predicted
         assert len(pd.read_parquet(tmp_path / folder / "runs.parquet")) == 3
 

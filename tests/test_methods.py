@@ -45,9 +45,16 @@ def test_method_runs_counts_and_reloads(env, method, basis, model):
     assert row["reload_max_abs_diff"] < 1e-4
     assert row["stored_bits"] <= row["file_bytes"] * 8 <= row["stored_bits"] + 8 * 8192
     assert row["compression_ratio"] == pytest.approx(row["dense_bits"] / row["stored_bits"])
-    if method == "dense":
+    if method in ("dense", "dense_ft"):
         assert row["compression_ratio"] == 1.0
+        assert row["metric_delta"] == pytest.approx(row["metric"] - row["control_metric"])
+    if method == "dense":
+        assert row["finetune_best_epoch"] is None and row["dense_delta"] == 0.0
         return
+    if method == "dense_ft":  # the control row is the cached control model itself
+        assert row["metric"] == row["control_metric"] and row["val_metric"] == row["control_val_metric"]
+        if row["finetune_best_epoch"] == 0:
+            return  # the fine-tune kept the base, and the row says so
     # A method that changes no weight is a bug: the exported model must differ from the dense base.
     ds, splits = env.splits(spec)
     base, _ = env.trained(spec, ds, env.trainer(spec, ds, splits))

@@ -67,7 +67,7 @@ def test_interrupted_sweep_resumes_without_losing_finished_runs(tmp_path, monkey
     assert len(pd.read_parquet(tmp_path / "runs.parquet")) == 1
     monkeypatch.setattr(runner, "run_one", real)
     counts = run_sweep(sweep, tmp_path, tmp_path, quiet=True)
-    assert counts == {"ok": 2, "failed": 0, "diverged": 0, "skipped_finished": 1}
+    assert counts == {"ok": 2, "failed": 0, "diverged": 0, "infeasible": 0, "skipped_finished": 1}
     assert len(ResultsStore(tmp_path).finished_ids()) == 3
 
 
@@ -87,10 +87,10 @@ def test_dense_base_is_trained_once_and_shared(tmp_path):
     sweep = tiny_sweep(methods=["dense", "nan_out"])
     env = RunEnv(tmp_path, tmp_path, "cpu")
     run_one(sweep.runs[0], env)
-    cached = list((tmp_path / "cache").glob("*.pt"))
-    assert len(cached) == 1
+    cached = sorted((tmp_path / "cache").glob("*.pt"))
+    assert [p.name.split("-")[0] for p in cached] == ["dense", "dense_ft"]  # the base and its control, once
     run_one(sweep.runs[1], env)
-    assert list((tmp_path / "cache").glob("*.pt")) == cached
+    assert sorted((tmp_path / "cache").glob("*.pt")) == cached
 
 
 def test_seeds_depend_on_data_and_model_not_method():

@@ -15,10 +15,10 @@ def test_dense_bits_hand_count_784_64_10_bspline():
     edges = 784 * 64 + 64 * 10
     assert edges == 50_816
     coef = edges * 9 * 32
-    knots = 2 * (5 + 2 * 3 + 1) * 32  # one uniform knot vector per layer, kept by the deployed model
-    biases = (64 + 10) * 32
+    biases = (64 + 10) * 32  # uniform knots follow from the basis config: not stored, not counted
     assert rep.coef_dense_bits == rep.coef_stored_bits == coef == 14_635_008
-    assert rep.stored_bits == rep.dense_bits == coef + knots + biases
+    assert rep.stored_bits == rep.dense_bits == coef + biases == 457_418 * 32
+    assert sum(it.count for _, it in rep.items) == edges * 9 + 64 + 10 == 457_418
     assert rep.compression_ratio == 1.0
 
 
@@ -26,9 +26,8 @@ def test_rbf_counts_layernorm():
     m = KAN([10, 4, 3], basis="rbf")
     rep = storage_report(m)
     coef = (10 * 4 + 4 * 3) * 9 * 32
-    norms = 2 * (10 + 4) * 32
-    centers = 2 * 8 * 32
-    assert rep.stored_bits == coef + norms + centers + (4 + 3) * 32
+    norms = 2 * (10 + 4) * 32  # LayerNorm weight + bias per layer; the centres follow from the config
+    assert rep.stored_bits == coef + norms + (4 + 3) * 32
 
 
 def test_codebook_hand_count_matches_issue_example():
@@ -103,3 +102,19 @@ def test_codebook_fast_path_equals_full_tensor_path():
     # the cost model: long edge vectors and a small codebook take the gather path; 9 values per edge never do
     assert CodebookSource(torch.randn(2, 65), torch.randint(0, 2, (64, 6))).use_fast_path()  # 64 basis functions
     assert not CodebookSource(torch.randn(16, 9), torch.randint(0, 16, (64, 784))).use_fast_path()
+
+
+def test_file_is_counted_bits_plus_header(tmp_path):
+    """The exported file holds exactly the counted tensors plus its header: no knots, no centres."""
+    from bench.storage import header_bytes
+
+    for basis in ("bspline", "rbf"):
+        m = KAN([6, 5, 2], basis=basis)
+        rep = storage_report(m)
+        path = tmp_path / f"{basis}.kanb"
+        size = export_model(m, path)
+        padded = sum(-(-it.bits // 8) for _, it in rep.items)
+        assert size == header_bytes(path) + padded
+        assert not any("knots" in n or "centers" in n for n, _ in rep.items)
+        x = torch.randn(16, 6)
+        assert torch.equal(load_model(path)(x), m.eval()(x))
