@@ -84,3 +84,19 @@ class NanOut(Method):
         with torch.no_grad():
             for _, layer in kan_layers(model):
                 layer.source.weight.fill_(float("nan"))
+
+
+@register_method("impossible")
+class Impossible(Method):
+    """Asks for something the model cannot meet (infeasible-run recording)."""
+
+    test_only = True
+
+    @dataclass
+    class Config:
+        pass
+
+    def compress(self, model, ctx):
+        from bench.errors import Infeasible
+
+        raise Infeasible("impossible on purpose: asks for more than the model has")

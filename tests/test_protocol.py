@@ -1,0 +1,127 @@
+"""The comparison protocol (issue: trustworthy comparisons): a converged control trained under a
+schedule with patience on validation, the fine-tuned ``dense_ft`` control in every group, one
+fine-tune learning-rate rule, QAT that really trains, infeasible settings recorded once."""
+
+import math
+
+import pytest
+import torch
+
+from bench.data import get_dataset
+from bench.kan import KAN
+from bench.results import ResultsStore
+from bench.runner import RunEnv, run_one, run_sweep
+from bench.sweep import build_sweep
+from bench.train import Trainer
+
+TRAIN = {"epochs": 3, "finetune_epochs": 2, "batch_size": 32, "lr": 3e-3}
+
+
+def sweep_of(methods, method_tables=None, datasets=("tiny_images",), train=None, **over):
+    data = {"name": "p", "datasets": list(datasets), "models": ["kan"], "bases": ["bspline"],
+            "methods": list(methods), "seeds": [0], "train": dict(train or TRAIN), "device": "cpu",
+            "method": method_tables or {}}
+    data.update(over)
+    return build_sweep(data)
+
+
+def test_patience_stops_when_validation_stops_improving():
+    ds = get_dataset("tiny_regression")
+    splits = ds.load(".", 0)
+    # lr 0: validation never changes; a tie with the starting model goes to epoch 1, and training
+    # stops once `patience` more epochs bring nothing better
+    fit = Trainer(splits, ds.task, lr=0.0, patience=2, schedule="cosine").fit(KAN([2, 3, 1], "bspline"), 10)
+    assert (fit.best_epoch, fit.epochs_run) == (1, 3)
+    fit = Trainer(splits, ds.task, lr=1e-2, patience=0, schedule="cosine").fit(KAN([2, 3, 1], "bspline"), 4)
+    assert fit.epochs_run == 4 and fit.best_epoch >= 1 and fit.lr == 1e-2
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_schedule_sets_the_rate_of_every_step(monkeypatch, schedule):
+    ds = get_dataset("tiny_regression")
+    splits = ds.load(".", 0)
+    rates = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        rates.append([g["lr"] for g in self.param_groups])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    model = KAN([2, 3, 1], "bspline")
+    groups = [{"params": list(model.layers[0].parameters()), "lr_scale": 0.5},
+              {"params": list(model.layers[1].parameters())}]
+    Trainer(splits, ds.task, lr=1e-2, batch_size=36, schedule=schedule).fit(model, 5, param_groups=groups)
+    assert len(rates) == 5 * 5  # 180 training rows / batch 36
+    assert rates[0] == [5e-3, 1e-2]
+    if schedule == "constant":
+        assert all(r == [5e-3, 1e-2] for r in rates)
+    else:  # cosine: non-increasing, every group scaled alike, last step close to 0
+        firsts = [r[1] for r in rates]
+        assert all(a >= b for a, b in zip(firsts, firsts[1:]))
+        assert all(r[0] == pytest.approx(r[1] / 2) for r in rates)
+        assert firsts[-1] < 0.01 * firsts[0]
+
+
+def test_control_row_and_columns_share_one_fine_tuned_model(tmp_path):
+    sweep = sweep_of(["dense", "dense_ft", "quantize"], {"quantize": {"bits": 4, "mode": "qat"}})
+    env = RunEnv(tmp_path, tmp_path, "cpu")
+    rows = {r.method: run_one(r, env) for r in sweep.runs}
+    dense, control, qat = rows["dense"], rows["dense_ft"], rows["quantize"]
+    # one control per base: every row carries the same control scores, and the dense_ft row is that model
+    assert dense["control_metric"] == control["control_metric"] == qat["control_metric"] == control["metric"]
+    assert control["val_metric"] == control["control_val_metric"] == qat["control_val_metric"]
+    for r in rows.values():
+        assert r["metric_delta"] == pytest.approx(r["metric"] - r["control_metric"])
+        assert r["dense_delta"] == pytest.approx(r["metric"] - r["dense_metric"])
+        assert r["best_epoch"] >= 1 and r["epochs_run"] >= 1
+        assert r["threads"] == torch.get_num_threads() == sweep.runs[0].train["threads"]
+    assert dense["finetune_best_epoch"] is None  # the plain base: no fine-tune
+    # one fine-tune rule: the control and QAT fine-tune at the same rate, finetune_lr_scale x lr
+    rate = TRAIN["lr"] * sweep.runs[0].train["finetune_lr_scale"]
+    assert control["finetune_lr"] == pytest.approx(rate) and qat["finetune_lr"] == pytest.approx(rate)
+    assert control["finetune_epochs_run"] >= 1 and qat["finetune_epochs_run"] >= 1
+    assert (tmp_path / "cache").is_dir() and len(list((tmp_path / "cache").glob("dense_ft-*.pt"))) == 1
+
+
+def test_methods_that_train_their_own_model_get_the_fine_tune_too(tmp_path):
+    sweep = sweep_of(["metakan", "slimkan"], {"metakan": {"h": 8}, "slimkan": {"ranks": [0.5, 0.5, 0.5]}})
+    env = RunEnv(tmp_path, tmp_path, "cpu")
+    for spec in sweep.runs:
+        row = run_one(spec, env)
+        assert row["status"] == "ok"
+        assert row["epochs_run"] >= 1 and row["finetune_epochs_run"] >= 1, spec.method
+        assert row["finetune_lr"] is not None
+
+
+def test_qat_beats_ptq_where_ptq_loses_accuracy(tmp_path):
+    """2-bit per-layer quantisation of a trained digits KAN: PTQ loses accuracy; QAT, fine-tuned
+    under the shared rule, must recover part of it on validation (it may not silently keep PTQ)."""
+    train = {"epochs": 6, "finetune_epochs": 3, "batch_size": 64, "lr": 3e-3}
+    sweep = sweep_of(["quantize"], {"quantize": {"bits": 2, "granularity": "layer", "mode": ["ptq", "qat"]}},
+                     datasets=["digits"], train=train, dataset={"digits": {"hidden": [16]}})
+    env = RunEnv(tmp_path, tmp_path, "cpu")
+    rows = {r.method_config["mode"]: run_one(r, env) for r in sweep.runs}
+    ptq, qat = rows["ptq"], rows["qat"]
+    assert ptq["val_metric"] < ptq["dense_val_metric"] - 0.5  # PTQ really loses accuracy here
+    assert qat["finetune_best_epoch"] >= 1  # QAT kept a trained epoch, not the PTQ starting point
+    assert qat["val_metric"] > ptq["val_metric"]
+    assert qat["stored_bits"] == ptq["stored_bits"]
+
+
+def test_infeasible_runs_are_recorded_with_reason_and_not_retried(tmp_path):
+    sweep = sweep_of(["dense", "impossible"])
+    counts = run_sweep(sweep, tmp_path, tmp_path, quiet=True)
+    assert counts["ok"] == 1 and counts["infeasible"] == 1 and counts["failed"] == 0
+    (row,) = [r for r in ResultsStore(tmp_path).rows() if r["method"] == "impossible"]
+    assert row["status"] == "infeasible" and "impossible on purpose" in row["error"]
+    again = run_sweep(sweep, tmp_path, tmp_path, quiet=True)
+    assert again["skipped_finished"] == 2 and again["infeasible"] == 0
+
+
+def test_epochs_below_one_is_a_user_error():
+    from bench.errors import UserError
+
+    with pytest.raises(UserError, match="epochs"):
+        sweep_of(["dense"], train={**TRAIN, "epochs": 0})
+    assert math.isclose(sweep_of(["dense"]).runs[0].train["finetune_lr_scale"], 0.1)
