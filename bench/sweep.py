@@ -22,6 +22,9 @@ A sweep names what to cross (every key optional; the CLI overrides any of them):
     epochs = 200
     hidden = [5]
 
+    [dataset.eq_exp_sin.method.prune]   # per-dataset method settings (replace [method.prune]'s keys)
+    ratio = [2, 4, 8]                   # e.g. leave out ratios this small model cannot meet
+
     [model.kan]                 # model options
     hidden = [64]
 
@@ -233,12 +236,20 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
             if key not in reg:
                 raise unknown(kind, key, reg)
 
-    ds_objs, ds_opts, ds_train, ds_hidden = {}, {}, {}, {}
+    ds_objs, ds_opts, ds_train, ds_hidden, ds_methods = {}, {}, {}, {}, {}
     for d in datasets:
         table = dict(dtables.get(d, {}))
         tr = {k: table.pop(k) for k in list(table) if k in TRAIN_KEYS}
         if "hidden" in table:  # per-dataset KAN widths (equation tasks want narrower KANs than images)
             ds_hidden[d] = table.pop("hidden")
+        ds_methods[d] = table.pop("method", {})  # per-dataset method settings
+        if not isinstance(ds_methods[d], dict):
+            raise UserError(f"sweep key 'dataset.{d}.method' must be a table of method tables")
+        for key, value in ds_methods[d].items():
+            if key not in METHODS:
+                raise unknown("method", key, METHODS)
+            if not isinstance(value, dict):
+                raise UserError(f"sweep key 'dataset.{d}.method.{key}' must be a table")
         ds_objs[d] = get_dataset(d, **table)
         ds_opts[d] = table
         ds_train[d] = dataclasses.asdict(build_config(TrainBudget, {**base_train, **tr}, f"sweep [dataset.{d}]"))
@@ -250,7 +261,8 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
         opts = btables.get(b, {})
         make_basis(b, 2, **opts)  # validates the options
         bo[b] = dict(opts)
-    points = {m: _method_points(get_method_class(m), meth_tables.get(m, {}), use_grid) for m in methods}
+    points = {(d, m): _method_points(get_method_class(m), {**meth_tables.get(m, {}), **ds_methods[d].get(m, {})},
+                                     use_grid) for d in datasets for m in methods}
 
     runs, skipped = [], []
     for d, m, b, meth, seed in itertools.product(datasets, models, bases, methods, seeds):
@@ -260,6 +272,6 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
         m_opts = mo[m]
         if m == "kan" and d in ds_hidden:
             m_opts = dataclasses.asdict(model_options(m, {**mtables.get(m, {}), "hidden": ds_hidden[d]}))
-        for cfg in points[meth]:
+        for cfg in points[(d, meth)]:
             runs.append(RunSpec(name, d, ds_opts[d], m, m_opts, b, bo[b], meth, cfg, seed, ds_train[d]))
     return Sweep(name, runs, device, sorted(set(skipped)), ds_opts)

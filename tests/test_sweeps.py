@@ -37,3 +37,23 @@ def test_paper_sweep_has_the_published_convkan():
     assert conv and conv[0].model_options["channels"] == [16, 32, 64, 128, 256, 256, 512, 512]
     assert {r.dataset for r in sweep.runs} == {"mnist", "cifar10", "cifar100"}
     assert conv[0].train["amp"] is True
+
+
+def test_per_dataset_method_settings_replace_the_global_ones():
+    data = {"datasets": ["digits", "eq_exp_sin"], "bases": ["bspline"], "methods": ["prune"],
+            "method": {"prune": {"ratio": [2, 8, 32], "score": "attribution"}},
+            "dataset": {"eq_exp_sin": {"method": {"prune": {"ratio": [2, 8]}}}}}
+    runs = build_sweep(data).runs
+    ratios = {d: sorted(r.method_config["ratio"] for r in runs if r.dataset == d) for d in ("digits", "eq_exp_sin")}
+    assert ratios == {"digits": [2, 8, 32], "eq_exp_sin": [2, 8]}
+    assert all(r.method_config["score"] == "attribution" for r in runs)  # keys not replaced are kept
+
+
+def test_per_dataset_method_settings_are_validated():
+    from bench.errors import UserError
+
+    with pytest.raises(UserError, match="unknown method 'nope'"):
+        build_sweep({"datasets": ["digits"], "dataset": {"digits": {"method": {"nope": {}}}}})
+    with pytest.raises(UserError, match="has no option 'K'"):
+        build_sweep({"datasets": ["digits"], "methods": ["prune"],
+                     "dataset": {"digits": {"method": {"prune": {"K": 3}}}}})
