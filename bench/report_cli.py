@@ -60,6 +60,7 @@ def invocation_lines(results: Path) -> list[str]:
                      f"({e.get('cpus')} CPUs, {e.get('torch_threads')} torch threads, executor "
                      f"{e.get('executor', 'local')}), finished {e.get('finished_at')}: {c.get('ok', 0)} ok, "
                      f"{c.get('failed', 0)} failed, {c.get('diverged', 0)} diverged, "
+                     + (f"{c['infeasible']} infeasible, " if c.get("infeasible") else "") +
                      f"{c.get('skipped_finished', 0)} already finished")
     return lines
 

@@ -26,7 +26,7 @@ COLUMNS = [
     "compression_ratio", "coef_stored_bits", "coef_dense_bits", "coef_compression_ratio",
     "requested_ratio", "theoretical_speedup", "file_bytes", "header_bytes", "dense_file_bytes",
     "file_compression_ratio", "epochs", "finetune_epochs", "lr", "batch_size", "finetune_lr_scale", "schedule",
-    "patience", "weight_decay", "threads",
+    "patience", "weight_decay", "threads", "dataset_options", "model_options", "basis_options",
     "train_seconds", "compress_seconds", "peak_memory_bytes", "peak_memory_kind", "device",
     "host", "torch_version", "git_sha", "started_at", "finished_at",
 ]

@@ -192,6 +192,14 @@ FINETUNE_KEYS = ("finetune_epochs", "finetune_lr_scale")  # budget keys that do 
 BUDGET_COLUMNS = ("lr", "batch_size", "finetune_lr_scale", "schedule", "patience", "weight_decay", "threads")
 
 
+def budget_columns(spec: RunSpec) -> dict:
+    """What a row records of its budget and options, so the report never groups different budgets."""
+    cols = {k: spec.train.get(k) for k in BUDGET_COLUMNS if k != "threads"}
+    for k in ("dataset_options", "model_options", "basis_options"):
+        cols[k] = json.dumps(getattr(spec, k), sort_keys=True)
+    return cols
+
+
 def _metric_is_bad(x: float) -> bool:
     return x is None or not math.isfinite(x)
 
@@ -214,7 +222,7 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
            "finetune_epochs": spec.train["finetune_epochs"], "device": str(env.device),
            "host": socket.gethostname(), "torch_version": torch.__version__, "git_sha": env.sha,
            "started_at": started, "python": platform.python_version(), "threads": torch.get_num_threads(),
-           **{k: spec.train.get(k) for k in BUDGET_COLUMNS if k != "threads"}}
+           **budget_columns(spec)}
 
     base, base_info = env.trained(spec, ds, trainer)
     row["dense_metric"] = base_info.get("test_metric")
@@ -235,7 +243,7 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
     dense_ref = storage_report(base)  # the uncompressed architecture, even if a method shrinks the model
     del base
     if method.trains_own_model() and method.train_epochs() is not None:
-        row["epochs"] = method.train_epochs()
+        row["stage_epochs"] = method.train_epochs()  # `epochs` stays the sweep's budget (the group key)
     row.update(train_seconds=info["train_seconds"], params_trainable=info["params_trainable"],
                optimizer_state_bytes=info["optimizer_state_bytes"], best_epoch=info.get("best_epoch"),
                epochs_run=info.get("epochs_run"))
@@ -290,7 +298,7 @@ def failed_row(spec: RunSpec, status: str, error: str) -> dict:
     return {"run_id": spec.run_id, "sweep": spec.sweep, "dataset": spec.dataset, "model": spec.model,
             "basis": spec.basis, "method": spec.method, "method_config": json.dumps(spec.method_config, sort_keys=True),
             "seed": spec.seed, "status": status, "error": error, "epochs": spec.train["epochs"],
-            "finetune_epochs": spec.train["finetune_epochs"], "host": socket.gethostname(),
+            "finetune_epochs": spec.train["finetune_epochs"], **budget_columns(spec), "host": socket.gethostname(),
             "torch_version": torch.__version__, "git_sha": git_sha(),
             "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
 

@@ -1,59 +1,72 @@
-"""The leaderboard: hand-computed means, ranking, failures, plots, Pareto frontiers, empty input."""
+"""The leaderboard: hand-computed means, validation-only decisions against the dense_ft control,
+ranking, budgets as groups, kept-epoch-0 notes, infeasible vs failed, plots, Pareto frontiers."""
 
 import json
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from bench.report import aggregate, compact_config, pareto_front, write_report
+from bench.report import aggregate, compact_config, pareto_front, within_tolerance, write_report
 from bench.results import read_results, rows_to_frame
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SEEDS = [0, 1, 2]
 LONG_ERROR = "RuntimeError: CUDA out of memory. " + "x" * 400
 
-# (dataset, metric_name, dense per seed, {(method, config): (ratio, metrics per seed)})
-ACC_DENSE = [91.5, 92.0, 92.5]
-RMSE_DENSE = [0.10, 0.10, 0.10]
+# Per dataset: metric name, the dense_ft control's (test, val) per seed, the plain dense base's
+# (test, val) per seed, and {(method, config): (ratio, test per seed, val per seed)}.
 POINTS = {
-    "mnist": ("accuracy", ACC_DENSE, {
-        ("foo", '{"K": 16}'): (8.0, [90.0, 91.0, 92.0]),     # Δ = -1.0: exactly at the tolerance
-        ("foo", '{"K": 4}'): (30.0, [85.0, 86.0, 87.0]),     # Δ = -6.0: outside
-        ("bar", '{"p": 0.5}'): (2.0, [91.5, 92.0, 92.5]),
-        ("bar", '{"p": 0.9}'): (12.0, [91.2, 91.5, 91.8]),
+    "mnist": ("accuracy", ([92.0, 92.5, 93.0], [92.5, 93.0, 93.5]), ([91.5, 92.0, 92.5], [92.0, 92.5, 93.0]), {
+        ("foo", '{"K": 16}'): (8.0, [90.0, 91.0, 92.0], [91.5, 92.0, 92.5]),   # val Δ = -1.0: at the tolerance
+        ("foo", '{"K": 4}'): (30.0, [85.0, 86.0, 87.0], [86.0, 87.0, 88.0]),   # val Δ = -6.0: outside
+        ("bar", '{"p": 0.5}'): (2.0, [91.5, 92.0, 92.5], [92.5, 93.0, 93.5]),
+        ("bar", '{"p": 0.9}'): (12.0, [91.2, 91.5, 91.8], [92.0, 92.5, 93.0]),  # val Δ = -0.5
     }),
-    "feynman": ("rmse", RMSE_DENSE, {
-        ("foo", '{"K": 16}'): (8.0, [0.104, 0.104, 0.104]),  # +4 %: inside 5 %
-        ("foo", '{"K": 4}'): (30.0, [0.2, 0.2, 0.2]),        # outside
-        ("bar", '{"p": 0.5}'): (2.0, [0.1, 0.1, 0.1]),
-        ("bar", '{"p": 0.9}'): (12.0, [0.103, 0.103, 0.103]),
+    "feynman": ("rmse", ([0.10] * 3, [0.10] * 3), ([0.11] * 3, [0.11] * 3), {   # dense: +10 % val: outside
+        ("foo", '{"K": 16}'): (8.0, [0.104] * 3, [0.104] * 3),  # +4 %: inside 5 %
+        ("foo", '{"K": 4}'): (30.0, [0.2] * 3, [0.2] * 3),      # outside
+        ("bar", '{"p": 0.5}'): (2.0, [0.1] * 3, [0.1] * 3),
+        ("bar", '{"p": 0.9}'): (12.0, [0.103] * 3, [0.103] * 3),
     }),
 }
 
 
-def _row(dataset, metric_name, method, config, seed, metric, dense, ratio, requested=None):
-    return {
-        "run_id": f"{dataset}-{method}-{config}-{seed}", "sweep": "t",
+def _row(dataset, metric_name, method, config, seed, metric, val, ratio, control=(None, None), dense=(None, None),
+         requested=None, basis="bspline", finetune_best_epoch=float("nan"), **extra):
+    row = {
+        "run_id": f"{dataset}-{basis}-{method}-{config}-{seed}-{extra}", "sweep": "t",
         "dataset": dataset, "task": "classification" if metric_name == "accuracy" else "regression",
-        "model": "kan", "arch": "kan[4,8,3]", "basis": "bspline", "method": method,
+        "model": "kan", "arch": "kan[4,8,3]", "basis": basis, "method": method,
         "method_config": config, "seed": seed, "status": "ok", "error": None,
-        "metric_name": metric_name, "metric": metric, "dense_metric": dense, "metric_delta": metric - dense,
-        "compression_ratio": ratio, "coef_compression_ratio": ratio * 1.2, "requested_ratio": requested,
+        "metric_name": metric_name, "metric": metric, "val_metric": val,
+        "control_metric": control[0], "control_val_metric": control[1],
+        "dense_metric": dense[0], "dense_val_metric": dense[1],
+        "metric_delta": metric - control[0] if control[0] is not None else None,
+        "compression_ratio": ratio, "coef_compression_ratio": ratio * 1.2, "file_compression_ratio": ratio * 0.9,
+        "requested_ratio": requested,
         "stored_bits": 8 * 1024 * 100 / ratio, "dense_bits": 8 * 1024 * 100, "file_bytes": 1024 * 101 / ratio,
-        "params_trainable": 1000, "train_seconds": 1.5, "peak_memory_bytes": 2**20,
-        "theoretical_speedup": 1.0,
+        "header_bytes": 64, "params_trainable": 1000, "train_seconds": 1.5, "peak_memory_bytes": 2**20,
+        "theoretical_speedup": 1.0, "best_epoch": 7, "epochs_run": 10, "finetune_best_epoch": finetune_best_epoch,
+        "epochs": 10, "finetune_epochs": 3, "lr": 1e-3, "batch_size": 64, "finetune_lr_scale": 0.1,
     }
+    row.update(extra)
+    return row
 
 
 def synthetic_rows():
     rows = []
-    for dataset, (metric_name, dense, points) in POINTS.items():
-        for seed, d in zip(SEEDS, dense):
-            rows.append(_row(dataset, metric_name, "dense", "{}", seed, d, d, 1.0))
-            for (method, config), (ratio, metrics) in points.items():
+    for dataset, (metric_name, (ctest, cval), (dtest, dval), points) in POINTS.items():
+        for seed in SEEDS:
+            ctrl, dense = (ctest[seed], cval[seed]), (dtest[seed], dval[seed])
+            rows.append(_row(dataset, metric_name, "dense", "{}", seed, *dense, 1.0, ctrl, dense))
+            rows.append(_row(dataset, metric_name, "dense_ft", "{}", seed, *ctrl, 1.0, ctrl, dense,
+                             finetune_best_epoch=2))
+            for (method, config), (ratio, test, val) in points.items():
                 requested = ratio if method == "foo" else float("nan")
-                rows.append(_row(dataset, metric_name, method, config, seed, metrics[seed], d, ratio, requested))
+                rows.append(_row(dataset, metric_name, method, config, seed, test[seed], val[seed], ratio, ctrl,
+                                 dense, requested, finetune_best_epoch=3))
     rows.append({"run_id": "boom", "sweep": "t", "dataset": "mnist", "model": "kan", "basis": "bspline",
                  "method": "foo", "method_config": json.dumps({"K": 64}), "seed": 0, "status": "failed",
                  "error": LONG_ERROR})
@@ -79,7 +92,13 @@ def _table_rows(section: str) -> list[str]:
 
 def _table_dicts(section: str) -> list[dict]:
     """The first markdown table of a section as {header: cell} dicts."""
-    lines = [line for line in section.splitlines() if line.startswith("|")]
+    lines, started = [], False
+    for line in section.splitlines():
+        if line.startswith("|"):
+            lines.append(line)
+            started = True
+        elif started:
+            break
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     return [dict(zip(cells[0], row)) for row in cells[2:]]
 
@@ -87,31 +106,39 @@ def _table_dicts(section: str) -> list[dict]:
 def test_header_counts_tolerance_and_caller_lines(report):
     _, md = report
     assert md.startswith("# Test board")
-    assert "Runs: 31 (30 ok, 1 failed, 0 diverged)" in md
+    assert "Runs: 37 (36 ok, 1 failed, 0 diverged, 0 infeasible)" in md
     assert "at most 1 percentage point" in md and "at most 5% above" in md
+    assert "decided on validation against the fine-tuned dense control; test reported once" in md
     assert "- machine: test" in md
 
 
 def test_mean_std_by_hand(report):
     _, md = report
     mnist = _section(md, "## mnist (accuracy)")
-    foo16 = next(r for r in _table_rows(mnist) if "| foo | K=16 |" in r)
-    assert "91.00 ± 1.00" in foo16  # mean and sample std of 90, 91, 92
-    assert "-1.00" in foo16 and "8.00×" in foo16 and "9.60×" in foo16  # Δ, ratio, coef ratio
-    assert "| ✓ |" in foo16  # -1.0 is within a 1-point tolerance
+    foo16 = {r["config"]: r for r in _table_dicts(mnist) if r["method"] == "foo"}["K=16"]
+    assert foo16["test accuracy (mean ± std)"] == "91.00 ± 1.00"  # mean and sample std of 90, 91, 92
+    assert foo16["test Δ vs control"] == "-1.50"  # vs dense_ft's 92.5, not dense's 92.0
+    assert foo16["val Δ vs control"] == "-1.00" and foo16["within tol. (val)"] == "✓"  # at a 1-point tolerance
+    assert (foo16["ratio"], foo16["coef ratio"], foo16["file ratio"]) == ("8.00×", "9.60×", "7.20×")
+    assert foo16["best/run epochs"] == "7/10"
     feyn = _section(md, "## feynman (rmse)")
     foo16_r = next(r for r in _table_rows(feyn) if "| foo | K=16 |" in r)
     assert "0.1040 ± 0.0000" in foo16_r and "+4.0%" in foo16_r
 
 
-@pytest.mark.parametrize("heading", ["## mnist (accuracy)", "## feynman (rmse)"])
-def test_ranking_within_tolerance_by_ratio_then_the_rest(report, heading):
+@pytest.mark.parametrize("heading, order, marks", [
+    ("## mnist (accuracy)",
+     [("dense_ft (control)", ""), ("bar", "p=0.9"), ("foo", "K=16"), ("bar", "p=0.5"), ("dense", ""), ("foo", "K=4")],
+     ["control", "✓", "✓", "✓", "✓", "✗"]),
+    ("## feynman (rmse)",  # the plain dense base is 10 % worse on validation than the fine-tuned control
+     [("dense_ft (control)", ""), ("bar", "p=0.9"), ("foo", "K=16"), ("bar", "p=0.5"), ("foo", "K=4"), ("dense", "")],
+     ["control", "✓", "✓", "✓", "✗", "✗"]),
+])
+def test_ranking_control_first_then_within_tolerance_by_ratio(report, heading, order, marks):
     _, md = report
     rows = _table_dicts(_section(md, heading))
-    assert [(r["method"], r["config"]) for r in rows] == [
-        ("bar", "p=0.9"), ("foo", "K=16"), ("bar", "p=0.5"), ("dense", ""), ("foo", "K=4")]
-    assert [r["within tol."] for r in rows] == ["✓", "✓", "✓", "✓", "✗"]
-    assert [r["ratio"] for r in rows] == ["12.0×", "8.00×", "2.00×", "1.00×", "30.0×"]
+    assert [(r["method"], r["config"]) for r in rows] == order
+    assert [r["within tol. (val)"] for r in rows] == marks
 
 
 def test_requested_ratio_nan_renders_as_dash(report):
@@ -126,11 +153,115 @@ def test_headline_best_ratio_within_tolerance(report):
     head = _section(md, "## Headline")
     rows = {(r["dataset"], r["method"]): r for r in _table_dicts(head)}
     assert set(rows) == {("mnist", "foo"), ("mnist", "bar"), ("feynman", "foo"), ("feynman", "bar")}
-    assert (rows["mnist", "bar"]["best ratio within tol."], rows["mnist", "bar"]["config"]) == ("12.0×", "p=0.9")
-    assert rows["mnist", "bar"]["metric (mean ± std)"] == "accuracy 91.50 ± 0.30"
-    assert rows["mnist", "foo"]["metric (mean ± std)"] == "accuracy 91.00 ± 1.00"
+    bar = rows["mnist", "bar"]
+    assert (bar["best ratio within tol."], bar["config"], bar["basis"]) == ("12.0×", "p=0.9", "bspline")
+    assert (bar["test (mean ± std)"], bar["control test (mean ± std)"]) == ("91.50 ± 0.30", "92.50 ± 0.50")
+    assert bar["test Δ vs control"] == "-1.00" and bar["val Δ vs control"] == "-0.50"
+    assert bar["stored KiB"] == "8.3"
+    assert rows["mnist", "foo"]["test (mean ± std)"] == "91.00 ± 1.00"
     assert rows["feynman", "foo"]["best ratio within tol."] == "8.00×"  # 30× is +100 % RMSE
-    assert rows["feynman", "foo"]["Δ vs dense"] == "+0.0040 (+4.0%)"
+    assert rows["feynman", "foo"]["test Δ vs control"] == "+0.0040 (+4.0%)"
+
+
+def _decision_frame(metric_name="accuracy"):
+    """Per seed, two bases with their own control. ``valgood`` is within tolerance on validation and far
+    outside on test; ``testgood`` the other way round. On basis ``b`` valgood reaches more compression
+    but only on test, so the headline must credit basis ``a``."""
+    acc = metric_name == "accuracy"
+    rows = []
+    for seed in SEEDS:
+        for basis, ctrl in (("a", (90.0, 91.0) if acc else (0.10, 0.10)), ("b", (80.0, 81.0) if acc else (0.20, 0.20))):
+            def val_near(c):
+                return c - 0.2 if acc else c * 1.02
+
+            def far(c):
+                return c - 10.0 if acc else c * 2.0
+
+            r = dict(control=ctrl, dense=ctrl, basis=basis, metric_name=metric_name, seed=seed, dataset="d")
+            rows.append(_row(method="dense", config="{}", metric=ctrl[0], val=ctrl[1], ratio=1.0, **r))
+            rows.append(_row(method="dense_ft", config="{}", metric=ctrl[0], val=ctrl[1], ratio=1.0, **r))
+            rows.append(_row(method="valgood", config='{"k": 1}', metric=far(ctrl[0]), val=val_near(ctrl[1]),
+                             ratio=20.0 if basis == "a" else 50.0, **r))
+            rows.append(_row(method="testgood", config='{"k": 2}', metric=ctrl[0], val=far(ctrl[1]), ratio=40.0,
+                             **r))
+            if basis == "b":  # valgood's bigger ratio on b: good on test, outside on validation
+                rows.append(_row(method="valgood", config='{"k": 9}', metric=ctrl[0], val=far(ctrl[1]), ratio=99.0,
+                                 **r))
+    return rows
+
+
+@pytest.mark.parametrize("metric_name", ["accuracy", "rmse"])
+def test_tolerance_and_headline_read_validation_never_test(tmp_path, metric_name):
+    df = rows_to_frame(_decision_frame(metric_name))
+    pts = aggregate(df)
+    within = dict(zip(zip(pts["basis"], pts["method"], pts["config"]), within_tolerance(pts)))
+    assert within["a", "valgood", "k=1"] and within["b", "valgood", "k=1"]
+    assert not within["a", "testgood", "k=2"] and not within["b", "testgood", "k=2"]
+    assert not within["b", "valgood", "k=9"]  # perfect on test, outside on validation
+    md = write_report(df, tmp_path).read_text()
+    rows = {r["method"]: r for r in _table_dicts(_section(md, "## Headline"))}
+    assert rows["testgood"]["best ratio within tol."] == "none"
+    best = rows["valgood"]
+    assert (best["best ratio within tol."], best["basis"], best["config"]) == ("50.0×", "b", "k=1")
+    # beside it, that basis's own control (b), never basis a's
+    assert best["control test (mean ± std)"].startswith("80.00" if metric_name == "accuracy" else "0.2000")
+
+
+def test_budgets_are_separate_groups_not_seeds(tmp_path):
+    rows = []
+    for epochs, base in ((10, 90.0), (20, 95.0)):
+        for seed in (0, 1):
+            ctrl = (base + seed, base + seed)
+            for method, ratio in (("dense", 1.0), ("dense_ft", 1.0), ("foo", 4.0)):
+                rows.append(_row("mnist", "accuracy", method, "{}" if ratio == 1 else '{"K": 4}', seed, ctrl[0],
+                                 ctrl[1], ratio, ctrl, ctrl, epochs=epochs))
+    df = rows_to_frame(rows)
+    pts = aggregate(df)
+    foo = pts[pts["method"] == "foo"]
+    assert len(foo) == 2 and (foo["n_seeds"] == 2).all()
+    assert sorted(foo["metric"]) == [90.5, 95.5]
+    assert sorted(foo["budget"]) == ["epochs=10, lr=0.001, batch=64, ft epochs=3, ft lr scale=0.1",
+                                     "epochs=20, lr=0.001, batch=64, ft epochs=3, ft lr scale=0.1"]
+    md = write_report(df, tmp_path).read_text()
+    assert md.count("### mnist / kan / bspline / epochs=") == 2
+    head = _table_dicts(_section(md, "## Headline"))
+    assert sorted(r["budget"].split(",")[0] for r in head) == ["epochs=10", "epochs=20"]
+
+
+def test_finetune_kept_epoch_0_is_noted(tmp_path):
+    rows = []
+    for seed, kept in zip(SEEDS, (0, 0, 4)):
+        ctrl = (92.0, 92.0)
+        rows.append(_row("mnist", "accuracy", "dense_ft", "{}", seed, 92.0, 92.0, 1.0, ctrl, ctrl,
+                         finetune_best_epoch=3))
+        rows.append(_row("mnist", "accuracy", "foo", '{"K": 8}', seed, 91.9, 91.9, 8.0, ctrl, ctrl,
+                         finetune_best_epoch=kept))
+        rows.append(_row("mnist", "accuracy", "bar", '{"p": 1}', seed, 91.9, 91.9, 8.0, ctrl, ctrl,
+                         finetune_best_epoch=0))
+        rows.append(_row("mnist", "accuracy", "baz", '{"q": 1}', seed, 91.9, 91.9, 8.0, ctrl, ctrl))  # no fine-tune
+    md = write_report(rows_to_frame(rows), tmp_path).read_text()
+    table = {r["method"]: r for r in _table_dicts(_section(md, "## mnist (accuracy)"))}
+    assert table["foo"]["note"] == "fine-tune kept epoch 0 (2/3 seeds)"
+    assert table["bar"]["note"] == "fine-tune kept epoch 0 (3/3 seeds)"
+    assert table["baz"]["note"] == "" and table["dense_ft (control)"]["note"] == ""
+    assert "changed nothing" in _section(md, "## mnist (accuracy)")
+    head = {r["method"]: r for r in _table_dicts(_section(md, "## Headline"))}
+    assert head["foo"]["note"] == "fine-tune kept epoch 0 (2/3 seeds)"
+
+
+def test_infeasible_rows_have_their_own_table_and_are_not_failures(tmp_path):
+    rows = [r for r in synthetic_rows() if r["dataset"] == "mnist"]
+    reason = "Infeasible: ratio 1000 is below the smallest connected model (max 41.2x)"
+    for seed in SEEDS:
+        rows.append({"run_id": f"inf{seed}", "dataset": "mnist", "model": "kan", "basis": "bspline", "method": "prune",
+                     "method_config": '{"ratio": 1000}', "seed": seed, "status": "infeasible", "error": reason})
+    md = write_report(rows_to_frame(rows), tmp_path).read_text()
+    assert "Runs: 22 (18 ok, 1 failed, 0 diverged, 3 infeasible)" in md
+    (row,) = _table_dicts(_section(md, "## Infeasible settings"))
+    assert (row["dataset"], row["basis"], row["method"], row["config"]) == ("mnist", "bspline", "prune", "ratio=1000")
+    assert row["seeds"] == "0, 1, 2" and row["reason"] == reason
+    fail = _section(md, "## Failed and diverged runs")
+    assert "prune" not in fail and "seed0" in fail  # only the failed foo run
 
 
 def test_failed_run_listed_with_truncated_error(report):
@@ -140,6 +271,7 @@ def test_failed_run_listed_with_truncated_error(report):
     assert "RuntimeError: CUDA out of memory." in fail
     assert LONG_ERROR not in fail and "…" in fail
     assert "K=64" not in _section(md, "## mnist (accuracy)")  # failed rows never enter tables
+    assert "## Infeasible settings" not in md
 
 
 def test_plots_are_pngs_linked_from_markdown(report):
@@ -150,13 +282,58 @@ def test_plots_are_pngs_linked_from_markdown(report):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
 
 
-def test_single_seed_and_missing_dense_runs():
-    rows = [r for r in synthetic_rows() if r["status"] == "ok" and r["seed"] == 0 and r["method"] != "dense"]
+def test_single_seed_and_missing_control_runs():
+    rows = [r for r in synthetic_rows() if r["status"] == "ok" and r["seed"] == 0
+            and r["method"] not in ("dense", "dense_ft")]
     pts = aggregate(rows_to_frame(rows))
-    dense = pts[(pts["dataset"] == "mnist") & (pts["method"] == "dense")]
-    assert len(dense) == 1 and bool(dense["synthetic"].iloc[0])  # control built from dense_metric
-    assert dense["metric"].iloc[0] == pytest.approx(91.5)
+    mnist = pts[pts["dataset"] == "mnist"].set_index("method")
+    assert mnist.loc["dense_ft", "synthetic"] and mnist.loc["dense", "synthetic"]  # built from the run columns
+    assert mnist.loc["dense_ft", "metric"] == pytest.approx(92.0)  # control_metric
+    assert mnist.loc["dense_ft", "val_metric"] == pytest.approx(92.5)  # control_val_metric
+    assert mnist.loc["dense", "metric"] == pytest.approx(91.5)  # dense_metric
+    assert (pts["control"] == "dense_ft").all()
     assert pts["metric_std"].isna().all() or (pts["n_seeds"] == 1).all()
+
+
+def test_old_rows_fall_back_to_the_dense_control(tmp_path):
+    """No dense_ft and no control columns (an older runner): the dense runs' val_metric decides."""
+    drop = {"control_metric", "control_val_metric", "dense_val_metric", "finetune_best_epoch"}
+    rows = [{k: v for k, v in r.items() if k not in drop} for r in synthetic_rows()
+            if r["method"] != "dense_ft" and r["dataset"] == "mnist"]
+    for r in rows:
+        r["metric_delta"] = r.get("metric", np.nan) - r.get("dense_metric", np.nan) if r["status"] == "ok" else None
+    df = rows_to_frame(rows)
+    pts = aggregate(df)
+    assert (pts["control"] == "dense").all()
+    pts["within_tol"] = within_tolerance(pts)
+    foo = pts.set_index(["method", "config"])
+    assert foo.loc[("foo", "K=16"), "val_delta"] == pytest.approx(-0.5)  # vs dense val 92.5
+    assert foo.loc[("foo", "K=16"), "metric_delta"] == pytest.approx(-1.0)  # vs dense test 92.0
+    md = write_report(df, tmp_path).read_text()
+    assert "No `dense_ft` control in these rows" in md
+    assert _table_dicts(_section(md, "## mnist (accuracy)"))[0]["method"] == "dense (control)"
+
+
+def test_without_validation_metric_nothing_is_within_tolerance(tmp_path):
+    rows = [dict(r, val_metric=None, control_val_metric=None, dense_val_metric=None) for r in synthetic_rows()]
+    df = rows_to_frame(rows)
+    pts = aggregate(df)
+    assert not within_tolerance(pts).any()
+    md = write_report(df, tmp_path).read_text()
+    assert "no decision could be made on validation" in md
+    head = _table_dicts(_section(md, "## Headline"))
+    assert {r["best ratio within tol."] for r in head} == {"none"}
+    marks = {r["within tol. (val)"] for r in _table_dicts(_section(md, "## mnist (accuracy)"))}
+    assert marks == {"control", "—"}
+
+
+def test_ratio_below_one_is_never_headline_compression(tmp_path):
+    ctrl = (92.0, 92.0)
+    rows = [_row("mnist", "accuracy", m, c, s, 92.0, 92.0, ratio, ctrl, ctrl)
+            for s in SEEDS for m, c, ratio in (("dense_ft", "{}", 1.0), ("foo", '{"K": 1}', 0.99))]
+    md = write_report(rows_to_frame(rows), tmp_path).read_text()
+    (row,) = _table_dicts(_section(md, "## Headline"))
+    assert row["best ratio within tol."] == "none"
 
 
 def test_single_seed_renders_honestly(tmp_path):
@@ -179,15 +356,21 @@ def test_no_successful_runs(tmp_path, rows):
 def test_pareto_front_higher_is_better():
     pts = pd.DataFrame({"compression_ratio": [1, 2, 4, 8, 16, 8, 32],
                         "metric": [92, 92, 91, 91.5, 80, 85, float("nan")]})
-    front = pareto_front(pts, higher_is_better=True)
+    front = pareto_front(pts, higher_is_better=True, y="metric")
     assert list(zip(front["compression_ratio"], front["metric"])) == [(2, 92), (8, 91.5), (16, 80)]
 
 
 def test_pareto_front_lower_is_better():
     pts = pd.DataFrame({"compression_ratio": [1, 2, 4, 8, 16, 16],
                         "metric": [0.1, 0.1, 0.12, 0.11, 0.3, 0.3]})
-    front = pareto_front(pts, higher_is_better=False)
+    front = pareto_front(pts, higher_is_better=False, y="metric")
     assert list(zip(front["compression_ratio"], front["metric"])) == [(2, 0.1), (8, 0.11), (16, 0.3)]
+
+
+def test_pareto_front_is_chosen_on_validation_by_default():
+    pts = pd.DataFrame({"compression_ratio": [1, 4, 8], "val_metric": [92, 91, 90], "metric": [92, 80, 91]})
+    front = pareto_front(pts, higher_is_better=True)
+    assert list(front["compression_ratio"]) == [1, 4, 8]  # on test, 4× would be dominated by 8×
 
 
 def test_compact_config():
@@ -198,7 +381,7 @@ def test_compact_config():
 
 def test_method_with_no_point_within_tolerance_says_none(tmp_path):
     rows = [r for r in synthetic_rows() if r["status"] == "ok" and r["dataset"] == "mnist"
-            and (r["method"] == "dense" or r["method_config"] == '{"K": 4}')]
+            and (r["method"] in ("dense", "dense_ft") or r["method_config"] == '{"K": 4}')]
     md = write_report(rows_to_frame(rows), tmp_path).read_text()
     (row,) = _table_dicts(_section(md, "## Headline"))
     assert (row["method"], row["best ratio within tol."]) == ("foo", "none")
@@ -226,6 +409,8 @@ def test_budget_ladder_and_paper_claims(report):
     out, md = report
     ladder = _section(md, "## Best whole-model ratio by accuracy budget")
     assert "≤ 0.5 pt" in ladder and "≤ 1 pt" in ladder and "≤ 5% RMSE" in ladder
+    rows = {(r["dataset"], r["method"]): r for r in _table_dicts(ladder)}
+    assert rows["mnist", "foo"]["≤ 0.5 pt"] == "none" and rows["mnist", "foo"]["≤ 1 pt"].startswith("8.00×")
     claims = _section(md, "## Compared with the papers' headline claims")
     assert "80×" in claims and "124.1×" in claims and "MetaKAN" in claims
     assert "not measured" in claims  # no metacluster / metakan runs in the synthetic frame
