@@ -22,10 +22,12 @@ restarts, fixed ``random_state``) on a model's edge vectors and swaps every laye
 a :class:`bench.sources.CodebookSource` (centroids float32 + ``ceil(log2 K)``-bit indices).
 Scope ``layer`` (default) clusters each layer's edges separately; ``global`` clusters all
 layers' edges together into one codebook shared by every layer (:class:`SharedCodebookSource`,
-its centroids counted once, by the first layer). **K rule:** the codebook size used for a scope
-is ``min(K, number of distinct edge vectors in that scope)``; when a scope has no more distinct
-vectors than ``K`` every distinct vector becomes its own centroid (exact, inertia 0) and no
-empty or duplicate centroid is stored. :func:`codebook_param_groups` gives the centroid
+its centroids counted once, by the first layer). **K rule:** ``K`` larger than the number of
+edges in a scope (a layer, or all layers for ``global``) is :class:`~bench.errors.Infeasible`:
+such a codebook could never be filled. With enough edges but no more *distinct* edge vectors than
+``K`` (repeated vectors), the codebook size used is that number of distinct vectors: every
+distinct vector becomes its own centroid (exact, inertia 0) and no empty or duplicate centroid
+is stored (``k_used`` records it). :func:`codebook_param_groups` gives the centroid
 fine-tune groups (indices are buffers, so they stay frozen).
 """
 
@@ -41,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
+from .errors import Infeasible, UserError
 from .kan import KANLayer, kan_layers
 from .sources import CodebookSource, EdgeSource, StorageItem, float_item, index_bits, register_source
 
@@ -221,7 +223,8 @@ def kmeans_vectors(vectors: np.ndarray, k: int, n_init: int, seed: int):
 
     Returns ``(centroids [K_used, D] float32, labels [N] int64, inertia, K_used)`` with
     ``K_used = min(k, distinct rows)``. With no more distinct rows than ``k``, each distinct
-    row is its own centroid (exact).
+    row is its own centroid (exact). The caller checks ``k <= N`` (:func:`cluster_model` raises
+    :class:`~bench.errors.Infeasible` otherwise); this function itself accepts any ``k``.
     """
     from sklearn.cluster import KMeans
 
@@ -242,6 +245,10 @@ def cluster_model(model: nn.Module, k: int, scope: str = "layer", n_init: int = 
     Whatever the layer's current source (dense, generated, ...), the edge vectors it produces
     now are clustered; the old source (and a meta-learner with it) is dropped. Returns
     ``k_used`` and ``inertia`` per layer (scope ``global``: one each) and ``index_bits``.
+
+    Raises :class:`~bench.errors.Infeasible` when ``k`` exceeds the edges of a layer (scope
+    ``layer``) or of all layers together (``global``), before any layer is changed. Fewer
+    *distinct* edge vectors than ``k`` is not an error: ``k_used`` is then that number (exact).
     """
     if scope not in ("layer", "global"):
         raise UserError(f"cluster scope must be 'layer' or 'global', got {scope!r}")
@@ -252,6 +259,10 @@ def cluster_model(model: nn.Module, k: int, scope: str = "layer", n_init: int = 
         vecs = [layer.edge_tensor().detach().float().cpu() for _, layer in layers]
     info = {"k_requested": int(k), "scope": scope}
     if scope == "layer":
+        for name, layer in layers:
+            n = layer.out_features * layer.in_features
+            if k > n:
+                raise Infeasible(f"K={k} exceeds the {n} edges of layer {name}; at most {n}")
         info["k_used"], info["inertia"], info["index_bits"] = {}, {}, {}
         for (name, layer), v in zip(layers, vecs):
             cent, labels, inertia, k_used = kmeans_vectors(v.reshape(-1, layer.edge_dim).numpy(), k, n_init, seed)
@@ -263,6 +274,9 @@ def cluster_model(model: nn.Module, k: int, scope: str = "layer", n_init: int = 
     dims = {layer.edge_dim for _, layer in layers}
     if len(dims) > 1:
         raise UserError(f"a global codebook needs one edge size across layers, got {sorted(dims)}")
+    n = sum(layer.out_features * layer.in_features for _, layer in layers)
+    if k > n:
+        raise Infeasible(f"K={k} exceeds the {n} edges of all layers (global codebook); at most {n}")
     allv = torch.cat([v.reshape(-1, layers[0][1].edge_dim) for v in vecs]).numpy()
     cent, labels, inertia, k_used = kmeans_vectors(allv, k, n_init, seed)
     shared = nn.Parameter(torch.from_numpy(cent))
@@ -284,10 +298,11 @@ def _on(src: EdgeSource, layer: KANLayer) -> EdgeSource:
     return src.to(dev) if dev is not None else src
 
 
-def codebook_param_groups(model: nn.Module, lr: float, tune_rest: bool = False) -> list[dict]:
-    """Fine-tune groups after clustering: every codebook's centroids at ``lr`` (indices are
-    buffers and stay frozen); with ``tune_rest`` also the biases and norm parameters. Every
-    parameter not in a group gets ``requires_grad=False``."""
+def codebook_param_groups(model: nn.Module, lr: float | None = None, tune_rest: bool = False) -> list[dict]:
+    """Fine-tune groups after clustering: every codebook's centroids at ``lr`` (None: the
+    fine-tune's rate, i.e. the shared rule) (indices are buffers and stay frozen); with
+    ``tune_rest`` also the biases and norm parameters. Every parameter not in a group gets
+    ``requires_grad=False``."""
     cent, seen = [], set()
     for _, layer in kan_layers(model):
         c = getattr(layer.source, "centroids", None)
@@ -300,7 +315,8 @@ def codebook_param_groups(model: nn.Module, lr: float, tune_rest: bool = False) 
     tuned = seen | {id(p) for p in rest}
     for p in model.parameters():
         p.requires_grad_(id(p) in tuned)
-    return [{"params": cent, "lr": lr}, {"params": rest, "lr": lr}]
+    rate = {} if lr is None else {"lr": lr}
+    return [{"params": cent, **rate}, {"params": rest, **rate}]
 
 
 def codebook_bits(model: nn.Module) -> int:
@@ -364,11 +380,13 @@ class ClusterOptions:
     n_init: int = field(default=4, metadata={"min": 1, "max": 100, "help": "K-means restarts"})
     finetune_epochs: int | None = field(default=None, metadata={
         "min": 0, "help": "centroid fine-tune epochs; default (None) the sweep's finetune budget"})
-    finetune_lr: float = field(default=1e-3, metadata={"help": "AdamW lr of the centroid fine-tune"})
+    finetune_lr: float | None = field(default=None, metadata={
+        "help": "peak lr of the centroid fine-tune; default (None) the shared rule, finetune_lr_scale x lr"})
     tune_rest: bool = field(default=False, metadata={"help": "also fine-tune biases and norms"})
 
     def validate(self):
-        positive("finetune_lr", self.finetune_lr)
+        if self.finetune_lr is not None:
+            positive("finetune_lr", self.finetune_lr)
 
 
 class GeneratorStage:

@@ -38,6 +38,7 @@ from .config import build_config, to_dict
 from .errors import unknown
 
 METHODS: dict[str, type[Method]] = {}
+DEFAULT_FINETUNE_LR_SCALE = 0.1  # the sweep's default finetune_lr_scale (bench.sweep.TrainBudget)
 
 
 def register_method(name: str):
@@ -63,9 +64,13 @@ class CompressContext:
     finetune_epochs: int
     seed: int
     device: Any
-    finetune_lr: float = 1e-4  # the shared rule: the sweep's finetune_lr_scale * lr
+    finetune_lr: float | None = None  # the shared rule: the sweep's finetune_lr_scale * lr (None: 0.1 * lr)
     info: dict = dataclasses.field(default_factory=dict)  # the method may record extra results here
     finetunes: list = dataclasses.field(default_factory=list)  # FitResult of every ctx.finetune call
+
+    def __post_init__(self):
+        if self.finetune_lr is None:
+            self.finetune_lr = DEFAULT_FINETUNE_LR_SCALE * self.trainer.lr
 
     @property
     def splits(self):

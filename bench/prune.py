@@ -12,7 +12,10 @@ Applying: :class:`MaskedSource` keeps only the surviving edge vectors (float32) 
 pattern at whichever is cheaper, a 1-bit-per-edge mask (``uint1``, ``out * in`` bits) or a sorted
 index list (``uint<ceil(log2(out * in))>`` per survivor). :func:`plan_selection` solves for the
 number of kept edges from that exact bit formula, so a requested coefficient compression ratio is
-met from below by at most one edge's worth of bits.
+met from below (usually within one edge's worth of bits: one more edge can connect a few others).
+Every plan is *connected*: each kept edge lies on an input-to-output path, and the smallest plan is
+the best-scoring single path (one edge per layer). A budget below that raises
+:class:`~bench.errors.Infeasible`.
 
 Structured result (fully connected ``KAN`` whose bases act on each input separately; not for the RBF
 basis with LayerNorm, whose normalisation couples a layer's inputs, nor ConvKAN, where a constant
@@ -26,11 +29,12 @@ rebuilds the layers at the smaller widths with exactly the same outputs.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import Infeasible
 from .kan import KAN, KANLayer, kan_layers
 from .sources import EdgeSource, StorageItem, float_item, index_bits, register_source
 
@@ -353,61 +357,164 @@ def _prefix_masks(orders, shapes, counts) -> list[torch.Tensor]:
     return masks
 
 
+def chain_links(shapes) -> list[int] | None:
+    """How the layers ``shapes = [(out_l, in_l), ...]`` connect: ``links[l]`` inputs of layer ``l``
+    read each output node of layer ``l - 1`` (``in_l = out_{l-1} * links[l]``, input ``i`` reads
+    node ``i // links[l]``): 1 for a KAN, ``kernel^2`` for a KAN convolution after a convolution
+    (channel-major patches), 1 for the ConvKAN head. ``links[0] = 1`` (model inputs). None when the
+    sizes do not chain (then no connectivity is assumed)."""
+    links = [1]
+    for (out_prev, _), (_, inp) in zip(shapes[:-1], shapes[1:]):
+        if inp % out_prev:
+            return None
+        links.append(inp // out_prev)
+    return links
+
+
+def connected_masks(masks: list[torch.Tensor], links: list[int]) -> list[torch.Tensor]:
+    """Only the kept edges that lie on an input-to-output path (:func:`chain_links` tells which node
+    an input reads). For a KAN (all links 1) this is :func:`clean_chain` without folding."""
+    reach = torch.ones(masks[0].shape[1], dtype=torch.bool)  # inputs of layer l reachable from the model inputs
+    reach_in = []
+    for m, g in zip(masks, links):
+        if len(reach_in):
+            reach = reach.repeat_interleave(g)
+        reach_in.append(reach)
+        reach = (m & reach.unsqueeze(0)).any(1)
+    co = torch.ones(masks[-1].shape[0], dtype=torch.bool)  # outputs of layer l that reach the model outputs
+    co_out = [co]
+    for k in range(len(masks) - 1, 0, -1):
+        read = (masks[k] & co.unsqueeze(1)).any(0)  # inputs of layer k read on a path to the outputs
+        co = read.reshape(masks[k - 1].shape[0], links[k]).any(1)
+        co_out.insert(0, co)
+    return [m & r.unsqueeze(0) & c.unsqueeze(1) for m, r, c in zip(masks, reach_in, co_out)]
+
+
+def best_path(scores: list[torch.Tensor], alive: list[torch.Tensor], links: list[int]) -> list[tuple[int, int]] | None:
+    """The input-to-output path of alive edges, one per layer, with the largest sum of scores
+    (dynamic programming over the nodes); ``[(o, i), ...]`` per layer, None if there is none."""
+    best = torch.zeros(scores[0].shape[1], dtype=torch.float64)  # best score of a path ending at each input
+    back = []
+    for k, (s, a) in enumerate(zip(scores, alive)):
+        if k:
+            best = best.repeat_interleave(links[k])
+        tot = torch.where(a, s.double(), torch.full_like(s, -math.inf, dtype=torch.float64)) + best.unsqueeze(0)
+        best, arg = tot.max(1)
+        back.append(arg)
+    if not bool(torch.isfinite(best).any()):
+        return None
+    o = int(torch.argmax(torch.where(torch.isfinite(best), best, torch.full_like(best, -math.inf))))
+    path = []
+    for k in range(len(scores) - 1, -1, -1):
+        i = int(back[k][o])
+        path.append((o, i))
+        o = i // links[k]
+    return path[::-1]
+
+
+def plan_bits(masks: list[torch.Tensor], edge_dims: list[int], structured: bool = False) -> int:
+    """Stored coefficient bits of masked layers (``structured``: at the widths left after dead-node
+    removal; the masks must be cleaned)."""
+    shapes = structured_shapes(masks) if structured else [tuple(m.shape) for m in masks]
+    return sum(masked_layer_bits(o, i, e, int(m.sum())) for (o, i), e, m in zip(shapes, edge_dims, masks))
+
+
+def smallest_connected_bits(shapes, edge_dims: list[int], structured: bool = False) -> int:
+    """Stored coefficient bits of the smallest connected model: one edge per layer on one
+    input-to-output path (the same for every path)."""
+    masks = []
+    for out, inp in shapes:  # edge (0, 0) of every layer: input 0 reads node 0 whatever the links
+        m = torch.zeros(out, inp, dtype=torch.bool)
+        m[0, 0] = True
+        masks.append(m)
+    return plan_bits(masks, edge_dims, structured)
+
+
 def plan_selection(scores: list[torch.Tensor], alive: list[torch.Tensor], edge_dims: list[int], budget_bits: int,
                    scope: str = "global", structured: bool = False) -> tuple[list[torch.Tensor], int]:
-    """Keep-masks whose exact stored coefficient bits are the largest not above ``budget_bits``.
+    """Connected keep-masks whose exact stored coefficient bits are the largest not above ``budget_bits``.
 
-    ``global``: the top-``t`` alive edges over all layers by score; ``layer``: the top
-    ``round(t * n_l / N)`` alive edges of every layer (same kept fraction everywhere). At least one
-    edge per layer is kept. ``structured`` counts the bits after :func:`clean_chain` and dead-node
-    removal (what a cleaned model stores). Binary search on ``t``; returns (masks, bits).
+    Every plan is connected: each kept edge lies on a path from the inputs to the outputs (layers
+    chained as :func:`chain_links` says). The smallest plan is the best-scoring single path of
+    alive edges, one per layer (:func:`best_path`). Larger plans add the top-``t`` alive edges by
+    score to it, ``global``: over all layers, ``layer``: ``round(t * n_l / N)`` of every layer
+    (same kept fraction everywhere), then drop the edges not on a path (they are never counted;
+    a later edge may connect them). ``structured`` counts the bits at the widths left after
+    dead-node removal (what a cleaned model stores). The bits grow with ``t``: binary search.
+    Returns (masks, bits). Layers that do not chain (:func:`chain_links` is None) get their best
+    edge each as the minimum and no connectivity pruning.
+
+    Raises :class:`~bench.errors.Infeasible` when even the smallest connected model is above the
+    budget or the alive edges hold no path.
     """
     shapes = [tuple(s.shape) for s in scores]
-    scores = [s.detach().float().cpu().reshape(-1) for s in scores]
-    alive = [a.detach().cpu().reshape(-1) for a in alive]
+    scores = [s.detach().float().cpu() for s in scores]
+    alive = [a.detach().cpu().bool().reshape(s.shape) for a, s in zip(alive, scores)]
+    links = chain_links(shapes)
+    if structured and links != [1] * len(shapes):
+        raise ValueError("a structured plan needs a fully connected KAN chain")
+    if links is not None:
+        alive = connected_masks(alive, links)
+        path = best_path(scores, alive, links)
+    else:
+        path = None if min(int(a.sum()) for a in alive) < 1 else [
+            divmod(int(torch.where(a, s, torch.full_like(s, -math.inf)).argmax()), s.shape[1])
+            for s, a in zip(scores, alive)]
+    if path is None:
+        raise Infeasible("pruning needs an input-to-output path of surviving edges, but this model has none")
+    base = []
+    for (out, inp), (o, i) in zip(shapes, path):
+        m = torch.zeros(out, inp, dtype=torch.bool)
+        m[o, i] = True
+        base.append(m)
+    flat = [s.reshape(-1) for s in scores]
     n_alive = [int(a.sum()) for a in alive]
-    if min(n_alive) < 1:
-        raise UserError("every layer needs at least one surviving edge to prune from")
     orders = []
-    for s, a in zip(scores, alive):
-        s = torch.where(a, s, torch.full_like(s, -math.inf))
+    for s, a in zip(flat, alive):
+        s = torch.where(a.reshape(-1), s, torch.full_like(s, -math.inf))
         orders.append(torch.argsort(s, descending=True, stable=True)[: int(a.sum())])
     total = sum(n_alive)
-    sizes = [s.numel() for s in scores]
+    sizes = [s.numel() for s in flat]
 
     # global: the layer owning each edge, in descending score order over all layers
     owner = torch.cat([torch.full((na,), i) for i, na in enumerate(n_alive)])
-    owner = owner[torch.argsort(torch.cat([s[o] for s, o in zip(scores, orders)]), descending=True, stable=True)]
+    owner = owner[torch.argsort(torch.cat([s[o] for s, o in zip(flat, orders)]), descending=True, stable=True)]
 
     def counts_for(t: int) -> list[int]:
         if scope == "layer":
-            return [min(na, max(1, round(t * n / sum(sizes)))) for na, n in zip(n_alive, sizes)]
-        # top-t over all layers, but each layer keeps at least its best edge
-        return [max(1, int(c)) for c in torch.bincount(owner[:t], minlength=len(sizes))]
+            return [min(na, round(t * n / sum(sizes))) for na, n in zip(n_alive, sizes)]
+        return [int(c) for c in torch.bincount(owner[:t], minlength=len(sizes))]
 
-    def bits(t: int) -> tuple[int, list[torch.Tensor]]:
-        masks = _prefix_masks(orders, shapes, counts_for(t))
-        new_shapes = shapes
-        if structured:  # cleaned masks; dead nodes then carry no edges and leave the layer shapes
-            masks = clean_chain(masks)
-            new_shapes = structured_shapes(masks)
-        kept = [int(m.sum()) for m in masks]
-        return sum(masked_layer_bits(o, i, e, k) for (o, i), e, k in zip(new_shapes, edge_dims, kept)), masks
+    def plan(t: int) -> tuple[int, list[torch.Tensor]]:
+        masks = [m | b for m, b in zip(_prefix_masks(orders, shapes, counts_for(t)), base)]
+        if links is not None:
+            masks = connected_masks(masks, links)
+        return plan_bits(masks, edge_dims, structured), masks
 
-    lo, hi = len(sizes), total
-    b_lo, m_lo = bits(lo)
-    if b_lo > budget_bits:
-        raise UserError(f"pruning budget of {budget_bits} coefficient bits is below the {b_lo} bits of one edge "
-                        f"per layer; ask for a smaller ratio")
-    best_b, best_m = b_lo, m_lo
+    lo, hi = 0, total
+    best_b, best_m = plan(0)
+    if best_b > budget_bits:
+        dense = sum(o * i * e * FLOAT_BITS for (o, i), e in zip(shapes, edge_dims))
+        raise Infeasible(f"pruning budget of {budget_bits} coefficient bits is below the {best_b} bits of the "
+                         f"smallest connected model (1 edge per layer); largest feasible coefficient ratio "
+                         f"{floor_sig(dense / best_b)}")
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        b, m = bits(mid)
+        b, m = plan(mid)
         if b <= budget_bits:
             lo, best_b, best_m = mid, b, m
         else:
             hi = mid - 1
     return best_m, best_b
+
+
+def floor_sig(x: float, digits: int = 3) -> str:
+    """``x`` rounded *down* to ``digits`` significant digits (so the printed ratio is still feasible)."""
+    if not math.isfinite(x) or x <= 0:
+        return f"{x:g}"
+    decimals = digits - 1 - math.floor(math.log10(x))
+    v = math.floor(Fraction(x) * Fraction(10) ** decimals) / Fraction(10) ** decimals
+    return f"{float(v):.{max(decimals, 0)}f}"
 
 
 # ----------------------------------------------------------------------------- cost

@@ -53,7 +53,7 @@ from .bases import BASES, make_basis
 from .config import build_config
 from .data import DATASETS, get_dataset
 from .errors import UserError, unknown
-from .methods import METHODS, get_method_class
+from .methods import DEFAULT_FINETUNE_LR_SCALE, METHODS, get_method_class
 from .models import MODELS, compatible, model_options
 
 SWEEPS_DIR = Path(__file__).resolve().parent / "sweeps"
@@ -77,7 +77,7 @@ class TrainBudget:
     finetune_epochs: int = field(default=2, metadata={"min": 0})
     batch_size: int = field(default=64, metadata={"min": 1})
     lr: float = field(default=1e-3, metadata={"min": 0.0})
-    finetune_lr_scale: float = field(default=0.1, metadata={
+    finetune_lr_scale: float = field(default=DEFAULT_FINETUNE_LR_SCALE, metadata={
         "min": 0.0, "max": 1.0, "help": "fine-tune peak lr as a fraction of lr (one rule for every method)"})
     schedule: str = field(default="cosine", metadata={"choices": ["cosine", "constant"],
                                                       "help": "learning-rate schedule of training and fine-tune"})

@@ -22,7 +22,10 @@ for the batch at hand and runs the cheapest:
 All four are the same linear map (tested against the rebuilt tensor, values and gradients).
 
 :func:`resolve_ranks` turns ranks given as absolute ints or fractions of each mode into ints,
-with a :class:`~bench.errors.UserError` naming the mode for a rank that cannot be.
+a fraction rounded up but never below 2 (or the whole mode when it is smaller than 2): a rank-1
+mode would turn every edge of a small layer into one shared function. A malformed rank is a
+:class:`~bench.errors.UserError`; an absolute rank above its mode's size on this model is
+:class:`~bench.errors.Infeasible` (naming the mode, its size and the tensor shape).
 :meth:`TuckerSource.from_tensor` decomposes a trained edge tensor with tensorly's ``tucker``
 (HOOI, SVD initialisation) on the PyTorch backend, restoring tensorly's backend afterwards.
 """
@@ -35,20 +38,23 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import Infeasible, UserError
 from .sources import EdgeSource, StorageItem, float_item, register_source
 
 MODES = ("out", "in", "basis")
+MIN_FRACTION_RANK = 2  # a fractional rank keeps at least this many (or the whole mode if smaller)
 ORDERS = ("basis_first", "in_first", "merged", "full")
 
 
 def resolve_ranks(shape, ranks) -> tuple[int, int, int]:
     """Ranks for an ``[out, in, n+1]`` tensor from three numbers: an ``int`` is an absolute rank,
-    a ``float`` in ``(0, 1]`` a fraction of that mode's size (rounded up, at least 1).
+    a ``float`` in ``(0, 1]`` a fraction of that mode's size, rounded up and at least
+    ``min(2, size)`` (:data:`MIN_FRACTION_RANK`).
 
-    Raises UserError for the wrong count, a rank ``<= 0``, a fraction above 1, or an absolute
-    rank larger than its mode's size (naming the mode). A rank above the product of the other
-    two is lowered to that product (it could not be used).
+    Raises UserError for the wrong count, a rank ``<= 0`` or a fraction above 1, and
+    :class:`~bench.errors.Infeasible` for an absolute rank larger than its mode's size (naming
+    the mode, its size and the tensor shape). A rank above the product of the other two is then
+    lowered to that product (it could not be used).
     """
     ranks = list(ranks)
     if len(ranks) != 3:
@@ -63,11 +69,11 @@ def resolve_ranks(shape, ranks) -> tuple[int, int, int]:
             if r > 1:
                 raise UserError(f"fractional Tucker rank for mode {mode!r} must be in (0, 1], got {r!r}; "
                                 f"give an int for an absolute rank")
-            out.append(max(1, math.ceil(r * size - 1e-9)))
+            out.append(max(min(MIN_FRACTION_RANK, size), math.ceil(r * size - 1e-9)))
         else:
             if r > size:
-                raise UserError(f"Tucker rank {r} for mode {mode!r} exceeds that mode's size {size} "
-                                f"(tensor shape {list(shape)})")
+                raise Infeasible(f"Tucker rank {r} for mode {mode!r} exceeds that mode's size {size} in tensor "
+                                 f"shape {list(shape)}; largest feasible rank {size}")
             out.append(int(r))
     # A mode's unfolding has rank <= the product of the other two ranks, so a larger rank adds
     # storage but no expressiveness: reduce it (requested_ratio() keeps the rank as asked).
@@ -89,8 +95,10 @@ def check_rank_spec(ranks) -> None:
 
 
 def nominal_ranks(shape, ranks) -> tuple[float, float, float]:
-    """The ranks as asked, before rounding (a fraction times the mode size; ints as they are)."""
-    return tuple(float(r) * s if isinstance(r, float) else float(r) for r, s in zip(ranks, shape))
+    """The ranks as asked, before rounding up: a fraction times the mode size, but at least the
+    ``min(2, size)`` every fraction resolves to (:func:`resolve_ranks`); ints as they are."""
+    return tuple(max(float(min(MIN_FRACTION_RANK, s)), float(r) * s) if isinstance(r, float) else float(r)
+                 for r, s in zip(ranks, shape))
 
 
 def tucker_count(shape, ranks) -> float:
@@ -287,8 +295,9 @@ def tucker_param_groups(model: nn.Module, base_lr: float, rule: str = "balanced"
 
 
 def requested_coef_ratio(shapes, ranks) -> float | None:
-    """Dense edge values over the Tucker values the ranks ask for (fractions not rounded, no
-    redundant rank lowered), summed over the layers ``shapes``; None before any layer is seen."""
+    """Dense edge values over the Tucker values the ranks ask for (:func:`nominal_ranks`: fractions
+    not rounded up but at least ``min(2, size)``, no redundant rank lowered), summed over the layers
+    ``shapes``; None before any layer is seen."""
     if not shapes:
         return None
     dense = sum(math.prod(s) for s in shapes)
@@ -310,7 +319,8 @@ def model_speedup(model: nn.Module, batch: int) -> float:
     return dense / tucker
 
 
-RANKS_HELP = "Tucker ranks (out, in, basis): ints are absolute, floats in (0, 1] fractions of the mode"
+RANKS_HELP = ("Tucker ranks (out, in, basis): ints are absolute (at most the mode's size), floats in (0, 1] "
+              "fractions of the mode (rounded up, at least 2 or the whole mode)")
 
 
 @dataclass

@@ -5,7 +5,8 @@ The cached dense base KAN is compressed exactly as MetaCluster compresses its ge
 run's derived compress seed) on the trained edge vectors, per layer or one global codebook;
 every layer's source becomes a codebook (centroids ``[K, n+1]`` float32 + indices at
 ``ceil(log2 K)`` bits); then the centroids are fine-tuned with the indices frozen
-(``finetune_epochs``, None = the sweep's budget, at ``finetune_lr``; ``tune_rest`` also tunes
+(``finetune_epochs``, None = the sweep's budget, at ``finetune_lr``, None = the shared fine-tune
+rule ``finetune_lr_scale x lr``; ``tune_rest`` also tunes
 biases and norms), selecting on validation. ``K=None`` means 16 for ``kan`` and 256 for
 ``convkan``, as for MetaCluster. Side by side with ``metacluster`` this shows what the
 meta-learner's pre-shaping of the edge vectors buys.
@@ -30,6 +31,6 @@ class KMeansSharing(Method):
         ctx.info["val_dense"] = ctx.trainer.evaluate(model, "val")
         ctx.info.update(meta.cluster_model(model, k, c.scope, c.n_init, ctx.seed))
         ctx.info["val_clustered"] = ctx.trainer.evaluate(model, "val")
-        fit = ctx.finetune(model, meta.codebook_param_groups(model, c.finetune_lr, c.tune_rest),
+        fit = ctx.finetune(model, meta.codebook_param_groups(model, tune_rest=c.tune_rest), lr=c.finetune_lr,
                            epochs=c.finetune_epochs, desc="kmeans centroids")
         ctx.info.update(val_finetuned=fit.best_val, finetune_best_epoch=fit.best_epoch)

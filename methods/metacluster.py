@@ -10,11 +10,13 @@
    global codebook; every layer's source becomes a codebook (centroids ``[K, n+1]`` float32 +
    indices at ``ceil(log2 K)`` bits). The meta-learner and embeddings are dropped: the deployed
    model does not store them. ``K=None`` means the paper's default, 16 for ``kan`` and 256 for
-   ``convkan`` (from the model's config); a scope with fewer distinct edge vectors than ``K``
-   keeps each distinct vector as its own centroid.
+   ``convkan`` (from the model's config). ``K`` above the number of edges in a scope is
+   infeasible (recorded as such); a scope with at least ``K`` edges but fewer distinct vectors
+   keeps each distinct vector as its own centroid (an exact codebook, ``k_used`` < K).
 3. **Fine-tune** the centroids with the indices frozen, ``finetune_epochs`` (None: the sweep's
-   shared fine-tune budget) at ``finetune_lr``; ``tune_rest`` also tunes biases and norms. The
-   best epoch is selected on validation (epoch 0, no fine-tuning, included).
+   shared fine-tune budget) at ``finetune_lr`` (None: the shared rule, ``finetune_lr_scale x
+   lr``); ``tune_rest`` also tunes biases and norms. The best epoch is selected on validation
+   (epoch 0, no fine-tuning, included).
 
 ``ctx.info`` records K requested/used, the K-means inertia, index bits, the meta-learner's
 parameter count and the validation score after each step.
@@ -51,6 +53,6 @@ class MetaCluster(meta.GeneratorStage, Method):
                         val_generated=ctx.trainer.evaluate(model, "val"))
         ctx.info.update(meta.cluster_model(model, k, c.scope, c.n_init, ctx.seed))  # drops the meta-learner
         ctx.info["val_clustered"] = ctx.trainer.evaluate(model, "val")
-        fit = ctx.finetune(model, meta.codebook_param_groups(model, c.finetune_lr, c.tune_rest),
+        fit = ctx.finetune(model, meta.codebook_param_groups(model, tune_rest=c.tune_rest), lr=c.finetune_lr,
                            epochs=c.finetune_epochs, desc="metacluster centroids")
         ctx.info.update(val_finetuned=fit.best_val, finetune_best_epoch=fit.best_epoch)

@@ -6,7 +6,10 @@ Recipe (mechanisms in :mod:`bench.prune`):
    activation scale on a calibration batch of training data, propagated back from the outputs).
 2. Select, globally or with the same kept fraction in every layer, the most edges whose exact
    stored bits fit the budget: survivors at float32 plus the cheaper of a 1-bit mask and index
-   lists at ``ceil(log2(out * in))`` bits per survivor.
+   lists at ``ceil(log2(out * in))`` bits per survivor. Only edges on an input-to-output path
+   are kept (and counted); the best-scoring single path is always kept. A ratio whose budget is
+   below that smallest connected model (one edge per layer) is :class:`~bench.errors.Infeasible`,
+   and the message names the largest feasible ratio.
 3. Fine-tune the survivors with the mask fixed (``ctx.finetune``). With ``steps > 1`` the ratio is
    reached geometrically (``ratio^(t/steps)``), re-scoring and fine-tuning after every step; the
    shared fine-tune budget is split over the steps.
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.errors import UserError
+from bench.errors import Infeasible, UserError
 from bench.kan import kan_layers
 from bench.methods import Method, register_method
 from bench.prune import (
@@ -39,10 +42,12 @@ from bench.prune import (
     coef_dense_bits,
     edge_macs,
     edge_masks,
+    floor_sig,
     layer_positions,
     magnitude_scores,
     plan_selection,
     remove_dead_nodes,
+    smallest_connected_bits,
 )
 from bench.storage import storage_report
 
@@ -80,6 +85,22 @@ class Prune(Method):
         idx = torch.randperm(x.shape[0], generator=g)[: self.config.calib_samples].to(x.device)
         return attribution_scores(model, x[idx])
 
+    def _check_feasible(self, layers, structured, dense_bits, model_dense_bits, other_bits):
+        """Infeasible (one line: the bits asked, the smallest connected model's, the largest
+        feasible ratio) when the final ratio's budget is below one edge per layer on one path."""
+        cfg = self.config
+        least = smallest_connected_bits([(la.out_features, la.in_features) for la in layers],
+                                        [la.edge_dim for la in layers], structured)
+        if cfg.target == "coef":
+            budget, largest, what = int(dense_bits / cfg.ratio), dense_bits / least, ""
+        else:
+            budget = int(model_dense_bits / cfg.ratio - other_bits)
+            largest, what = model_dense_bits / (least + other_bits), " (target=model)"
+        if least > budget:
+            raise Infeasible(f"prune ratio {cfg.ratio:g}{what} needs <= {budget} coefficient bits but the smallest "
+                             f"connected model (1 edge per layer) stores {least}; largest feasible ratio "
+                             f"{floor_sig(largest)}")
+
     def compress(self, model, ctx):
         cfg = self.config
         layers = [layer for _, layer in kan_layers(model)]
@@ -90,6 +111,7 @@ class Prune(Method):
         rep0 = storage_report(model)
         other_bits = rep0.stored_bits - rep0.coef_stored_bits  # biases, knots, norms (node removal only lowers them)
         dense_edges = [la.out_features * la.in_features for la in layers]
+        self._check_feasible(layers, structured, dense_bits, rep0.dense_bits, other_bits)
         base, extra = divmod(ctx.finetune_epochs, cfg.steps)
         history = []
         for t in range(1, cfg.steps + 1):
@@ -97,9 +119,9 @@ class Prune(Method):
             budget = dense_bits / target if cfg.target == "coef" else rep0.dense_bits / target - other_bits
             masks, bits = plan_selection(self._scores(model, ctx), edge_masks(model), [la.edge_dim for la in layers],
                                          int(budget), cfg.scope, structured)
-            if bits == 0:
-                raise UserError(f"pruning to {target:.3g}x leaves no connected path from the inputs to the outputs "
-                                "of this model; ask for a smaller ratio")
+            if bits == 0:  # cannot happen: every plan holds a path (kept as a guard)
+                raise Infeasible(f"prune ratio {target:.3g} leaves no connected path from the inputs to the outputs "
+                                 "of this model")
             apply_masks(model, masks, clean=structured)
             epochs = base + (1 if t <= extra else 0)
             if epochs > 0:

@@ -9,18 +9,23 @@ import struct
 import pytest
 import torch
 
-from bench.errors import UserError
-from bench.kan import KAN, kan_layers
+from bench.errors import Infeasible, UserError
+from bench.kan import KAN, ConvKAN, kan_layers
 from bench.methods import METHODS
 from bench.prune import (
     MaskedSource,
     apply_masks,
     attribution_scores,
+    chain_links,
+    clean_chain,
     coef_dense_bits,
+    connected_masks,
     edge_masks,
     magnitude_scores,
+    plan_bits,
     plan_selection,
     remove_dead_nodes,
+    smallest_connected_bits,
 )
 from bench.quant import FakeQuantSource, QuantSource
 from bench.registry import load_plugins
@@ -261,8 +266,105 @@ def test_prune_bad_hyperparameters_and_infeasible_budget(big):
     for bad in ({"ratio": 1.0}, {"ratio": 0.5}, {"score": "random"}, {"scope": "row"}, {"steps": 0}):
         with pytest.raises(UserError):
             METHODS["prune"](**bad)
-    with pytest.raises(UserError, match="smaller ratio"):
+    with pytest.raises(Infeasible, match="below the 602 bits of the smallest connected model"):
         plan_selection(magnitude_scores(big), edge_masks(big), [E, E], 100)
+
+
+def test_prune_ratio_above_smallest_connected_model_is_infeasible():
+    # KAN [2, 8, 1], edge_dim 9: one path is [1, 2] + [1, 1] after node removal,
+    # 2 * 9 * 32 + min(2, 1) + min(1, 1) = 578 bits of 6912 -> largest feasible coef ratio 11.96
+    small = KAN([2, 8, 1], "bspline")
+    assert smallest_connected_bits([(8, 2), (1, 8)], [E, E], structured=True) == 578
+    assert smallest_connected_bits([(8, 2), (1, 8)], [E, E], structured=False) == 583  # + mask/index of full layers
+    with pytest.raises(Infeasible, match="below the 578 bits"):
+        plan_selection(magnitude_scores(small), edge_masks(small), [E, E], 577, structured=True)
+    masks, bits = plan_selection(magnitude_scores(small), edge_masks(small), [E, E], 578, structured=True)
+    assert bits == 578 and [int(m.sum()) for m in masks] == [1, 1]
+    method = METHODS["prune"](ratio=16.0)
+    layers = [la for _, la in kan_layers(small)]
+    with pytest.raises(Infeasible) as err:
+        method._check_feasible(layers, True, coef_dense_bits(small), 10_000, 0)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg == ("prune ratio 16 needs <= 432 coefficient bits but the smallest connected model (1 edge per layer) "
+                   "stores 578; largest feasible ratio 11.9")
+    METHODS["prune"](ratio=11.9)._check_feasible(layers, True, coef_dense_bits(small), 10_000, 0)  # feasible
+
+
+def test_prune_one_plus_one_plan_is_a_connected_path():
+    torch.manual_seed(11)
+    model = KAN([2, 8, 1], "bspline")
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.bias.normal_()
+    # the top edge of each layer does not connect: layer 0's best reaches node 3, layer 1's best reads node 5
+    s0, s1 = torch.rand(8, 2) * 0.5, torch.rand(1, 8) * 0.5
+    s0[3, 1], s1[0, 5] = 10.0, 10.0
+    s0[5, 0], s1[0, 3] = 2.0, 1.0  # paths: 0 -> 5 -> out sums 12, 1 -> 3 -> out sums 11
+    budget = 600  # fits 2 edges (578 bits), not 3 (>= 866)
+    for structured in (True, False):
+        masks, bits = plan_selection([s0, s1], edge_masks(model), [E, E], budget, structured=structured)
+        assert [m.nonzero().tolist() for m in masks] == [[[5, 0]], [[0, 5]]]
+        assert bits == (578 if structured else 583)
+    m = copy.deepcopy(model)
+    apply_masks(m, masks, clean=True)
+    assert remove_dead_nodes(m) == [7] and m.widths == [2, 1, 1]
+    assert storage_report(m).coef_stored_bits == 578
+    x = torch.zeros(64, 2)
+    x[:, 0] = torch.linspace(-1.5, 1.5, 64)
+    y = m(x).detach().reshape(-1)
+    assert float(y.std()) > 1e-4  # depends on input 0 ...
+    x2 = x.clone()
+    x2[:, 1] = 0.7
+    assert torch.equal(m(x2).detach().reshape(-1), y)  # ... and not on input 1 (no edge reads it)
+
+
+def _is_connected(masks, links):
+    return all(torch.equal(a, b) for a, b in zip(connected_masks(masks, links), masks))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plans_are_always_connected(seed):
+    g = torch.Generator().manual_seed(seed)
+    widths = [int(w) for w in torch.randint(2, 9, (int(torch.randint(2, 5, (1,), generator=g)) + 1,), generator=g)]
+    shapes = [(o, i) for i, o in zip(widths[:-1], widths[1:])]
+    links = chain_links(shapes)
+    assert links == [1] * len(shapes)
+    dense = sum(o * i * E * 32 for o, i in shapes)
+    for trial in range(8):
+        scores = [torch.rand(s, generator=g) ** 4 for s in shapes]
+        alive = [torch.rand(s, generator=g) < 0.8 for s in shapes] if trial % 2 else \
+            [torch.ones(s, dtype=torch.bool) for s in shapes]
+        alive = connected_masks(alive, links)  # what an earlier pruning step leaves
+        if not alive[0].any():
+            continue
+        structured = trial % 4 < 2
+        least = smallest_connected_bits(shapes, [E] * len(shapes), structured)
+        budget = int(least + torch.rand(1, generator=g) * (dense - least))
+        masks, bits = plan_selection(scores, alive, [E] * len(shapes), budget, "global" if trial % 3 else "layer",
+                                     structured)
+        assert least <= bits <= budget and bits == plan_bits(masks, [E] * len(shapes), structured)
+        assert all(m.any() for m in masks)  # at least one path
+        assert _is_connected(masks, links)
+        assert all(torch.equal(a, b) for a, b in zip(clean_chain(masks), masks))  # the same as clean_chain
+        assert all(not bool((m & ~a).any()) for m, a in zip(masks, alive))  # nothing revived
+        with pytest.raises(Infeasible):
+            plan_selection(scores, alive, [E] * len(shapes), least - 1, "global", structured)
+
+
+def test_conv_plans_connect_through_channels():
+    torch.manual_seed(12)
+    model = ConvKAN((1, 8, 8), 3, channels=[2, 4])
+    shapes = [(la.out_features, la.in_features) for _, la in kan_layers(model)]
+    links = chain_links(shapes)
+    assert shapes == [(2, 9), (4, 18), (3, 4)] and links == [1, 9, 1]  # 3x3 patches per channel, then the head
+    dense = coef_dense_bits(model)
+    for budget in (smallest_connected_bits(shapes, [E] * 3), 900, dense // 8, dense // 2):
+        masks, bits = plan_selection(magnitude_scores(model), edge_masks(model), [E] * 3, budget)
+        assert bits <= budget and _is_connected(masks, links) and all(m.any() for m in masks)
+    masks, _ = plan_selection(magnitude_scores(model), edge_masks(model), [E] * 3, 900)
+    (o0, i0), (o1, i1), (o2, i2) = (m.nonzero().tolist()[0] for m in masks)
+    assert i1 // 9 == o0 and i2 == o1  # one path: channel o0 -> channel o1 -> output o2
 
 
 def test_prune_method_iterative_attribution_run(tmp_path):

@@ -2,13 +2,14 @@
 
 import copy
 import math
+import re
 
 import pytest
 import tensorly as tl
 import torch
 
 from bench.data import get_dataset
-from bench.errors import UserError
+from bench.errors import Infeasible, UserError
 from bench.kan import KAN, kan_layers
 from bench.methods import METHODS, CompressContext
 from bench.storage import export_model, load_model, storage_report
@@ -111,19 +112,35 @@ def test_export_reload_identical_predictions(tmp_path):
         assert float((back(x) - m.eval()(x)).abs().max()) < 1e-6
 
 
-@pytest.mark.parametrize("ranks,msg", [([3, 30, 2], "mode 'in'"), ([11, 2, 2], "mode 'out'"),
-                                       ([2, 2, 10], "mode 'basis'"), ([0, 2, 2], "mode 'out' must be > 0"),
+@pytest.mark.parametrize("ranks,msg", [([0, 2, 2], "mode 'out' must be > 0"),
                                        ([0.5, 1.5, 0.5], "mode 'in' must be in (0, 1]"),
                                        ([2, 2], "3 numbers")])
 def test_bad_ranks_are_user_errors_naming_the_mode(ranks, msg):
-    with pytest.raises(UserError, match=msg.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")
-                       .replace("[", r"\[")):
+    with pytest.raises(UserError, match=re.escape(msg)):
         resolve_ranks((10, 20, 9), ranks)
+
+
+@pytest.mark.parametrize("ranks,mode,size", [([3, 30, 2], "in", 20), ([11, 2, 2], "out", 10),
+                                             ([2, 2, 10], "basis", 9)])
+def test_int_rank_above_its_mode_is_infeasible(ranks, mode, size):
+    with pytest.raises(Infeasible) as err:
+        resolve_ranks((10, 20, 9), ranks)
+    assert not isinstance(err.value, UserError)
+    r = ranks[["out", "in", "basis"].index(mode)]
+    assert str(err.value) == (f"Tucker rank {r} for mode {mode!r} exceeds that mode's size {size} in tensor shape "
+                              f"[10, 20, 9]; largest feasible rank {size}")
+    model = KAN([2, 8, 1], basis="bspline")  # layers [8, 2, 9] and [1, 8, 9]: an in-rank of 3 fits neither
+    with pytest.raises(Infeasible, match="mode 'in' exceeds that mode's size 2"):
+        METHODS["slimkan"](ranks=[2, 3, 2]).prepare(model)
 
 
 def test_rank_resolution_fractions_and_redundant_rank():
     assert resolve_ranks((10, 20, 9), [0.5, 0.25, 1.0]) == (5, 5, 9)
-    assert resolve_ranks((10, 20, 9), [0.01, 0.01, 0.01]) == (1, 1, 1)  # rounded up, at least 1
+    assert resolve_ranks((10, 20, 9), [0.01, 0.01, 0.01]) == (2, 2, 2)  # rounded up, at least 2
+    assert resolve_ranks((10, 20, 9), [0.11, 0.11, 0.12]) == (2, 3, 2)
+    assert resolve_ranks((1, 8, 9), [0.5, 0.125, 0.5]) == (1, 2, 2)  # a size-1 mode keeps 1; 5 > 1*2 lowered
+    assert resolve_ranks((8, 2, 9), [0.25, 0.0625, 0.34]) == (2, 2, 4)
+    assert resolve_ranks((10, 20, 9), [1, 0.01, 1]) == (1, 1, 1)  # ints as asked; the 2 lowered to 1*1
     assert resolve_ranks((10, 20, 9), [10, 2, 2]) == (4, 2, 2)  # r1 > r2*r3 adds nothing
     assert resolve_ranks((10, 20, 9), [1, 1.0, 1]) == (1, 1, 1)  # r2 = 20 lowered to r1*r3 = 1
 
@@ -143,6 +160,10 @@ def test_requested_ratio_hand_count_and_grid_spans_2x_to_30x():
     # [0.5, 0.25, 0.5] asks for (32, 196, 4.5) and (5, 16, 4.5)
     asked = (32 * 196 * 4.5 + 64 * 32 + 784 * 196 + 9 * 4.5) + (5 * 16 * 4.5 + 10 * 5 + 64 * 16 + 9 * 4.5)
     assert requested_coef_ratio(shapes, [0.5, 0.25, 0.5]) == pytest.approx((451_584 + 5_760) / asked)
+    # a fraction below 2 whole ranks asks for 2: [2, 8, 1] at [0.5, 0.125, 0.5] asks (4, 2, 4.5) and (1, 2, 4.5)
+    small = [(8, 2, 9), (1, 8, 9)]
+    asked = (4 * 2 * 4.5 + 8 * 4 + 2 * 2 + 9 * 4.5) + (1 * 2 * 4.5 + 1 * 1 + 8 * 2 + 9 * 4.5)
+    assert requested_coef_ratio(small, [0.5, 0.125, 0.5]) == pytest.approx(216 / asked)
     m = KAN([784, 64, 10], basis="bspline")
     ratios = []
     for ranks in METHODS["tucker"].grid["ranks"]:
@@ -183,7 +204,9 @@ def test_tucker_finetune_changes_every_factor_and_records_info():
     for _, layer in kan_layers(decomposed):
         layer.set_source(TuckerSource.from_tensor(layer.edge_tensor(), [0.5, 0.5, 0.5]))
     val0 = trainer.evaluate(decomposed, "val")
-    ctx = CompressContext(trainer=trainer, finetune_epochs=4, seed=0, device=torch.device("cpu"))
+    # an untrained model: fine-tune at the full training rate (the sweep's rule would be 0.1x)
+    ctx = CompressContext(trainer=trainer, finetune_epochs=4, seed=0, device=torch.device("cpu"),
+                          finetune_lr=trainer.lr)
     method.compress(model, ctx)
     assert trainer.evaluate(model, "val") > val0
     for (_, a), (_, b) in zip(kan_layers(decomposed), kan_layers(model)):
