@@ -96,8 +96,11 @@ def scan_rows(folder: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
     for p in sorted(folder.glob("*.json")):
         try:
             row = json.loads(p.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            bad.append((p, f"not readable JSON ({type(exc).__name__}: {exc})"))
+        except OSError as exc:
+            bad.append((p, f"cannot be read: {exc.strerror or exc}"))
+            continue
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: a truncated or garbled file
+            bad.append((p, f"not valid JSON: {exc}"))
             continue
         why = row_problem(row)
         if why is None and row["run_id"] != p.stem:

@@ -178,7 +178,7 @@ def test_truncated_and_partial_row_files_are_reported_not_counted_and_redone(tmp
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
     assert main(["merge", str(out), "--out", str(tmp_path / "merged")]) == 0
     cap = capsys.readouterr()
-    assert str(truncated) in cap.err and "not readable JSON" in cap.err
+    assert str(truncated) in cap.err and "not valid JSON" in cap.err
     assert str(partial) in cap.err and "missing status, dataset, method, seed" in cap.err
     assert "2 runs" in cap.out
     assert len(pd.read_parquet(tmp_path / "merged" / "runs.parquet")) == 2
