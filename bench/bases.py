@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import UserError, unknown
+from .registry import register
 
 BASES: dict[str, type[Basis]] = {}
 
@@ -24,7 +25,7 @@ BASES: dict[str, type[Basis]] = {}
 def register_basis(name: str) -> Callable[[type], type]:
     def deco(cls: type) -> type:
         cls.name = name
-        BASES[name] = cls
+        register(BASES, "basis", name, cls)
         return cls
 
     return deco

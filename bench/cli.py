@@ -126,9 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
+    """Validate everything (plugins, names, options, budgets, data, executor flags, the output folder
+    and its writer lock) before the first run starts; then run, print the runs that are not ok, log
+    the call and write the leaderboard."""
+    from .lock import results_writer
     from .registry import load_plugins
     from .report_cli import report_folder
-    from .runner import check_data, run_sweep
+    from .runner import check_data, not_ok_lines, run_sweep
     from .sweep import build_sweep, read_sweep_file
 
     load_plugins(args.plugin)
@@ -139,34 +143,50 @@ def cmd_run(args) -> int:
     sweep = build_sweep(data, overrides)
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     check_data(sweep, data_dir)
-    out = Path(args.out or Path("results") / sweep.name)
     options = _executor_options(args)
-    t0 = time.perf_counter()
     if args.executor == "local":
-        counts = run_sweep(sweep, out, data_dir, quiet=args.quiet, device=args.device)
-    else:
-        from .executors import run_with_executor
+        from .runner import resolve_device
 
-        counts = run_with_executor(args.executor, sweep, out, data_dir, quiet=args.quiet, device=args.device,
-                                   options=options)
-    took = time.perf_counter() - t0
-    print(f"done in {took:.0f}s: {counts['ok']} ok, {counts['failed']} failed, {counts['diverged']} diverged, "
-          + (f"{counts['infeasible']} infeasible, " if counts.get("infeasible") else "")
-          + f"{counts['skipped_finished']} already finished "
-          f"-> {out / 'runs.parquet'}")
+        resolve_device(args.device or sweep.device)
+    out = Path(args.out or Path("results") / sweep.name)
     command = "python -m bench " + " ".join(sys.argv[1:])
-    log_invocation(out, command, took, counts, args.executor)
-    if not args.no_report:
-        md = report_folder(out, out, command=command)
-        print(f"leaderboard: {md}")
+    with results_writer(out, command):
+        t0 = time.perf_counter()
+        try:
+            if args.executor == "local":
+                counts = run_sweep(sweep, out, data_dir, quiet=args.quiet, device=args.device)
+            else:
+                from .executors import run_with_executor
+
+                counts = run_with_executor(args.executor, sweep, out, data_dir, quiet=args.quiet,
+                                           device=args.device, options=options)
+        except UserError:
+            raise
+        except BaseException as exc:  # an interrupted or crashed call is logged too, then re-raised
+            log_invocation(out, command, time.perf_counter() - t0, {}, args.executor,
+                           outcome="interrupted" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__)
+            raise
+        took = time.perf_counter() - t0
+        print(f"done in {took:.0f}s: {counts['ok']} ok, {counts['failed']} failed, {counts['diverged']} diverged, "
+              + (f"{counts['infeasible']} infeasible, " if counts.get("infeasible") else "")
+              + f"{counts['skipped_finished']} already finished "
+              f"-> {out / 'runs.parquet'}")
+        for line in not_ok_lines(sweep, out):
+            print(line)
+        log_invocation(out, command, took, counts, args.executor)
+        if not args.no_report:
+            md = report_folder(out, out, command=command)
+            print(f"leaderboard: {md}")
     if args.strict and (counts["failed"] or counts["diverged"]):
         return 1
     return 0
 
 
-def log_invocation(out: Path, command: str, seconds: float, counts: dict, executor: str) -> None:
-    """Append this sweep call (command, wall time, machine) to ``<out>/invocations.jsonl``;
-    the report's header lists them, so a results folder says how long it took to make."""
+def log_invocation(out: Path, command: str, seconds: float, counts: dict, executor: str,
+                   outcome: str = "finished") -> None:
+    """Append this sweep call (command, wall time, machine, outcome) to ``<out>/invocations.jsonl``;
+    every call is kept, and the report's header lists them, so a results folder says how long it took
+    to make."""
     import datetime as dt
     import json
     import socket
@@ -174,7 +194,8 @@ def log_invocation(out: Path, command: str, seconds: float, counts: dict, execut
     import torch
 
     entry = {"command": command, "executor": executor, "wall_seconds": round(seconds, 1), "counts": counts,
-             "host": socket.gethostname(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+             "outcome": outcome, "host": socket.gethostname(), "cpus": os.cpu_count(),
+             "torch_threads": torch.get_num_threads(),
              "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "invocations.jsonl", "a") as fh:
@@ -192,6 +213,12 @@ def _executor_options(args):
         if flags and args.executor != executor:
             names = ", ".join("--" + f.replace("_", "-") for f in flags)
             raise UserError(f"{names}: only valid with --executor {executor}")
+    for f, least, strict in (("ray_num_cpus", 0, True), ("slurm_gpus", 0, False), ("slurm_time", 1, False),
+                             ("slurm_cpus", 1, False)):
+        value = getattr(args, f)
+        if value is not None and (value <= least if strict else value < least):
+            raise UserError(f"--{f.replace('_', '-')} {value:g} is out of range; it must be "
+                            f"{'>' if strict else '>='} {least}")
     if args.executor != "local":
         require(args.executor)
     opts = ExecutorOptions(plugins=list(args.plugin), ray_address=args.ray_address,
@@ -220,10 +247,20 @@ def cmd_merge(args) -> int:
 
 
 def cmd_report(args) -> int:
+    import math
+
+    from .lock import writable_folder
     from .report_cli import report_folder
 
-    out = Path(args.out) if args.out else Path(args.results)
-    md = report_folder(Path(args.results), out, tolerance_acc=args.tolerance, tolerance_rmse_rel=args.rmse_tolerance,
+    for flag, value in (("--tolerance", args.tolerance), ("--rmse-tolerance", args.rmse_tolerance)):
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"{flag} {value:g} is out of range; it must be a number >= 0")
+    results = Path(args.results)
+    if not results.exists():
+        raise UserError(f"results folder {args.results!r} not found")
+    out = Path(args.out) if args.out else (results if results.is_dir() else results.parent)
+    writable_folder(out, "report folder")
+    md = report_folder(results, out, tolerance_acc=args.tolerance, tolerance_rmse_rel=args.rmse_tolerance,
                        title=args.title)
     print(f"leaderboard: {md}")
     return 0

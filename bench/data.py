@@ -33,6 +33,7 @@ import torch
 
 from .config import build_config
 from .errors import unknown
+from .registry import register
 
 DATASETS: dict[str, type[Dataset]] = {}
 
@@ -40,7 +41,7 @@ DATASETS: dict[str, type[Dataset]] = {}
 def register_dataset(name: str):
     def deco(cls):
         cls.name = name
-        DATASETS[name] = cls
+        register(DATASETS, "dataset", name, cls)
         return cls
 
     return deco

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .lock import results_writer, writable_folder
 
 EXECUTORS = ("local", "ray", "slurm")
 EXTRAS = {"ray": ("ray", "ray"), "slurm": ("submitit", "slurm")}  # executor -> (module, pip extra)
@@ -224,7 +225,6 @@ def _dependency_row(spec, prep: dict):
 def run_with_executor(executor: str, sweep, out: str | Path, data_dir: str | Path, quiet: bool = False,
                       device: str | None = None, options: ExecutorOptions | None = None, log=print) -> dict:
     """Run every unfinished run of ``sweep`` with ``executor``; returns counts by status like ``run_sweep``."""
-    from .results import ResultsStore
     from .runner import run_sweep
 
     if executor not in EXECUTORS:
@@ -232,10 +232,17 @@ def run_with_executor(executor: str, sweep, out: str | Path, data_dir: str | Pat
     if executor == "local":
         return run_sweep(sweep, out, data_dir, quiet=quiet, device=device, log=log)
     engine = require(executor)
-    options = options or ExecutorOptions()
-    out, data_dir = Path(out).resolve(), Path(data_dir).resolve()
-    device = device or sweep.device
+    with results_writer(out):
+        return _run_distributed(executor, engine, sweep, Path(out).resolve(), Path(data_dir).resolve(), quiet,
+                                device or sweep.device, options or ExecutorOptions(), log)
+
+
+def _run_distributed(executor: str, engine, sweep, out: Path, data_dir: Path, quiet: bool, device: str,
+                     options: ExecutorOptions, log) -> dict:
+    from .results import ResultsStore
+
     store = ResultsStore(out)
+    store.remove_partial_writes()
     done = store.finished_ids()
     todo = [r for r in sweep.runs if r.run_id not in done]
     counts_skipped = len(sweep.runs) - len(todo)
@@ -460,33 +467,47 @@ def merge_results(folders: list[str | Path], out: str | Path) -> dict:
 
     For a run present in several folders the ``ok`` row wins, then the most recently finished one.
     Each row keeps its own provenance (host, device, git_sha, torch_version); ``source`` names the
-    folder it came from. Returns {"rows": kept, "duplicates": dropped, "folders": n}.
+    folder it came from. The folders are only read (an invalid row file is reported by path and left
+    out); ``out`` is written under its writer lock and must not be one of them. Returns
+    {"rows": kept, "duplicates": dropped, "folders": n}.
     """
-    from .results import ResultsStore, atomic_write_bytes, read_results
+    from .results import ResultsStore, atomic_write_bytes, read_results, row_problem, warn_stderr
 
     if not folders:
         raise UserError("merge needs at least one results folder")
+    out = Path(out)
+    for folder in map(Path, folders):
+        if not folder.exists():
+            raise UserError(f"results folder {str(folder)!r} not found")
+        if not folder.is_dir():
+            raise UserError(f"{str(folder)!r} is a file, not a results folder")
+        if folder.resolve() == out.resolve():
+            raise UserError(f"--out {str(out)!r} is one of the folders being merged; merge into a new folder")
+    writable_folder(out, "merge --out folder")
     best: dict = {}
     seen = 0
-    for folder in folders:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise UserError(f"results folder {str(folder)!r} not found")
+    for folder in map(Path, folders):
         rows = ResultsStore(folder).rows()
         if not rows:  # a folder with only runs.parquet/csv (e.g. copied from a cluster)
             df = read_results(folder)
-            rows = [{k: _plain(v) for k, v in r.items()} for r in df.to_dict("records")]
+            rows = []
+            for i, r in enumerate(df.to_dict("records")):
+                r = {k: _plain(v) for k, v in r.items()}
+                if (why := row_problem(r)) is None:
+                    rows.append(r)
+                else:
+                    warn_stderr(f"row {i} of {folder}'s table is not a valid results row ({why}); left out")
         for row in rows:
             seen += 1
             row = {**row, "source": row.get("source") or str(folder.resolve())}
             rid = row["run_id"]
             if rid not in best or _rank(row) > _rank(best[rid]):
                 best[rid] = row
-    out = Path(out)
-    store = ResultsStore(out)
-    for rid, row in best.items():
-        atomic_write_bytes(store.rows_dir / f"{rid}.json", json.dumps(row, indent=1, default=str).encode())
-    store.flush()
+    with results_writer(out):
+        store = ResultsStore(out)
+        for rid, row in best.items():
+            atomic_write_bytes(store.rows_dir / f"{rid}.json", json.dumps(row, indent=1, default=str).encode())
+        store.flush()
     return {"rows": len(best), "duplicates": seen - len(best), "folders": len(folders)}
 
 

@@ -36,6 +36,7 @@ from torch import nn
 
 from .config import build_config, to_dict
 from .errors import unknown
+from .registry import register
 
 METHODS: dict[str, type[Method]] = {}
 DEFAULT_FINETUNE_LR_SCALE = 0.1  # the sweep's default finetune_lr_scale (bench.sweep.TrainBudget)
@@ -44,7 +45,7 @@ DEFAULT_FINETUNE_LR_SCALE = 0.1  # the sweep's default finetune_lr_scale (bench.
 def register_method(name: str):
     def deco(cls):
         cls.name = name
-        METHODS[name] = cls
+        register(METHODS, "method", name, cls)
         return cls
 
     return deco

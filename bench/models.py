@@ -33,8 +33,16 @@ def model_options(name: str, options: dict | None):
     return build_config(MODELS[name], options, f"model {name!r}")
 
 
+def incompatibility(name: str, dataset) -> str | None:
+    """Why model ``name`` cannot take ``dataset`` (None: it can)."""
+    if name == "convkan" and not dataset.is_image:
+        return (f"model 'convkan' needs an image dataset; {dataset.name!r} has input shape "
+                f"{tuple(dataset.input_shape)}")
+    return None
+
+
 def compatible(name: str, dataset) -> bool:
-    return name != "convkan" or dataset.is_image
+    return incompatibility(name, dataset) is None
 
 
 def build(name: str, options, dataset, basis: str, basis_kwargs: dict | None) -> nn.Module:
@@ -42,9 +50,8 @@ def build(name: str, options, dataset, basis: str, basis_kwargs: dict | None) ->
         hidden = options.hidden if options.hidden is not None else list(dataset.default_hidden)
         return KAN([dataset.in_features, *hidden, dataset.n_outputs], basis, basis_kwargs)
     if name == "convkan":
-        if not dataset.is_image:
-            raise UserError(f"model 'convkan' needs an image dataset; {dataset.name!r} has input shape "
-                            f"{tuple(dataset.input_shape)}")
+        if (why := incompatibility(name, dataset)) is not None:
+            raise UserError(why)
         return ConvKAN(tuple(dataset.input_shape), dataset.n_outputs, options.channels, options.kernel,
                        options.pool_every, basis, basis_kwargs)
     raise unknown("model", name, MODELS)

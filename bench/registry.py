@@ -4,6 +4,10 @@
 (not imported as a top-level package, so a ``datasets`` folder never shadows Hugging Face's
 ``datasets`` library). A plugin registers what it defines with ``@register_method`` /
 ``@register_dataset``; ``--plugin PATH`` loads more files (or folders) from anywhere.
+
+Every registry (methods, datasets, bases, sources) adds names through :func:`register`: a name
+registered again from a *different* file is a :class:`UserError` naming both files (a plugin never
+silently replaces a built-in); the same file registering again (a re-import) is idempotent.
 """
 
 from __future__ import annotations
@@ -19,6 +23,27 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_DIRS = [REPO_ROOT / "methods", REPO_ROOT / "datasets"]
 
 _loaded: set[Path] = set()
+
+
+_origins: dict[tuple[str, str], str] = {}  # (kind, name) -> the file that registered it
+
+
+def defining_file(obj) -> str:
+    """The resolved path of the file that defines ``obj`` (its module's name if it has no file)."""
+    module = sys.modules.get(getattr(obj, "__module__", None) or "")
+    file = getattr(module, "__file__", None)
+    return str(Path(file).resolve()) if file else str(getattr(obj, "__module__", "?"))
+
+
+def register(table: dict, kind: str, name: str, obj) -> None:
+    """Add ``obj`` to a registry under ``name``; a name already registered by another file is an error."""
+    file = defining_file(obj)
+    old = _origins.get((kind, name))
+    if name in table and old is not None and old != file:
+        raise UserError(f"{kind} {name!r} is registered twice: by {old} and by {file}; "
+                        "give the new one another name")
+    table[name] = obj
+    _origins[(kind, name)] = file
 
 
 def _plugin_files(path: Path) -> list[Path]:
@@ -41,12 +66,13 @@ def load_plugin_file(path: Path) -> None:
     _loaded.add(path)
     try:
         spec.loader.exec_module(module)
-    except UserError:
-        raise
-    except Exception as exc:
+    except BaseException as exc:
         _loaded.discard(path)
         sys.modules.pop(mod_name, None)
-        raise UserError(f"plugin {path} failed to load: {type(exc).__name__}: {exc}") from exc
+        if isinstance(exc, UserError) or not isinstance(exc, Exception):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise UserError(f"plugin {path} failed to load: {type(exc).__name__}: {first}") from exc
 
 
 def load_plugins(extra: list[str | Path] | tuple = ()) -> None:

@@ -55,10 +55,16 @@ def invocation_lines(results: Path) -> list[str]:
             e = json.loads(raw)
         except json.JSONDecodeError:
             continue
-        c = e.get("counts", {})
-        lines.append(f"Sweep call: `{e.get('command')}` — {e.get('wall_seconds')} s wall on {e.get('host')} "
-                     f"({e.get('cpus')} CPUs, {e.get('torch_threads')} torch threads, executor "
-                     f"{e.get('executor', 'local')}), finished {e.get('finished_at')}: {c.get('ok', 0)} ok, "
+        if not isinstance(e, dict):
+            continue
+        c = e.get("counts") or {}
+        where = (f"Sweep call: `{e.get('command')}` — {e.get('wall_seconds')} s wall on {e.get('host')} "
+                 f"({e.get('cpus')} CPUs, {e.get('torch_threads')} torch threads, executor "
+                 f"{e.get('executor', 'local')})")
+        if e.get("outcome", "finished") != "finished":
+            lines.append(f"{where}, ended {e.get('outcome')} at {e.get('finished_at')} (its finished runs are kept)")
+            continue
+        lines.append(f"{where}, finished {e.get('finished_at')}: {c.get('ok', 0)} ok, "
                      f"{c.get('failed', 0)} failed, {c.get('diverged', 0)} diverged, "
                      + (f"{c['infeasible']} infeasible, " if c.get("infeasible") else "") +
                      f"{c.get('skipped_finished', 0)} already finished")

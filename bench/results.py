@@ -4,6 +4,12 @@ Each finished run is written as ``<out>/rows/<run_id>.json`` (atomic: temp file,
 then ``<out>/runs.parquet`` and ``<out>/runs.csv`` are rebuilt from all rows (also atomically).
 A kill at any moment loses only the run in flight; a rerun skips every ``ok`` and ``infeasible``
 row (a setting the model cannot meet stays infeasible) and retries failed or diverged ones.
+
+Every row file is checked against the schema when read (:func:`row_problem`): one that is not
+JSON, or lacks what every row must carry, is reported on stderr by path and left out: it is never
+counted, and the run it belongs to is not finished, so the next ``bench run`` redoes it (and
+replaces the file). :func:`read_results` rebuilds the table from ``rows/`` when ``runs.parquet``
+cannot be read, and says so; readers never write into the folder.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -42,6 +49,67 @@ NUMERIC = {
 
 
 FINISHED = ("ok", "infeasible")  # statuses a rerun does not retry
+STATUSES = ("ok", "failed", "diverged", "infeasible")
+REQUIRED = ("run_id", "status", "dataset", "method", "seed")  # what every row carries
+REQUIRED_OK = ("metric_name", "metric", "val_metric", "stored_bits", "dense_bits", "compression_ratio")
+ROW_FILE_ONLY = ("traceback",)  # kept in the row file (the full error), not in runs.parquet / runs.csv
+
+
+def warn_stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def row_problem(row) -> str | None:
+    """What is wrong with a results row (None: it is a valid row of the schema)."""
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object"
+    missing = [k for k in REQUIRED if row.get(k) is None or row.get(k) == ""]
+    if row.get("status") == "ok":
+        missing += [k for k in REQUIRED_OK if row.get(k) is None]
+    if missing:
+        return "missing " + ", ".join(missing)
+    for k in ("run_id", "status", "dataset", "method"):
+        if not isinstance(row[k], str):
+            return f"{k} is {row[k]!r}, not a string"
+    if row["status"] not in STATUSES:
+        return f"status {row['status']!r} is not one of {', '.join(STATUSES)}"
+    if not _is_number(row["seed"]) or row["seed"] != int(row["seed"]):
+        return f"seed is {row['seed']!r}, not an integer"
+    if row["status"] == "ok":
+        for k in REQUIRED_OK[1:]:
+            if not _is_number(row[k]) or not math.isfinite(row[k]):
+                return f"{k} is {row[k]!r}, not a finite number"
+    return None
+
+
+def scan_rows(folder: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """(valid rows, [(path, what is wrong)] of the invalid ones) of the ``*.json`` row files in
+    ``folder``, sorted by name; a row file is named after its ``run_id``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [], []
+    rows, bad = [], []
+    for p in sorted(folder.glob("*.json")):
+        try:
+            row = json.loads(p.read_text())
+        except OSError as exc:
+            bad.append((p, f"cannot be read: {exc.strerror or exc}"))
+            continue
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: a truncated or garbled file
+            bad.append((p, f"not valid JSON: {exc}"))
+            continue
+        why = row_problem(row)
+        if why is None and row["run_id"] != p.stem:
+            why = f"its run_id {row['run_id']!r} does not match the file name"
+        if why is None:
+            rows.append(row)
+        else:
+            bad.append((p, why))
+    return rows, bad
 
 
 def _umask() -> int:
@@ -75,7 +143,7 @@ def _clean(v):
 
 
 def rows_to_frame(rows: list[dict]) -> pd.DataFrame:
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame([{k: v for k, v in r.items() if k not in ROW_FILE_ONLY} for r in rows])
     for c in COLUMNS:
         if c not in df.columns:
             df[c] = None
@@ -89,26 +157,50 @@ def rows_to_frame(rows: list[dict]) -> pd.DataFrame:
     return df
 
 
-def read_json_rows(folder: Path) -> list[dict]:
-    """Every ``*.json`` row in ``folder`` (sorted by name; none if it does not exist)."""
+def read_json_rows(folder: Path, warn=warn_stderr) -> list[dict]:
+    """Every ``*.json`` object in ``folder`` (sorted by name; none if it does not exist), with no
+    schema check (the transfer benchmark's rows); a file that is not a JSON object is reported."""
     if not folder.is_dir():
         return []
     out = []
     for p in sorted(folder.glob("*.json")):
         try:
-            out.append(json.loads(p.read_text()))
-        except (OSError, json.JSONDecodeError):
-            continue  # a torn file cannot happen with atomic writes, but never crash on one
+            row = json.loads(p.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            row = exc
+        if isinstance(row, dict):
+            out.append(row)
+        else:
+            warn(f"{p} is not a JSON object ({row}); it is left out")
     return out
 
 
 class ResultsStore:
-    def __init__(self, out_dir: str | Path):
+    """The rows of one results folder. Reading never writes; ``add``/``flush`` are for the writer
+    (who holds :func:`bench.lock.results_writer`)."""
+
+    def __init__(self, out_dir: str | Path, warn=warn_stderr):
         self.out = Path(out_dir)
         self.rows_dir = self.out / "rows"
+        self.warn = warn
+        self._reported: set[Path] = set()  # invalid row files already reported by this store
 
     def rows(self) -> list[dict]:
-        return read_json_rows(self.rows_dir)
+        """The valid rows; each invalid row file is reported once (by path) and left out."""
+        rows, bad = scan_rows(self.rows_dir)
+        for path, why in bad:
+            if path not in self._reported:
+                self._reported.add(path)
+                self.warn(f"{path} is not a valid results row ({why}); it is not counted, and the next "
+                          "`bench run` on this folder redoes its run")
+        return rows
+
+    def remove_partial_writes(self) -> int:
+        """Delete the temp files a killed writer left in ``rows/`` (only the lock holder calls this)."""
+        leftovers = list(self.rows_dir.glob(".*.tmp")) if self.rows_dir.is_dir() else []
+        for p in leftovers:
+            p.unlink(missing_ok=True)
+        return len(leftovers)
 
     def finished_ids(self) -> set[str]:
         return {r["run_id"] for r in self.rows() if r.get("status") in FINISHED}
@@ -133,18 +225,48 @@ class ResultsStore:
         atomic_write_bytes(self.out / "runs.csv", df.to_csv(index=False).encode())
 
 
-def read_results(path: str | Path) -> pd.DataFrame:
-    """Read ``runs.parquet`` from a results folder (or a parquet/CSV file given directly)."""
-    p = Path(path)
-    if p.is_dir():
-        if (p / "runs.parquet").exists():
-            p = p / "runs.parquet"
-        elif (p / "runs.csv").exists():
-            p = p / "runs.csv"
-        else:
-            from .errors import UserError
-
-            raise UserError(f"no runs.parquet or runs.csv in {str(path)!r}; run `python -m bench run --out DIR` first")
+def _read_table(p: Path) -> pd.DataFrame:
     if p.suffix == ".csv":
         return rows_to_frame(pd.read_csv(p).to_dict("records"))
     return pd.read_parquet(p)
+
+
+def _why(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"[:200]
+
+
+def read_results(path: str | Path, warn=warn_stderr) -> pd.DataFrame:
+    """The runs of a results folder: ``runs.parquet`` (or ``runs.csv`` where there is no parquet),
+    else the rows in ``rows/``; a parquet/CSV file may be given directly. A table that cannot be read
+    is rebuilt in memory from ``rows/`` with a warning saying so; nothing is written."""
+    from .errors import UserError
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"results folder {str(path)!r} not found")
+    if p.is_file():
+        if p.suffix not in (".parquet", ".csv"):
+            raise UserError(f"{str(path)!r} is a file, not a results folder (give the folder, or its "
+                            "runs.parquet / runs.csv)")
+        try:
+            return _read_table(p)
+        except Exception as exc:  # any reader error of a damaged file
+            raise UserError(f"{str(path)!r} cannot be read ({_why(exc)})") from None
+    problem = None
+    for name in ("runs.parquet", "runs.csv"):  # the first table present; rows/ if it cannot be read
+        if (p / name).is_file():
+            try:
+                return _read_table(p / name)
+            except Exception as exc:  # any reader error of a damaged file
+                problem = f"{p / name} cannot be read ({_why(exc)})"
+                break
+    rows = ResultsStore(p, warn).rows()
+    if rows:
+        warn(f"{problem or f'no runs.parquet in {str(p)!r}'}; rebuilt the table from {p / 'rows'} "
+             f"({len(rows)} rows)")
+        return rows_to_frame(rows)
+    if problem:
+        raise UserError(f"{problem}, and {p / 'rows'} holds no valid rows to rebuild it from; rerun "
+                        "`python -m bench run` with the same --out")
+    raise UserError(f"no runs.parquet or runs.csv in {str(path)!r}; run `python -m bench run --out DIR` first")

@@ -30,6 +30,7 @@ import torch
 from . import models as model_specs
 from .data import Splits, get_dataset
 from .errors import Infeasible, UserError
+from .lock import results_writer
 from .methods import CompressContext, control_finetune, get_method_class
 from .results import ResultsStore, atomic_write_bytes
 from .storage import count_params, export_model, header_bytes, load_model, storage_report
@@ -314,12 +315,35 @@ def error_text(exc: BaseException) -> str:
 
 def error_row(spec: RunSpec, exc: BaseException) -> dict:
     """The results row of a run that raised: ``diverged`` for a non-finite loss, ``infeasible`` for a
-    setting the model cannot meet (:class:`bench.errors.Infeasible`), else ``failed``."""
+    setting the model cannot meet (:class:`bench.errors.Infeasible`), else ``failed`` with the full
+    traceback in the row file (``traceback``; ``error`` is its one-line summary)."""
     if isinstance(exc, Diverged):
         return failed_row(spec, "diverged", str(exc))
     if isinstance(exc, Infeasible):
         return failed_row(spec, "infeasible", str(exc))
-    return failed_row(spec, "failed", error_text(exc))
+    row = failed_row(spec, "failed", error_text(exc))
+    if not isinstance(exc, UserError):
+        row["traceback"] = "".join(traceback.format_exception(exc))
+    return row
+
+
+def not_ok_lines(sweep: Sweep, out: Path, limit: int = 20) -> list[str]:
+    """The end-of-sweep table: every run of ``sweep`` whose row is failed, diverged or infeasible,
+    with its one-line reason and the row file holding the full error (empty if all are ok)."""
+    rows = {r["run_id"]: r for r in ResultsStore(out, warn=lambda _m: None).rows()}
+    bad = [(rows[s.run_id], s) for s in sweep.runs if s.run_id in rows and rows[s.run_id]["status"] != "ok"]
+    if not bad:
+        return []
+    counts = {st: sum(r["status"] == st for r, _ in bad) for st in ("failed", "diverged", "infeasible")}
+    lines = [f"runs not ok: {', '.join(f'{n} {st}' for st, n in counts.items() if n)} "
+             "(status, run, reason, row file with the full error):"]
+    for row, spec in bad[:limit]:
+        reason = " ".join(str(row.get("error") or "").split())
+        reason = reason if len(reason) <= 110 else reason[:109] + "…"
+        lines.append(f"  {row['status']:10s} {spec.label()}  {reason}  -> {out / 'rows' / (spec.run_id + '.json')}")
+    if len(bad) > limit:
+        lines.append(f"  … and {len(bad) - limit} more: see the status and error columns of {out / 'runs.csv'}")
+    return lines
 
 
 def check_data(sweep: Sweep, data_dir: Path) -> None:
@@ -330,9 +354,14 @@ def check_data(sweep: Sweep, data_dir: Path) -> None:
 
 def run_sweep(sweep: Sweep, out: str | Path, data_dir: str | Path, quiet: bool = False,
               device: str | None = None, log=print) -> dict:
-    """Run every unfinished run of the sweep; returns counts by status."""
-    out = Path(out)
+    """Run every unfinished run of the sweep (holding the folder's writer lock); returns counts by status."""
+    with results_writer(out):
+        return _run_sweep(sweep, Path(out), data_dir, quiet, device, log)
+
+
+def _run_sweep(sweep: Sweep, out: Path, data_dir, quiet: bool, device: str | None, log) -> dict:
     store = ResultsStore(out)
+    store.remove_partial_writes()
     env = RunEnv(out, data_dir, device or sweep.device, progress=not quiet)
     done = store.finished_ids()
     todo = [r for r in sweep.runs if r.run_id not in done]

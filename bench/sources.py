@@ -25,11 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import register
+
 SOURCES: dict[str, type[EdgeSource]] = {}
 
 
 def register_source(cls: type) -> type:
-    SOURCES[cls.__name__] = cls
+    register(SOURCES, "source", cls.__name__, cls)
     return cls
 
 

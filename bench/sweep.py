@@ -54,7 +54,7 @@ from .config import build_config
 from .data import DATASETS, get_dataset
 from .errors import UserError, unknown
 from .methods import DEFAULT_FINETUNE_LR_SCALE, METHODS, get_method_class
-from .models import MODELS, compatible, model_options
+from .models import MODELS, compatible, incompatibility, model_options
 
 SWEEPS_DIR = Path(__file__).resolve().parent / "sweeps"
 TOP_KEYS = {"name", "description", "datasets", "models", "bases", "methods", "seeds", "grid", "device",
@@ -159,6 +159,9 @@ def _names(value, kind: str, registry: dict, singular: str) -> list[str]:
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise UserError(f"sweep key {kind!r} must be a list of names, got {value!r}")
+    if not value:
+        raise UserError(f"no {kind} given (--{kind} or the sweep's {kind!r} is empty); valid: "
+                        + ", ".join(sorted(registry)))
     if value == ["all"]:
         return sorted(registry)
     for v in value:
@@ -200,6 +203,17 @@ def _method_points(cls, fixed: dict, use_grid: bool) -> list[dict]:
     return list(unique.values())
 
 
+def _check_pairs(datasets: list[str], models: list[str], ds_objs: dict) -> None:
+    """Every model and every dataset asked for must run at least once: a model (convkan) that pairs
+    with none of the datasets, or a dataset with none of the models, is a mistake named by its pairs.
+    A sweep where only some pairs are incompatible skips those (and the CLI says which)."""
+    for kind, name, pairs in [("model", m, [(d, m) for d in datasets]) for m in models] + \
+                             [("dataset", d, [(d, m) for m in models]) for d in datasets]:
+        reasons = [incompatibility(m, ds_objs[d]) for d, m in pairs]
+        if all(reasons):
+            raise UserError(f"nothing to run for {kind} {name!r}: " + "; ".join(dict.fromkeys(reasons)))
+
+
 def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
     """Validate a sweep dict (plus CLI overrides) and expand it into runs."""
     data = dict(data)
@@ -219,6 +233,8 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
         seeds = [seeds]
     if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
         raise UserError(f"seeds must be a list of non-negative integers, got {seeds!r}")
+    if not seeds:
+        raise UserError("no seeds given (--seeds or the sweep's 'seeds' is empty); give e.g. 0 or 0,1,2")
     device = data.get("device", "auto")
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"device {device!r} is not allowed; valid: auto, cpu, cuda")
@@ -264,6 +280,7 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
     points = {(d, m): _method_points(get_method_class(m), {**meth_tables.get(m, {}), **ds_methods[d].get(m, {})},
                                      use_grid) for d in datasets for m in methods}
 
+    _check_pairs(datasets, models, ds_objs)
     runs, skipped = [], []
     for d, m, b, meth, seed in itertools.product(datasets, models, bases, methods, seeds):
         if not compatible(m, ds_objs[d]):

@@ -110,8 +110,12 @@ def test_killed_worker_loses_only_its_run_and_rerun_completes(tmp_path, ray_clus
 
 
 def _row(rid, status, finished, host, metric):
-    return {"run_id": rid, "sweep": "s", "method": "dense", "status": status, "metric": metric,
-            "finished_at": finished, "started_at": finished, "host": host, "device": f"cuda:{host[-1]}"}
+    row = {"run_id": rid, "sweep": "s", "dataset": "d", "method": "dense", "seed": 0, "status": status,
+           "metric": metric, "finished_at": finished, "started_at": finished, "host": host,
+           "device": f"cuda:{host[-1]}"}
+    if status == "ok":  # what every ok row carries (the results schema)
+        row.update(metric_name="accuracy", val_metric=metric, stored_bits=64, dense_bits=64, compression_ratio=1.0)
+    return row
 
 
 def test_merge_dedupes_by_run_id_and_keeps_provenance(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Test-only plugins: a tiny image dataset, a tiny regression task, and methods that fail on purpose."""
+"""Test-only plugins: a tiny image dataset, a tiny regression task, and methods that fail or wait on purpose."""
 
 from dataclasses import dataclass, field
 
@@ -100,3 +100,23 @@ class Impossible(Method):
         from bench.errors import Infeasible
 
         raise Infeasible("impossible on purpose: asks for more than the model has")
+
+
+@register_method("wait_for")
+class WaitFor(Method):
+    """Acts as dense, but its compress waits until the file ``marker`` exists (at most 60 s): a run that
+    stays in flight while a test does something else (a second writer on the same folder)."""
+
+    test_only = True
+
+    @dataclass
+    class Config:
+        marker: str = ""  # empty: no wait
+
+    def compress(self, model, ctx):
+        import time
+        from pathlib import Path
+
+        deadline = time.monotonic() + 60
+        while self.config.marker and not Path(self.config.marker).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
