@@ -163,7 +163,14 @@ def make_plan(todo: list, out: Path) -> Plan:
         stages = [False] + ([True] if get_method_class(spec.method).trains_own_model() else [])
         for own in stages:
             key, rel = stage_cache_key(spec, own)
-            if (out / rel).exists():
+            done = (out / rel).exists()
+            if not own:  # the dense stage also fine-tunes the control, which depends on the fine-tune budget
+                from .runner import RunEnv
+
+                control_key, control_name = RunEnv.control_key(spec)
+                key = json.dumps(control_key, sort_keys=True, default=str)
+                done = done and (out / "cache" / control_name).exists()
+            if done:
                 continue
             preps.setdefault(key, (spec, own))
             needs[spec.run_id].add(key)

@@ -91,8 +91,10 @@ class CompressContext:
         validation (epoch 0, no fine-tuning, is a candidate: ``best_epoch == 0`` means the
         fine-tune changed nothing, and the row says so)."""
         epochs = self.finetune_epochs if epochs is None else epochs
-        result = self.trainer.fit(model, epochs, param_groups=param_groups, lr=lr or self.finetune_lr, desc=desc)
-        self.finetunes.append(result)
+        result = self.trainer.fit(model, epochs, param_groups=param_groups,
+                                  lr=self.finetune_lr if lr is None else lr, desc=desc)
+        if epochs > 0:  # a budget of 0 epochs is no fine-tune (the row's finetune_* columns stay empty)
+            self.finetunes.append(result)
         return result
 
 

@@ -20,7 +20,8 @@ A point (mean over its seeds) is **within tolerance** when
 * rmse (relative): ``mean(val_metric) <= mean(control_val_metric) * (1 + tolerance_rmse_rel)``.
 
 A **group** is (dataset, model, basis, training budget); the budget is whichever of ``epochs``,
-``lr``, ``batch_size``, ``finetune_epochs``, ``finetune_lr`` and the ``*_options`` JSON columns the
+``lr``, ``batch_size``, ``finetune_epochs``, ``finetune_lr_scale``, ``schedule``, ``patience``,
+``weight_decay``, ``threads`` and the ``*_options`` JSON columns the
 rows carry (its text is the ``budget`` column), so different base models are never mixed and seeds are
 averaged only when everything but the seed is equal. One table per group lists the control first, then
 every operating point (method, method_config): those within tolerance by whole-model compression
@@ -58,10 +59,10 @@ GROUP = ["dataset", "model", "basis", "budget"]
 POINT = GROUP + ["method", "method_config"]
 # The training budget that defines a base model (whichever of these the rows carry).
 BUDGET = ["epochs", "lr", "batch_size", "finetune_epochs", "finetune_lr_scale", "schedule", "patience",
-          "weight_decay", "dataset_options", "model_options", "basis_options"]
+          "weight_decay", "threads", "dataset_options", "model_options", "basis_options"]
 _BUDGET_NAMES = {"epochs": "epochs", "lr": "lr", "batch_size": "batch", "finetune_epochs": "ft epochs",
                  "finetune_lr_scale": "ft lr scale", "schedule": "schedule", "patience": "patience",
-                 "weight_decay": "wd", "dataset_options": "data", "model_options": "model",
+                 "weight_decay": "wd", "threads": "threads", "dataset_options": "data", "model_options": "model",
                  "basis_options": "basis"}
 LOWER_IS_BETTER = {"rmse", "mse", "mae", "loss", "nll"}
 DENSE = "dense"

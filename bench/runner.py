@@ -178,10 +178,16 @@ class RunEnv:
             return model, blob["info"]
         ctx = self.context(spec, trainer, self.device)
         seed_everything(ctx.seed)
-        fit = control_finetune(model, ctx)
+        try:
+            fit = control_finetune(model, ctx)
+        except Diverged as exc:  # name the control, not the method whose run needed it
+            raise Diverged(f"the dense_ft control's fine-tune diverged ({exc}); every run of this base "
+                           f"needs it: lower finetune_lr_scale") from None
+        tuned = spec.train["finetune_epochs"] > 0
         model.eval()
         info = {"val_metric": trainer.evaluate(model, "val"), "test_metric": trainer.evaluate(model, "test"),
-                "finetune_best_epoch": fit.best_epoch, "finetune_epochs_run": fit.epochs_run,
+                "finetune_best_epoch": fit.best_epoch if tuned else None,
+                "finetune_epochs_run": fit.epochs_run if tuned else None,
                 "finetune_lr": fit.lr, "finetune_seconds": fit.seconds, "peak_memory_bytes": fit.peak_memory_bytes}
         buf = io.BytesIO()
         torch.save({"state_dict": model.state_dict(), "info": info, "key": key}, buf)
@@ -259,6 +265,8 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
         finetunes = [{"finetune_best_epoch": f.best_epoch, "finetune_epochs_run": f.epochs_run, "finetune_lr": f.lr,
                       "peak_memory_bytes": f.peak_memory_bytes} for f in ctx.finetunes]
     row["compress_seconds"] = time.perf_counter() - t0
+    if is_control:  # its fine-tune ran once, when the control was cached
+        row["compress_seconds"] = control_info.get("finetune_seconds", row["compress_seconds"])
     last = finetunes[-1] if finetunes else {}
     row.update(finetune_best_epoch=last.get("finetune_best_epoch"), finetune_epochs_run=last.get("finetune_epochs_run"),
                finetune_lr=last.get("finetune_lr"))

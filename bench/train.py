@@ -152,20 +152,21 @@ class Trainer:
         ``requires_grad``. ``epochs == 0`` only scores the model.
         """
         model.to(self.device).train()
-        result = FitResult(lr=lr or self.lr)
+        lr = self.lr if lr is None else lr
+        result = FitResult(lr=lr)
         start = time.perf_counter()
         if param_groups is None:
             param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
         param_groups = [dict(g) for g in param_groups if len(list(g["params"])) > 0]
         for g in param_groups:  # a group may ask for a multiple of the run's learning rate
             if "lr_scale" in g:
-                g["lr"] = (lr or self.lr) * g.pop("lr_scale")
+                g["lr"] = lr * g.pop("lr_scale")
         best_state = copy.deepcopy(model.state_dict())
         result.best_val = self.evaluate(model, "val")
         if epochs <= 0 or not param_groups:
             result.seconds = time.perf_counter() - start
             return result
-        opt = torch.optim.AdamW(param_groups, lr=lr or self.lr, weight_decay=self.weight_decay)
+        opt = torch.optim.AdamW(param_groups, lr=lr, weight_decay=self.weight_decay)
         x, y = self.splits.x_train, self.splits.y_train
         n = x.shape[0]
         total_steps = epochs * math.ceil(n / self.batch_size)

@@ -125,3 +125,26 @@ def test_epochs_below_one_is_a_user_error():
     with pytest.raises(UserError, match="epochs"):
         sweep_of(["dense"], train={**TRAIN, "epochs": 0})
     assert math.isclose(sweep_of(["dense"]).runs[0].train["finetune_lr_scale"], 0.1)
+
+
+def test_zero_fine_tune_epochs_is_no_fine_tune_and_zero_rate_is_zero(tmp_path):
+    sweep = sweep_of(["dense_ft", "quantize"], {"quantize": {"bits": 4, "mode": "qat"}},
+                     train={**TRAIN, "finetune_epochs": 0})
+    env = RunEnv(tmp_path, tmp_path, "cpu")
+    for spec in sweep.runs:
+        row = run_one(spec, env)
+        assert row["finetune_best_epoch"] is None and row["finetune_epochs_run"] is None, spec.method
+    ds = get_dataset("tiny_regression")
+    fit = Trainer(ds.load(".", 0), ds.task, lr=1e-2).fit(KAN([2, 3, 1], "bspline"), 1, lr=0.0)
+    assert fit.lr == 0.0  # an explicit rate of 0 is not "the default rate"
+
+
+def test_executor_plan_prepares_the_control_of_each_fine_tune_budget(tmp_path):
+    from bench.executors import make_plan
+
+    a = sweep_of(["dense"]).runs[0]
+    b = sweep_of(["dense"], train={**TRAIN, "finetune_lr_scale": 0.5}).runs[0]
+    env = RunEnv(tmp_path, tmp_path, "cpu")
+    run_one(a, env)  # caches the base and a's control
+    plan = make_plan([a, b], tmp_path)
+    assert plan.needs[a.run_id] == set() and len(plan.needs[b.run_id]) == 1  # b's control is missing
