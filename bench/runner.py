@@ -116,6 +116,18 @@ class RunEnv:
         opts = model_specs.model_options(spec.model, spec.model_options)
         return model_specs.build(spec.model, opts, ds, spec.basis, spec.basis_options)
 
+    def _load_cached(self, path: Path, model) -> dict:
+        """Load a cached trained model's weights into ``model``; return its info."""
+        blob = torch.load(path, map_location=self.device, weights_only=False)
+        model.load_state_dict(blob["state_dict"])
+        return blob["info"]
+
+    @staticmethod
+    def _save_cached(path: Path, model, info: dict, key: dict) -> None:
+        buf = io.BytesIO()
+        torch.save({"state_dict": model.state_dict(), "info": info, "key": key}, buf)
+        atomic_write_bytes(path, buf.getvalue())
+
     @staticmethod
     def cache_key(spec: RunSpec, method=None) -> tuple[dict, str]:
         """(key, file name under ``<out>/cache/``) of the trained model of this spec's stage:
@@ -139,9 +151,7 @@ class RunEnv:
             method.prepare(model)
         model.to(self.device)
         if path.exists():
-            blob = torch.load(path, map_location=self.device, weights_only=False)
-            model.load_state_dict(blob["state_dict"])
-            return model, blob["info"]
+            return model, self._load_cached(path, model)
         seed_everything(derive_seed(spec.seed, spec.dataset, spec.model, spec.basis, "train"))
         _, trainable = count_params(model)
         fit = trainer.fit(model, epochs, param_groups=method.param_groups(model) if method else None,
@@ -153,9 +163,7 @@ class RunEnv:
         if method is None:  # the dense base's scores and file size, shared by every run compressing it
             info["test_metric"] = trainer.evaluate(model, "test")
             info["file_bytes"] = export_model(copy.deepcopy(model).cpu(), path.with_suffix(".kanb"))
-        buf = io.BytesIO()
-        torch.save({"state_dict": model.state_dict(), "info": info, "key": key}, buf)
-        atomic_write_bytes(path, buf.getvalue())
+        self._save_cached(path, model, info, key)
         return model, info
 
     @classmethod
@@ -173,9 +181,7 @@ class RunEnv:
         path = self.out / "cache" / name
         model = copy.deepcopy(base)
         if path.exists():
-            blob = torch.load(path, map_location=self.device, weights_only=False)
-            model.load_state_dict(blob["state_dict"])
-            return model, blob["info"]
+            return model, self._load_cached(path, model)
         ctx = self.context(spec, trainer, self.device)
         seed_everything(ctx.seed)
         try:
@@ -189,9 +195,7 @@ class RunEnv:
                 "finetune_best_epoch": fit.best_epoch if tuned else None,
                 "finetune_epochs_run": fit.epochs_run if tuned else None,
                 "finetune_lr": fit.lr, "finetune_seconds": fit.seconds, "peak_memory_bytes": fit.peak_memory_bytes}
-        buf = io.BytesIO()
-        torch.save({"state_dict": model.state_dict(), "info": info, "key": key}, buf)
-        atomic_write_bytes(path, buf.getvalue())
+        self._save_cached(path, model, info, key)
         return model, info
 
 

@@ -202,7 +202,7 @@ def load_model(path: str | Path) -> nn.Module:
     from .registry import load_plugins
 
     load_plugins()  # sources defined next to methods register themselves when their plugin loads
-    from . import transfer  # noqa: F401  registers LoTRASource (the transfer benchmark's, no plugin imports it)
+    from . import tucker  # noqa: F401  registers TuckerSource and LoTRASource (no plugin needed)
     raw = Path(path).read_bytes()
     if not raw.startswith(MAGIC):
         raise ValueError(f"{path} is not an exported KAN model file")

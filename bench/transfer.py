@@ -26,8 +26,8 @@ sorted by per-task stored bits, and ``transfer_rmse_vs_bits.png``); ``python -m 
 rewrites it.
 
 Exported adapted models (:func:`bench.storage.export_model`) hold ``A0`` and the update, and reload
-in a fresh process: :func:`bench.storage.load_model` imports this module, which registers
-:class:`LoTRASource`.
+in a fresh process: :class:`LoTRASource` lives in :mod:`bench.tucker` beside the Tucker source it
+extends, which :func:`bench.storage.load_model` registers.
 
 LoTRA's update starts at zero (zero core, random orthonormal factors, as LoRA starts with a
 zero factor), so adaptation starts exactly from the pre-trained model. Learning rates follow
@@ -46,7 +46,6 @@ import json
 import math
 import platform
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -58,9 +57,8 @@ from .data import Splits
 from .errors import UserError
 from .kan import KAN, kan_layers
 from .results import atomic_write_bytes, read_json_rows
-from .sources import EdgeSource, StorageItem, float_item, register_source
 from .train import Diverged, Trainer
-from .tucker import MODES, TuckerSource, check_rank_spec, orthonormal, resolve_ranks
+from .tucker import MODES, LoTRASource, check_rank_spec
 
 SOURCE_CONSTANTS = (1.0, 1.0)
 TARGETS = {"a=1.25": (1.25, 1.0), "b=0.5": (1.0, 0.5), "a=0.8,b=1.5": (0.8, 1.5)}
@@ -105,56 +103,6 @@ def task_splits(constants: tuple[float, float], seed: int, n_train: int = 1000, 
         y = family(x.astype(np.float64), *constants)
         out += [torch.from_numpy(x), torch.as_tensor(y, dtype=torch.float32).view(-1, 1)]
     return Splits(*out)
-
-
-@register_source
-class LoTRASource(EdgeSource):
-    """``A0 + Tucker update``: a frozen pre-trained edge tensor (buffer) plus a trainable
-    :class:`TuckerSource`. ``update_storage()`` is what a task adds; ``storage()`` also holds the
-    shared ``A0`` so an exported file rebuilds the adapted model on its own."""
-
-    def __init__(self, base: torch.Tensor, update: TuckerSource):
-        super().__init__()
-        if tuple(update.shape) != tuple(base.shape):
-            raise ValueError(f"update shape {tuple(update.shape)} != base shape {tuple(base.shape)}")
-        self.out_features, self.in_features, self.edge_dim = base.shape
-        self.register_buffer("base", base.detach().clone().float())
-        self.update = update
-
-    @classmethod
-    def zero_update(cls, base: torch.Tensor, ranks, generator: torch.Generator | None = None) -> LoTRASource:
-        """A zero update at ``ranks``; an absolute rank above a mode's size is capped at that size
-        (one rank list then fits a network whose output layer has a single output)."""
-        shape = tuple(base.shape)
-        ranks = [min(r, s) if isinstance(r, int) and not isinstance(r, bool) else r for r, s in zip(ranks, shape)]
-        r = resolve_ranks(shape, ranks)
-        factors = [orthonormal(s, k, generator) for s, k in zip(base.shape, r)]
-        return cls(base, TuckerSource(torch.zeros(*r), *factors))
-
-    def edge_tensor(self) -> torch.Tensor:
-        return self.base + self.update.edge_tensor()
-
-    def contract(self, features: torch.Tensor) -> torch.Tensor:
-        b = features.shape[0]
-        dense = features.reshape(b, -1) @ self.base.reshape(self.out_features, -1).t()
-        return dense + self.update.contract(features)
-
-    def update_storage(self) -> list[StorageItem]:
-        return self.update.storage()
-
-    def storage(self) -> list[StorageItem]:
-        return [float_item("base", self.base)] + [
-            StorageItem(f"update_{it.name}", it.count, it.bits_per_value, it.encoding, it.tensor)
-            for it in self.update.storage()]
-
-    def export_config(self) -> dict:
-        return {"shape": list(self.shape), "ranks": list(self.update.ranks)}
-
-    @classmethod
-    def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> LoTRASource:
-        upd = TuckerSource.from_export(config, {k[len("update_"):]: v for k, v in tensors.items()
-                                                if k.startswith("update_")})
-        return cls(tensors["base"].reshape(config["shape"]), upd)
 
 
 def check_ranks_fit(model: nn.Module, ranks) -> None:
@@ -483,14 +431,3 @@ def _adapt(model, trainer: Trainer, mode: str, ranks, epochs: int, lr: float, lr
     return {"stored_bits": bits, "trainable_params": n_trainable, "layer_ranks": layer_ranks,
             "best_epoch": res.best_epoch, "fit_seconds": time.perf_counter() - t0, "val_rmse": res.best_val,
             "test_rmse": trainer.evaluate(adapted, "test")}
-
-
-def main(argv=None) -> int:
-    """``python -m bench.transfer ...`` is ``python -m bench transfer ...``."""
-    from .cli import main as cli_main
-
-    return cli_main(["transfer", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -237,6 +237,56 @@ class TuckerSource(EdgeSource):
                    tensors["u_in"].reshape(i, r2), tensors["u_basis"].reshape(n, r3))
 
 
+@register_source
+class LoTRASource(EdgeSource):
+    """``A0 + Tucker update``: a frozen pre-trained edge tensor (buffer) plus a trainable
+    :class:`TuckerSource`. ``update_storage()`` is what a task adds; ``storage()`` also holds the
+    shared ``A0`` so an exported file rebuilds the adapted model on its own."""
+
+    def __init__(self, base: torch.Tensor, update: TuckerSource):
+        super().__init__()
+        if tuple(update.shape) != tuple(base.shape):
+            raise ValueError(f"update shape {tuple(update.shape)} != base shape {tuple(base.shape)}")
+        self.out_features, self.in_features, self.edge_dim = base.shape
+        self.register_buffer("base", base.detach().clone().float())
+        self.update = update
+
+    @classmethod
+    def zero_update(cls, base: torch.Tensor, ranks, generator: torch.Generator | None = None) -> LoTRASource:
+        """A zero update at ``ranks``; an absolute rank above a mode's size is capped at that size
+        (one rank list then fits a network whose output layer has a single output)."""
+        shape = tuple(base.shape)
+        ranks = [min(r, s) if isinstance(r, int) and not isinstance(r, bool) else r for r, s in zip(ranks, shape)]
+        r = resolve_ranks(shape, ranks)
+        factors = [orthonormal(s, k, generator) for s, k in zip(base.shape, r)]
+        return cls(base, TuckerSource(torch.zeros(*r), *factors))
+
+    def edge_tensor(self) -> torch.Tensor:
+        return self.base + self.update.edge_tensor()
+
+    def contract(self, features: torch.Tensor) -> torch.Tensor:
+        b = features.shape[0]
+        dense = features.reshape(b, -1) @ self.base.reshape(self.out_features, -1).t()
+        return dense + self.update.contract(features)
+
+    def update_storage(self) -> list[StorageItem]:
+        return self.update.storage()
+
+    def storage(self) -> list[StorageItem]:
+        return [float_item("base", self.base)] + [
+            StorageItem(f"update_{it.name}", it.count, it.bits_per_value, it.encoding, it.tensor)
+            for it in self.update.storage()]
+
+    def export_config(self) -> dict:
+        return {"shape": list(self.shape), "ranks": list(self.update.ranks)}
+
+    @classmethod
+    def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> LoTRASource:
+        upd = TuckerSource.from_export(config, {k[len("update_"):]: v for k, v in tensors.items()
+                                                if k.startswith("update_")})
+        return cls(tensors["base"].reshape(config["shape"]), upd)
+
+
 def component_lrs(source: TuckerSource, base_lr: float, rule: str = "balanced",
                   multipliers: dict[str, float] | None = None) -> dict[str, float]:
     """Learning rate of each Tucker component.

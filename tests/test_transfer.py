@@ -21,7 +21,6 @@ from bench.transfer import (
     LoTRASource,
     attach_lotra,
     lotra_param_groups,
-    main,
     parse_ranks,
     parse_targets,
     run_transfer,
@@ -259,7 +258,7 @@ def test_task_family_parsers_and_module_entry(tmp_path, capsys):
     assert parse_ranks(["1,1,1;4,2,4", "0.5,1,1.0"]) == [[1, 1, 1], [4, 2, 4], [0.5, 1, 1.0]]
     assert parse_targets(["a=1.25", "a=0.8,b=1.5", "b=0.5"]) == {"a=1.25": (1.25, 1.0), "a=0.8,b=1.5": (0.8, 1.5),
                                                                   "b=0.5": (1.0, 0.5)}
-    assert main(["--out", str(tmp_path / "x"), "--ranks", "1,x,1"]) == 2  # python -m bench.transfer = bench transfer
+    assert cli_main(["transfer", "--out", str(tmp_path / "x"), "--ranks", "1,x,1"]) == 2
     assert "3 comma-separated numbers" in capsys.readouterr().err
     with pytest.raises(UserError):
         run_transfer(None, ranks_list=[[1, 2]], pretrain_epochs=1, finetune_epochs=1)
