@@ -173,3 +173,27 @@ def build_model(config: dict) -> nn.Module:
         return ConvKAN(tuple(cfg["input_shape"]), cfg["n_outputs"], cfg["channels"], cfg["kernel"],
                        cfg["pool_every"], cfg["basis"], cfg.get("basis_kwargs"))
     raise ValueError(f"unknown model kind {kind!r} in config")
+
+
+def layer_inputs(model: nn.Module, x: torch.Tensor, max_rows: int = 4096) -> list[torch.Tensor]:
+    """The inputs every KAN layer sees on batch ``x`` (conv layers: patch rows, subsampled evenly
+    to at most ``max_rows``)."""
+    layers = kan_layers(model)
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [layer.register_forward_hook(lambda m, args, out, k=k: seen.__setitem__(k, args[0].detach()))
+             for k, (_, layer) in enumerate(layers)]
+    was = model.training
+    model.eval()
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    res = []
+    for k in range(len(layers)):
+        r = seen[k]
+        if r.shape[0] > max_rows:
+            r = r[torch.linspace(0, r.shape[0] - 1, max_rows, device=r.device).long()]
+        res.append(r)
+    return res

@@ -32,6 +32,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from .config import build_config, to_dict
@@ -58,6 +59,14 @@ def get_method_class(name: str) -> type[Method]:
 
 
 @dataclass
+class CompressResult:
+    """What a method reports beside the compressed model; the runner writes it on the run's row."""
+
+    theoretical_speedup: float = 1.0  # forward FLOPs of the dense model / of the compressed one
+    details: dict = dataclasses.field(default_factory=dict)  # method-specific numbers: the row's ``info`` (JSON)
+
+
+@dataclass
 class CompressContext:
     """What ``Method.compress`` may use."""
 
@@ -66,7 +75,7 @@ class CompressContext:
     seed: int
     device: Any
     finetune_lr: float | None = None  # the shared rule: the sweep's finetune_lr_scale * lr (None: 0.1 * lr)
-    info: dict = dataclasses.field(default_factory=dict)  # the method may record extra results here
+    result: CompressResult = dataclasses.field(default_factory=lambda: CompressResult())  # what the method reports
     finetunes: list = dataclasses.field(default_factory=list)  # FitResult of every ctx.finetune call
 
     def __post_init__(self):
@@ -82,6 +91,13 @@ class CompressContext:
         """The shared rule's fine-tune rate as a fraction of the training rate (``finetune_lr_scale``):
         methods with their own training rates (MetaKAN's embeddings) scale those by it."""
         return self.finetune_lr / self.trainer.lr if self.trainer.lr else 1.0
+
+    def calibration_batch(self, n: int) -> torch.Tensor:
+        """``n`` training inputs drawn without replacement, the same ones for the same seed (the
+        calibration data of post-training methods: pruning attribution, quantiser clipping)."""
+        x = self.splits.x_train
+        g = torch.Generator().manual_seed(self.seed)
+        return x[torch.randperm(x.shape[0], generator=g)[:n].to(x.device)]
 
     def finetune(self, model: nn.Module, param_groups: list[dict] | None = None, epochs: int | None = None,
                  lr: float | None = None, desc: str = "finetune"):

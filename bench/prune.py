@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .errors import Infeasible
-from .kan import KAN, KANLayer, kan_layers
+from .kan import KAN, KANLayer, kan_layers, layer_inputs
 from .sources import EdgeSource, StorageItem, float_item, index_bits, register_source
 
 FLOAT_BITS = 32
@@ -153,30 +153,6 @@ def magnitude_scores(model: nn.Module) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def layer_inputs(model: nn.Module, x: torch.Tensor, max_rows: int = 4096) -> list[torch.Tensor]:
-    """The inputs every KAN layer sees on batch ``x`` (conv layers: patch rows, subsampled evenly
-    to at most ``max_rows``)."""
-    layers = kan_layers(model)
-    seen: dict[int, torch.Tensor] = {}
-    hooks = [layer.register_forward_hook(lambda m, args, out, k=k: seen.__setitem__(k, args[0].detach()))
-             for k, (_, layer) in enumerate(layers)]
-    was = model.training
-    model.eval()
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
-    res = []
-    for k in range(len(layers)):
-        r = seen[k]
-        if r.shape[0] > max_rows:
-            r = r[torch.linspace(0, r.shape[0] - 1, max_rows, device=r.device).long()]
-        res.append(r)
-    return res
-
-
 def _link_back(score_in: torch.Tensor, prev_out: int) -> torch.Tensor:
     """Map a layer's input-node scores to the previous layer's output nodes (identity for a KAN;
     a convolution's ``in_channels * k * k`` patch inputs sum back to their channel)."""

@@ -290,7 +290,7 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
                coef_compression_ratio=dense_ref.coef_dense_bits / rep.coef_stored_bits,
                params_total=sum(it.count for _, it in rep.items), arch=model_specs.arch_string(model),
                requested_ratio=method.requested_ratio(),
-               theoretical_speedup=ctx.info.pop("theoretical_speedup", 1.0))
+               theoretical_speedup=ctx.result.theoretical_speedup)
     path = env.out / "models" / f"{spec.run_id}.kanb"
     row["file_bytes"] = export_model(model.cpu(), path)
     row["header_bytes"] = header_bytes(path)
@@ -300,7 +300,7 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
     x_check = splits.x_test[:256].cpu()
     with torch.no_grad():
         row["reload_max_abs_diff"] = float((reloaded(x_check) - model(x_check)).abs().max())
-    row["info"] = json.dumps(ctx.info, sort_keys=True, default=str)
+    row["info"] = json.dumps(ctx.result.details, sort_keys=True, default=str)
     row["status"] = "diverged" if _metric_is_bad(row["metric"]) else "ok"
     row["error"] = "non-finite test metric" if row["status"] == "diverged" else None
     row["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -28,9 +28,9 @@ class KMeansSharing(Method):
     def compress(self, model, ctx):
         c = self.config
         k = c.K if c.K is not None else meta.default_k(model)
-        ctx.info["val_dense"] = ctx.trainer.evaluate(model, "val")
-        ctx.info.update(meta.cluster_model(model, k, c.scope, c.n_init, ctx.seed))
-        ctx.info["val_clustered"] = ctx.trainer.evaluate(model, "val")
+        ctx.result.details["val_dense"] = ctx.trainer.evaluate(model, "val")
+        ctx.result.details.update(meta.cluster_model(model, k, c.scope, c.n_init, ctx.seed))
+        ctx.result.details["val_clustered"] = ctx.trainer.evaluate(model, "val")
         fit = ctx.finetune(model, meta.codebook_param_groups(model, tune_rest=c.tune_rest), lr=c.finetune_lr,
                            epochs=c.finetune_epochs, desc="kmeans centroids")
-        ctx.info.update(val_finetuned=fit.best_val, finetune_best_epoch=fit.best_epoch)
+        ctx.result.details.update(val_finetuned=fit.best_val, finetune_best_epoch=fit.best_epoch)

@@ -18,7 +18,7 @@
    lr``); ``tune_rest`` also tunes biases and norms. The best epoch is selected on validation
    (epoch 0, no fine-tuning, included).
 
-``ctx.info`` records K requested/used, the K-means inertia, index bits, the meta-learner's
+``ctx.result.details`` records K requested/used, the K-means inertia, index bits, the meta-learner's
 parameter count and the validation score after each step.
 
 Learning rates: 10x the paper's by default; :class:`bench.meta.GeneratorOptions` says why.
@@ -49,10 +49,10 @@ class MetaCluster(meta.GeneratorStage, Method):
     def compress(self, model, ctx):
         c = self.config
         k = c.K if c.K is not None else meta.default_k(model)
-        ctx.info.update(meta_learner_params=meta.meta_learner_params(model),
+        ctx.result.details.update(meta_learner_params=meta.meta_learner_params(model),
                         val_generated=ctx.trainer.evaluate(model, "val"))
-        ctx.info.update(meta.cluster_model(model, k, c.scope, c.n_init, ctx.seed))  # drops the meta-learner
-        ctx.info["val_clustered"] = ctx.trainer.evaluate(model, "val")
+        ctx.result.details.update(meta.cluster_model(model, k, c.scope, c.n_init, ctx.seed))  # drops the meta-learner
+        ctx.result.details["val_clustered"] = ctx.trainer.evaluate(model, "val")
         fit = ctx.finetune(model, meta.codebook_param_groups(model, tune_rest=c.tune_rest), lr=c.finetune_lr,
                            epochs=c.finetune_epochs, desc="metacluster centroids")
-        ctx.info.update(val_finetuned=fit.best_val, finetune_best_epoch=fit.best_epoch)
+        ctx.result.details.update(val_finetuned=fit.best_val, finetune_best_epoch=fit.best_epoch)

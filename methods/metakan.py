@@ -38,6 +38,6 @@ class MetaKAN(meta.GeneratorStage, Method):
         ctx.finetune(model, meta.generator_param_groups(model, c.emb_lr * ctx.finetune_scale,
                                                         c.meta_lr * ctx.finetune_scale),
                      desc="metakan finetune")
-        ctx.info.update(d=c.d, h=c.h if c.h is not None else meta.default_hidden(model), shared=c.shared,
+        ctx.result.details.update(d=c.d, h=c.h if c.h is not None else meta.default_hidden(model), shared=c.shared,
                         meta_learner_params=meta.meta_learner_params(model),
                         embedding_params=sum(layer.source.embedding.numel() for _, layer in kan_layers(model)))

@@ -22,15 +22,13 @@ budget controls. The budget is met from below, so the achieved ratio is ``>= rat
 about one edge of it (fine-tuning never changes it). The whole-model ratio (biases, knots, norms
 stay float32) is lower, noticeably for RBF's LayerNorm at high ratios (e.g. 28.6x for a requested
 32x on ``[784, 64, 10]``); ``target="model"`` budgets the whole model instead (the edges get the
-dense model's bits / ratio minus the other tensors). Both ratios are recorded in ``ctx.info``, as
-is ``theoretical_speedup`` (dense edge MACs / remaining edge MACs; basis evaluation not counted).
+dense model's bits / ratio minus the other tensors). Both ratios are recorded in the result's ``details``; its
+``theoretical_speedup`` is dense edge MACs / remaining edge MACs (basis evaluation not counted).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import torch
 
 from bench.errors import Infeasible, UserError
 from bench.kan import kan_layers
@@ -80,10 +78,7 @@ class Prune(Method):
     def _scores(self, model, ctx):
         if self.config.score == "magnitude":
             return magnitude_scores(model)
-        x = ctx.splits.x_train
-        g = torch.Generator().manual_seed(ctx.seed)
-        idx = torch.randperm(x.shape[0], generator=g)[: self.config.calib_samples].to(x.device)
-        return attribution_scores(model, x[idx])
+        return attribution_scores(model, ctx.calibration_batch(self.config.calib_samples))
 
     def _check_feasible(self, layers, structured, dense_bits, model_dense_bits, other_bits):
         """Infeasible (one line: the bits asked, the smallest connected model's, the largest
@@ -131,11 +126,12 @@ class Prune(Method):
         removed = remove_dead_nodes(model) if structured else []
         layers = [layer for _, layer in kan_layers(model)]
         rep = storage_report(model)  # its dense figures describe the smaller KAN; ratios are against the original
-        ctx.info.update(
+        ctx.result.details.update(
             requested_ratio_kind="coef_compression_ratio" if cfg.target == "coef" else "compression_ratio",
             achieved_coef_ratio=dense_bits / rep.coef_stored_bits,
             achieved_model_ratio=rep0.dense_bits / rep.stored_bits,
             kept_edges=[la.source.kept for la in layers],
             dense_edges=dense_edges, widths=[la.in_features for la in layers] + [layers[-1].out_features],
             patterns=[la.source.pattern for la in layers], nodes_removed=removed, structured=structured,
-            steps=history, theoretical_speedup=dense_macs / max(edge_macs(model, positions), 1))
+            steps=history)
+        ctx.result.theoretical_speedup = dense_macs / max(edge_macs(model, positions), 1)

@@ -13,7 +13,7 @@ Recipe (mechanisms in :mod:`bench.quant`):
   exactly the forward that was validated.
 
 No requested ratio: the ratio follows from ``bits`` and the scale overhead; the nominal value
-ratio ``32 / bits`` and the achieved ratios are recorded in ``ctx.info``.
+ratio ``32 / bits`` and the achieved ratios are recorded in the result's ``details``.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.kan import kan_layers
+from bench.kan import kan_layers, layer_inputs
 from bench.methods import Method, register_method
-from bench.prune import layer_inputs
 from bench.quant import GRANULARITIES, FakeQuantSource, QuantSource, fake_quantize
 from bench.storage import storage_report
 
@@ -79,10 +78,7 @@ class Quantize(Method):
         layers = [layer for _, layer in kan_layers(model)]
         clips = [torch.tensor(1.0)] * len(layers)
         if cfg.calibrate:
-            x = ctx.splits.x_train
-            g = torch.Generator().manual_seed(ctx.seed)
-            clips = self.calibrate_clips(model, x[torch.randperm(x.shape[0], generator=g)[: cfg.calib_samples]
-                                                  .to(x.device)])
+            clips = self.calibrate_clips(model, ctx.calibration_batch(cfg.calib_samples))
         if cfg.mode == "ptq":
             for layer, clip in zip(layers, clips):
                 layer.set_source(QuantSource.from_float(layer.edge_tensor().detach(), clip=clip, **self._settings()))
@@ -94,6 +90,6 @@ class Quantize(Method):
             for layer in layers:
                 layer.set_source(layer.source.freeze())
         rep = storage_report(model)
-        ctx.info.update(nominal_value_ratio=32.0 / cfg.bits, achieved_coef_ratio=rep.coef_compression_ratio,
+        ctx.result.details.update(nominal_value_ratio=32.0 / cfg.bits, achieved_coef_ratio=rep.coef_compression_ratio,
                         achieved_model_ratio=rep.compression_ratio,
                         mean_clip=[float(torch.as_tensor(c).float().mean()) for c in clips])

@@ -69,5 +69,5 @@ class SlimKAN(Method):
         groups = tucker_param_groups(model, ctx.finetune_lr, c.lr_rule, c.multipliers())
         ctx.finetune(model, param_groups=[{k: v for k, v in g.items() if k != "name"} for g in groups],
                      desc="slimkan finetune")
-        ctx.info["tucker_ranks"] = {n: list(layer.source.ranks) for n, layer in kan_layers(model)}
-        ctx.info["theoretical_speedup"] = model_speedup(model, ctx.trainer.batch_size)
+        ctx.result.details["tucker_ranks"] = {n: list(layer.source.ranks) for n, layer in kan_layers(model)}
+        ctx.result.theoretical_speedup = model_speedup(model, ctx.trainer.batch_size)

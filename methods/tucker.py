@@ -69,10 +69,10 @@ class Tucker(Method):
             errors[name] = float((src.edge_tensor().detach() - a).norm() / a.norm().clamp_min(1e-30))
             layer.set_source(src)
             self._shapes.append(tuple(a.shape))
-        ctx.info["tucker_ranks"] = {n: list(layer.source.ranks) for n, layer in kan_layers(model)}
-        ctx.info["decomposition_rel_error"] = errors
+        ctx.result.details["tucker_ranks"] = {n: list(layer.source.ranks) for n, layer in kan_layers(model)}
+        ctx.result.details["decomposition_rel_error"] = errors
         groups = tucker_param_groups(model, ctx.finetune_lr, self.config.lr_rule, self.config.multipliers())
-        ctx.info["component_lrs"] = {g["name"]: g["lr"] for g in groups}
+        ctx.result.details["component_lrs"] = {g["name"]: g["lr"] for g in groups}
         ctx.finetune(model, param_groups=[{k: v for k, v in g.items() if k != "name"} for g in groups])
-        ctx.info["theoretical_speedup"] = model_speedup(model, ctx.trainer.batch_size)
+        ctx.result.theoretical_speedup = model_speedup(model, ctx.trainer.batch_size)
 

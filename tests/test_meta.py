@@ -244,9 +244,9 @@ def test_compress_swaps_in_codebooks_and_reloads(tmp_path, name):
     m.compress(model, ctx)
     assert all(isinstance(layer.source, CodebookSource) for _, layer in kan_layers(model))
     assert not meta.meta_learners(model)  # the deployed model keeps no meta-learner
-    assert ctx.info["k_used"] == {"layers.0": 4, "layers.1": 4} and ctx.info["k_requested"] == 4
+    assert ctx.result.details["k_used"] == {"layers.0": 4, "layers.1": 4} and ctx.result.details["k_requested"] == 4
     if name == "metacluster":
-        assert ctx.info["meta_learner_params"] == 2 * (8 + 8 + 8 * 9 + 9)
+        assert ctx.result.details["meta_learner_params"] == 2 * (8 + 8 + 8 * 9 + 9)
     rep = storage_report(model)
     assert rep.coef_stored_bits == (64 * 6 + 6 * 4) * 2 + 2 * 4 * 9 * 32
     path = tmp_path / f"{name}.kanb"

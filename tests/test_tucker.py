@@ -212,11 +212,11 @@ def test_tucker_finetune_changes_every_factor_and_records_info():
     for (_, a), (_, b) in zip(kan_layers(decomposed), kan_layers(model)):
         for name, p in a.source.factors().items():
             assert not torch.allclose(p, b.source.factors()[name]), name
-    assert set(ctx.info["component_lrs"]) >= {"layers.0.core", "layers.0.u_in", "layers.1.u_basis", "other"}
-    assert len(set(ctx.info["component_lrs"].values())) > 3  # the balanced rule gives different rates
-    assert ctx.info["tucker_ranks"] == {"layers.0": [3, 15, 5], "layers.1": [2, 3, 5]}  # 32 > 3*5: lowered
+    assert set(ctx.result.details["component_lrs"]) >= {"layers.0.core", "layers.0.u_in", "layers.1.u_basis", "other"}
+    assert len(set(ctx.result.details["component_lrs"].values())) > 3  # the balanced rule gives different rates
+    assert ctx.result.details["tucker_ranks"] == {"layers.0": [3, 15, 5], "layers.1": [2, 3, 5]}  # 32 > 3*5: lowered
     assert method.requested_ratio() == pytest.approx(requested_coef_ratio([(6, 64, 9), (4, 6, 9)], [0.5, 0.5, 0.5]))
-    assert ctx.info["theoretical_speedup"] > 0
+    assert ctx.result.theoretical_speedup > 0
 
 
 def test_slimkan_prepares_tucker_sources_and_trains_from_scratch():
