@@ -11,30 +11,19 @@ Every default basis has 8 functions, so edge vectors are comparable (9 values) a
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .errors import UserError, unknown
-from .registry import register
+from .errors import UserError
+from .registry import Registry
 
-BASES: dict[str, type[Basis]] = {}
-
-
-def register_basis(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        cls.name = name
-        register(BASES, "basis", name, cls)
-        return cls
-
-    return deco
+BASES = Registry("basis")
+register_basis = BASES.register
 
 
 def make_basis(name: str, in_features: int, **kwargs) -> Basis:
-    if name not in BASES:
-        raise unknown("basis", name, BASES)
-    cls = BASES[name]
+    cls = BASES.lookup(name)
     try:
         return cls(in_features, **kwargs)
     except TypeError as exc:  # unexpected keyword

@@ -324,9 +324,10 @@ def cmd_list(args) -> int:
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         print(f"  {name:10s} {opts}\n      {doc}")
     print("models:")
-    for name, opts_cls in MODELS.items():
-        opts = ", ".join(f"{o}={d!r}" for o, _, d, _ in describe(opts_cls))
-        print(f"  {name:10s} {opts}")
+    for name, kind in MODELS.items():
+        opts = ", ".join(f"{o}={d!r}" for o, _, d, _ in describe(kind.Options))
+        doc = (kind.__doc__ or "").strip().splitlines()[0]
+        print(f"  {name:10s} {opts}\n      {doc}")
     print("sweeps:")
     for name, path in bundled_sweeps().items():
         desc = read_sweep_file(path).get("description", "")

@@ -32,19 +32,10 @@ from typing import ClassVar
 import torch
 
 from .config import build_config
-from .errors import unknown
-from .registry import register
+from .registry import Registry
 
-DATASETS: dict[str, type[Dataset]] = {}
-
-
-def register_dataset(name: str):
-    def deco(cls):
-        cls.name = name
-        register(DATASETS, "dataset", name, cls)
-        return cls
-
-    return deco
+DATASETS = Registry("dataset")
+register_dataset = DATASETS.register
 
 
 @dataclass
@@ -102,9 +93,7 @@ class Dataset:
 
 
 def get_dataset(name: str, **options) -> Dataset:
-    if name not in DATASETS:
-        raise unknown("dataset", name, DATASETS)
-    return DATASETS[name](**options)
+    return DATASETS.lookup(name)(**options)
 
 
 def split_indices(n: int, fractions: tuple[float, ...], seed: int) -> list[torch.Tensor]:

@@ -12,10 +12,10 @@ class UserError(Exception):
     """A mistake in what the user asked for; the message is one line naming the fix."""
 
 
-def unknown(kind: str, name: object, valid) -> UserError:
-    """The standard 'unknown X' error, listing what is valid."""
+def unknown(kind: str, name: object, valid, hint: str = "") -> UserError:
+    """The standard 'unknown X' error, listing what is valid (and ``hint``, if any)."""
     choices = ", ".join(sorted(str(v) for v in valid)) or "(none registered)"
-    return UserError(f"unknown {kind} {name!r}; valid: {choices}")
+    return UserError(f"unknown {kind} {name!r}; valid: {choices}" + (f"; {hint}" if hint else ""))
 
 
 class Infeasible(Exception):

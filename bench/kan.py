@@ -12,7 +12,7 @@ layer. The forward evaluates the basis once per input (``[B, in, n_basis]``), ap
 ``[B, out, in]`` is never built.
 
 Public API: ``KAN([784, 64, 10], basis="rbf")``, ``ConvKAN((1, 28, 28), 10, channels=[8, 16])``,
-:func:`kan_layers` to walk a model's KAN layers, :func:`build_model` to rebuild from ``config()``.
+:func:`kan_layers` to walk a model's KAN layers (:func:`bench.models.from_config` rebuilds from ``config()``).
 """
 
 from __future__ import annotations
@@ -161,18 +161,6 @@ class ConvKAN(nn.Module):
 def kan_layers(model: nn.Module) -> list[tuple[str, KANLayer]]:
     """Every KAN layer of a model with its qualified name, in forward order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, KANLayer)]
-
-
-def build_model(config: dict) -> nn.Module:
-    """Rebuild a model (with fresh dense sources) from its ``config()``."""
-    cfg = dict(config)
-    kind = cfg.pop("model")
-    if kind == "kan":
-        return KAN(cfg["widths"], cfg["basis"], cfg.get("basis_kwargs"))
-    if kind == "convkan":
-        return ConvKAN(tuple(cfg["input_shape"]), cfg["n_outputs"], cfg["channels"], cfg["kernel"],
-                       cfg["pool_every"], cfg["basis"], cfg.get("basis_kwargs"))
-    raise ValueError(f"unknown model kind {kind!r} in config")
 
 
 def layer_inputs(model: nn.Module, x: torch.Tensor, max_rows: int = 4096) -> list[torch.Tensor]:

@@ -36,26 +36,17 @@ import torch
 from torch import nn
 
 from .config import build_config, to_dict
-from .errors import unknown
-from .registry import register
+from .registry import Registry
 
-METHODS: dict[str, type[Method]] = {}
+METHODS = Registry("method")
 DEFAULT_FINETUNE_LR_SCALE = 0.1  # the sweep's default finetune_lr_scale (bench.sweep.TrainBudget)
 
 
-def register_method(name: str):
-    def deco(cls):
-        cls.name = name
-        register(METHODS, "method", name, cls)
-        return cls
-
-    return deco
+register_method = METHODS.register
 
 
 def get_method_class(name: str) -> type[Method]:
-    if name not in METHODS:
-        raise unknown("method", name, METHODS)
-    return METHODS[name]
+    return METHODS.lookup(name)
 
 
 @dataclass

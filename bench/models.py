@@ -1,20 +1,94 @@
-"""Model specs: how a sweep's model name and options become a KAN for a given dataset."""
+"""Model kinds: how a sweep's model name and options become a KAN for a given dataset.
+
+Each kind is a class registered in :data:`MODELS` (one :class:`~bench.registry.Registry`, as for
+methods, datasets, bases and sources) that says, in one place, everything the harness needs to
+know about it: its sweep ``Options``, which datasets it takes, how it is built for a dataset,
+how it is rebuilt from an exported ``config()``, and how its architecture is written in a row.
+No code compares model-kind strings; it asks the kind::
+
+    @register_model("kan")
+    class KANModel(ModelKind):
+        Options = KANOptions
+        def build(self, options, dataset, basis, basis_kwargs): ...
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from torch import nn
 
 from .config import build_config
-from .errors import UserError, unknown
+from .errors import UserError
 from .kan import KAN, ConvKAN
+from .registry import Registry
+
+MODELS = Registry("model")
+register_model = MODELS.register
+
+
+class ModelKind:
+    """A family of models a sweep can name (``models = ["kan"]``)."""
+
+    name: ClassVar[str] = "?"
+    Options: ClassVar[type]  # dataclass of the options a sweep's [model.NAME] table may set
+    convolutional: ClassVar[bool] = False  # methods with per-paper defaults for ConvKANs read this
+
+    @classmethod
+    def options(cls, values: dict | None):
+        return build_config(cls.Options, values, f"model {cls.name!r}")
+
+    @classmethod
+    def takes_hidden(cls) -> bool:
+        """Whether a dataset's ``hidden`` widths apply to this kind (``[dataset.NAME] hidden = ...``)."""
+        return "hidden" in {f.name for f in dataclasses.fields(cls.Options)}
+
+    @classmethod
+    def incompatibility(cls, dataset) -> str | None:
+        """Why this kind cannot take ``dataset`` (None: it can)."""
+        return None
+
+    @classmethod
+    def build(cls, options, dataset, basis: str, basis_kwargs: dict | None) -> nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: dict) -> nn.Module:
+        """Rebuild (with fresh dense sources) from the model's ``config()``."""
+        raise NotImplementedError
+
+    @classmethod
+    def arch(cls, config: dict) -> str:
+        """The architecture as written in a results row."""
+        raise NotImplementedError
 
 
 @dataclass
 class KANOptions:
     hidden: list[int] | None = field(default=None, metadata={
         "min": 1, "help": "hidden widths; default: the dataset's default_hidden"})
+
+
+@register_model("kan")
+class KANModel(ModelKind):
+    """Fully connected KAN: the dataset's inputs flattened, ``hidden`` widths, its outputs."""
+
+    Options = KANOptions
+
+    @classmethod
+    def build(cls, options, dataset, basis, basis_kwargs):
+        hidden = options.hidden if options.hidden is not None else list(dataset.default_hidden)
+        return KAN([dataset.in_features, *hidden, dataset.n_outputs], basis, basis_kwargs)
+
+    @classmethod
+    def from_config(cls, config):
+        return KAN(config["widths"], config["basis"], config.get("basis_kwargs"))
+
+    @classmethod
+    def arch(cls, config):
+        return "kan[" + ",".join(map(str, config["widths"])) + "]"
 
 
 @dataclass
@@ -24,21 +98,45 @@ class ConvKANOptions:
     pool_every: int = field(default=1, metadata={"min": 1, "help": "2x2 max-pool after every N conv layers"})
 
 
-MODELS: dict[str, type] = {"kan": KANOptions, "convkan": ConvKANOptions}
+@register_model("convkan")
+class ConvKANModel(ModelKind):
+    """KAN convolutions (``channels``), global average pooling, one KAN layer to the outputs."""
+
+    Options = ConvKANOptions
+    convolutional = True
+
+    @classmethod
+    def incompatibility(cls, dataset):
+        if not dataset.is_image:
+            return (f"model 'convkan' needs an image dataset; {dataset.name!r} has input shape "
+                    f"{tuple(dataset.input_shape)}")
+        return None
+
+    @classmethod
+    def build(cls, options, dataset, basis, basis_kwargs):
+        if (why := cls.incompatibility(dataset)) is not None:
+            raise UserError(why)
+        return ConvKAN(tuple(dataset.input_shape), dataset.n_outputs, options.channels, options.kernel,
+                       options.pool_every, basis, basis_kwargs)
+
+    @classmethod
+    def from_config(cls, config):
+        return ConvKAN(tuple(config["input_shape"]), config["n_outputs"], config["channels"], config["kernel"],
+                       config["pool_every"], config["basis"], config.get("basis_kwargs"))
+
+    @classmethod
+    def arch(cls, config):
+        return "convkan[" + ",".join(map(str, config["channels"])) + f"]->{config['n_outputs']}"
 
 
+# -- what the rest of the harness calls ------------------------------------------------------
 def model_options(name: str, options: dict | None):
-    if name not in MODELS:
-        raise unknown("model", name, MODELS)
-    return build_config(MODELS[name], options, f"model {name!r}")
+    return MODELS.lookup(name).options(options)
 
 
 def incompatibility(name: str, dataset) -> str | None:
     """Why model ``name`` cannot take ``dataset`` (None: it can)."""
-    if name == "convkan" and not dataset.is_image:
-        return (f"model 'convkan' needs an image dataset; {dataset.name!r} has input shape "
-                f"{tuple(dataset.input_shape)}")
-    return None
+    return MODELS.lookup(name).incompatibility(dataset)
 
 
 def compatible(name: str, dataset) -> bool:
@@ -46,19 +144,18 @@ def compatible(name: str, dataset) -> bool:
 
 
 def build(name: str, options, dataset, basis: str, basis_kwargs: dict | None) -> nn.Module:
-    if name == "kan":
-        hidden = options.hidden if options.hidden is not None else list(dataset.default_hidden)
-        return KAN([dataset.in_features, *hidden, dataset.n_outputs], basis, basis_kwargs)
-    if name == "convkan":
-        if (why := incompatibility(name, dataset)) is not None:
-            raise UserError(why)
-        return ConvKAN(tuple(dataset.input_shape), dataset.n_outputs, options.channels, options.kernel,
-                       options.pool_every, basis, basis_kwargs)
-    raise unknown("model", name, MODELS)
+    return MODELS.lookup(name).build(options, dataset, basis, basis_kwargs)
+
+
+def kind_of(model: nn.Module) -> type[ModelKind]:
+    """The registered kind of a built model (from its ``config()``)."""
+    return MODELS.lookup(model.config()["model"])
+
+
+def from_config(config: dict) -> nn.Module:
+    """Rebuild a model (with fresh dense sources) from its ``config()``."""
+    return MODELS.lookup(config["model"]).from_config(config)
 
 
 def arch_string(model: nn.Module) -> str:
-    cfg = model.config()
-    if cfg["model"] == "kan":
-        return "kan[" + ",".join(map(str, cfg["widths"])) + "]"
-    return "convkan[" + ",".join(map(str, cfg["channels"])) + f"]->{cfg['n_outputs']}"
+    return kind_of(model).arch(model.config())

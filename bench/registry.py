@@ -17,15 +17,12 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, unknown
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_DIRS = [REPO_ROOT / "methods", REPO_ROOT / "datasets"]
 
 _loaded: set[Path] = set()
-
-
-_origins: dict[tuple[str, str], str] = {}  # (kind, name) -> the file that registered it
 
 
 def defining_file(obj) -> str:
@@ -35,15 +32,50 @@ def defining_file(obj) -> str:
     return str(Path(file).resolve()) if file else str(getattr(obj, "__module__", "?"))
 
 
-def register(table: dict, kind: str, name: str, obj) -> None:
-    """Add ``obj`` to a registry under ``name``; a name already registered by another file is an error."""
-    file = defining_file(obj)
-    old = _origins.get((kind, name))
-    if name in table and old is not None and old != file:
-        raise UserError(f"{kind} {name!r} is registered twice: by {old} and by {file}; "
-                        "give the new one another name")
-    table[name] = obj
-    _origins[(kind, name)] = file
+class Registry(dict):
+    """Name -> registered class, for one kind of plugin (``method``, ``dataset``, ``basis``,
+    ``source``, ``model``): the one registry type of the harness.
+
+    It is a ``dict`` (``name in R``, ``R[name]``, ``sorted(R)``), plus:
+
+    - :meth:`register` — the decorator plugins use (``@METHODS.register("kmeans")``); it sets the
+      class's ``name`` and refuses a name already registered by a *different* file
+      (:class:`UserError` naming both files), while the same file registering again (a re-import)
+      is idempotent;
+    - :meth:`lookup` — ``R[name]`` or one :class:`UserError` line listing the valid names.
+    """
+
+    def __init__(self, kind: str, hint: str = ""):
+        super().__init__()
+        self.kind = kind
+        self.hint = hint  # appended to the unknown-name error (e.g. how to load a plugin)
+        self._origins: dict[str, str] = {}
+
+    def add(self, name: str, obj) -> None:
+        file = defining_file(obj)
+        old = self._origins.get(name)
+        if name in self and old is not None and old != file:
+            raise UserError(f"{self.kind} {name!r} is registered twice: by {old} and by {file}; "
+                            "give the new one another name")
+        self[name] = obj
+        self._origins[name] = file
+
+    def register(self, name: str | None = None, set_name: bool = True):
+        """Class decorator registering under ``name`` (default: the class's own name)."""
+
+        def deco(obj):
+            key = name if name is not None else obj.__name__
+            if set_name:
+                obj.name = key
+            self.add(key, obj)
+            return obj
+
+        return deco
+
+    def lookup(self, name: str):
+        if name not in self:
+            raise unknown(self.kind, name, self, self.hint)
+        return self[name]
 
 
 def _plugin_files(path: Path) -> list[Path]:

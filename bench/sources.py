@@ -25,14 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import register
+from .registry import Registry
 
-SOURCES: dict[str, type[EdgeSource]] = {}
+SOURCES = Registry("source", "a source defined in a plugin registers when its file is loaded "
+                              "(pass the file with --plugin)")
 
 
 def register_source(cls: type) -> type:
-    register(SOURCES, "source", cls.__name__, cls)
-    return cls
+    """Make a source loadable from exported files, under its class name."""
+    return SOURCES.register(set_name=False)(cls)
 
 
 @dataclass

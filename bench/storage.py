@@ -34,7 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .kan import build_model, kan_layers
+from . import meta, prune, quant, tucker  # noqa: F401  the built-in sources register when these load
+from .kan import kan_layers
+from .models import from_config
 from .sources import SOURCES, EdgeSource, StorageItem, float_item
 
 MAGIC = b"KANBENCH1\n"
@@ -198,11 +200,9 @@ def header_bytes(path: str | Path) -> int:
 
 
 def load_model(path: str | Path) -> nn.Module:
-    """Rebuild the exported model (sources included) with the same predictions."""
-    from .registry import load_plugins
-
-    load_plugins()  # sources defined next to methods register themselves when their plugin loads
-    from . import tucker  # noqa: F401  registers TuckerSource and LoTRASource (no plugin needed)
+    """Rebuild the exported model (sources included) with the same predictions. Built-in sources
+    are always known; a source defined in a plugin must be registered first (``--plugin``), else
+    one :class:`~bench.errors.UserError` line names the unknown type."""
     raw = Path(path).read_bytes()
     if not raw.startswith(MAGIC):
         raise ValueError(f"{path} is not an exported KAN model file")
@@ -215,12 +215,12 @@ def load_model(path: str | Path) -> nn.Module:
     for e in header["tensors"]:
         tensors[e["name"]] = _decode(raw[pos:pos + e["bytes"]], e["encoding"], e["shape"], e["count"])
         pos += e["bytes"]
-    model = build_model(header["model"])
+    model = from_config(header["model"])
     layers = dict(kan_layers(model))
     for lname, spec in header["sources"].items():
         prefix = f"{lname}.source."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        layers[lname].set_source(SOURCES[spec["type"]].from_export(spec["config"], own))
+        layers[lname].set_source(SOURCES.lookup(spec["type"]).from_export(spec["config"], own))
     rest = {k: v for k, v in tensors.items() if k in other_tensors(model)}
     missing, unexpected = model.load_state_dict(rest, strict=False)
     others = other_tensors(model)

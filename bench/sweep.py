@@ -287,7 +287,7 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
             skipped.append(f"{d}/{m}")
             continue
         m_opts = mo[m]
-        if m == "kan" and d in ds_hidden:
+        if d in ds_hidden and MODELS[m].takes_hidden():
             m_opts = dataclasses.asdict(model_options(m, {**mtables.get(m, {}), "hidden": ds_hidden[d]}))
         for cfg in points[(d, meth)]:
             runs.append(RunSpec(name, d, ds_opts[d], m, m_opts, b, bo[b], meth, cfg, seed, ds_train[d]))

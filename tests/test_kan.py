@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.bases import BASES
-from bench.kan import KAN, ConvKAN, KANConv2d, KANLayer, build_model, kan_layers
+from bench.kan import KAN, ConvKAN, KANConv2d, KANLayer, kan_layers
+from bench.models import from_config
 from bench.sources import DenseSource
 
 
@@ -72,7 +73,7 @@ def test_convkan_model_28_and_32():
 
 def test_build_model_round_trips_config():
     for m in (KAN([5, 4, 2], "chebyshev", {"degree": 3}), ConvKAN((1, 8, 8), 3, channels=[2], basis="fourier")):
-        m2 = build_model(m.config())
+        m2 = from_config(m.config())
         m2.load_state_dict(m.state_dict())
         x = torch.randn(2, 1, 8, 8) if isinstance(m, ConvKAN) else torch.randn(2, 5)
         assert torch.equal(m(x), m2(x))
