@@ -15,6 +15,7 @@ add a ``validate(self)`` method for cross-field checks (raise ``UserError``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 
 from .errors import UserError
@@ -119,3 +120,9 @@ def describe(cls: type) -> list[tuple[str, str, object, str]]:
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def positive(name: str, value: float) -> None:
+    """UserError unless ``value`` is a finite number > 0 (learning rates)."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise UserError(f"{name} must be a positive number, got {value!r}")

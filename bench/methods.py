@@ -54,6 +54,7 @@ class CompressResult:
     """What a method reports beside the compressed model; the runner writes it on the run's row."""
 
     theoretical_speedup: float = 1.0  # forward FLOPs of the dense model / of the compressed one
+    requested_ratio: float | None = None  # the compression ratio the configuration asked for, if it names one
     details: dict = dataclasses.field(default_factory=dict)  # method-specific numbers: the row's ``info`` (JSON)
 
 
@@ -141,10 +142,6 @@ class Method:
 
     def train_epochs(self) -> int | None:
         """Epochs for training the prepared model (None: the sweep's ``epochs``)."""
-        return None
-
-    def requested_ratio(self) -> float | None:
-        """The compression ratio the configuration asks for, if it names one."""
         return None
 
     # -- hooks ----------------------------------------------------------------------------

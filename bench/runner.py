@@ -289,7 +289,7 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
                coef_dense_bits=dense_ref.coef_dense_bits,
                coef_compression_ratio=dense_ref.coef_dense_bits / rep.coef_stored_bits,
                params_total=sum(it.count for _, it in rep.items), arch=model_specs.arch_string(model),
-               requested_ratio=method.requested_ratio(),
+               requested_ratio=ctx.result.requested_ratio,
                theoretical_speedup=ctx.result.theoretical_speedup)
     path = env.out / "models" / f"{spec.run_id}.kanb"
     row["file_bytes"] = export_model(model.cpu(), path)

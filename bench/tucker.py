@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .errors import Infeasible, UserError
+from .kan import kan_layers
 from .sources import EdgeSource, StorageItem, float_item, register_source
 
 MODES = ("out", "in", "basis")
@@ -327,8 +328,6 @@ def tucker_param_groups(model: nn.Module, base_lr: float, rule: str = "balanced"
                         multipliers: dict[str, float] | None = None) -> list[dict]:
     """AdamW groups: one per Tucker component of every layer at its own rate (see
     :func:`component_lrs`), plus every other trainable parameter at ``base_lr``."""
-    from .kan import kan_layers
-
     groups, seen = [], set()
     for lname, layer in kan_layers(model):
         src = layer.source
@@ -358,8 +357,6 @@ def model_speedup(model: nn.Module, batch: int) -> float:
     """Dense multiply-accumulates over Tucker ones (each layer's cheapest order) for ``batch``
     rows per layer, over all KAN layers (a KAN convolution sees batch x positions rows; this
     counts ``batch``)."""
-    from .kan import kan_layers
-
     dense = tucker = 0
     for _, layer in kan_layers(model):
         src = layer.source
@@ -396,3 +393,17 @@ class TuckerOptions:
 # The rank grid both methods sweep: on [784, 64, 10] with 9-value edges 2.3x, 4.8x, 10.6x, 21.1x and
 # 28.5x on the edge tensors (no rank is redundant, so requested and achieved agree up to rounding).
 RANK_GRID = [[0.5, 0.25, 0.67], [0.5, 0.125, 0.5], [0.25, 0.0625, 0.34], [0.25, 0.03, 0.34], [0.125, 0.024, 0.23]]
+
+
+def finetune_factors(model: nn.Module, ctx, options: TuckerOptions, desc: str) -> None:
+    """The last step of ``tucker`` and ``slimkan``: fine-tune every Tucker component with the shared
+    budget, each at the shared rule's rate split by ``options.lr_rule`` (:func:`tucker_param_groups`),
+    and report the ranks, the component rates, the requested ratio and the theoretical speed-up."""
+    groups = tucker_param_groups(model, ctx.finetune_lr, options.lr_rule, options.multipliers())
+    ctx.finetune(model, param_groups=[{k: v for k, v in g.items() if k != "name"} for g in groups], desc=desc)
+    layers = kan_layers(model)
+    ctx.result.details.update(tucker_ranks={n: list(layer.source.ranks) for n, layer in layers},
+                              component_lrs={g["name"]: g["lr"] for g in groups})
+    ctx.result.requested_ratio = requested_coef_ratio([tuple(layer.source.shape) for _, layer in layers],
+                                                      options.ranks)
+    ctx.result.theoretical_speedup = model_speedup(model, ctx.trainer.batch_size)

@@ -1,7 +1,7 @@
 """``kmeans``: ablation of MetaCluster without the meta-learner ("naive weight sharing").
 
 The cached dense base KAN is compressed exactly as MetaCluster compresses its generated model
-(:mod:`bench.meta`): scikit-learn K-means (k-means++, ``n_init`` restarts, ``random_state`` = the
+(:mod:`bench.codebook`): scikit-learn K-means (k-means++, ``n_init`` restarts, ``random_state`` = the
 run's derived compress seed) on the trained edge vectors, per layer or one global codebook;
 every layer's source becomes a codebook (centroids ``[K, n+1]`` float32 + indices at
 ``ceil(log2 K)`` bits); then the centroids are fine-tuned with the indices frozen
@@ -12,7 +12,9 @@ biases and norms), selecting on validation. ``K=None`` means 16 for ``kan`` and 
 meta-learner's pre-shaping of the edge vectors buys.
 """
 
-from bench import meta
+from dataclasses import dataclass
+
+from bench import codebook
 from bench.methods import Method, register_method
 
 
@@ -20,17 +22,16 @@ from bench.methods import Method, register_method
 class KMeansSharing(Method):
     """K-means codebook of the dense KAN's edge vectors + centroid fine-tune (MetaCluster ablation)."""
 
-    Config = meta.ClusterOptions
+    @dataclass
+    class Config(codebook.ClusterOptions):
+        """:class:`bench.codebook.ClusterOptions`: ``K`` (None: 16 for KANs, 256 for ConvKANs),
+        ``scope`` (``layer`` | ``global``), ``n_init`` (K-means restarts), ``finetune_epochs`` and
+        ``finetune_lr`` (None: the shared budget and rule), ``tune_rest`` (also biases and norms)."""
 
     grid = {"K": [4, 8, 16, 32, 64]}
     test_config = {"K": 4}
 
+    # no prepare: compresses the cached dense base model
     def compress(self, model, ctx):
-        c = self.config
-        k = c.K if c.K is not None else meta.default_k(model)
         ctx.result.details["val_dense"] = ctx.trainer.evaluate(model, "val")
-        ctx.result.details.update(meta.cluster_model(model, k, c.scope, c.n_init, ctx.seed))
-        ctx.result.details["val_clustered"] = ctx.trainer.evaluate(model, "val")
-        fit = ctx.finetune(model, meta.codebook_param_groups(model, tune_rest=c.tune_rest), lr=c.finetune_lr,
-                           epochs=c.finetune_epochs, desc="kmeans centroids")
-        ctx.result.details.update(val_finetuned=fit.best_val, finetune_best_epoch=fit.best_epoch)
+        ctx.result.details.update(codebook.cluster_and_finetune(model, ctx, self.config, "kmeans centroids"))

@@ -72,9 +72,6 @@ class Prune(Method):
     grid = {"ratio": [2, 4, 8, 16, 32]}
     test_config = {"ratio": 2.0}
 
-    def requested_ratio(self) -> float:
-        return float(self.config.ratio)
-
     def _scores(self, model, ctx):
         if self.config.score == "magnitude":
             return magnitude_scores(model)
@@ -98,6 +95,7 @@ class Prune(Method):
 
     def compress(self, model, ctx):
         cfg = self.config
+        ctx.result.requested_ratio = float(cfg.ratio)
         layers = [layer for _, layer in kan_layers(model)]
         structured = cfg.remove_nodes and chain_cleanable(model)
         positions = layer_positions(model, ctx.splits.x_train)

@@ -18,56 +18,42 @@ sweep's ``train.lr`` for every component (the paper's ablation). Rates are multi
 sweep's ``train.lr`` (``lr_scale`` groups), so every method trains at the same base rate.
 """
 
-import dataclasses
 import math
+from dataclasses import dataclass
 
 from torch import nn
 
 from bench.kan import kan_layers
 from bench.methods import Method, register_method
-from bench.tucker import (
-    RANK_GRID,
-    TuckerOptions,
-    TuckerSource,
-    model_speedup,
-    requested_coef_ratio,
-    tucker_param_groups,
-)
+from bench.tucker import RANK_GRID, TuckerOptions, TuckerSource, finetune_factors, tucker_param_groups
 
 
 @register_method("slimkan")
 class SlimKAN(Method):
     """Slim KAN: every edge tensor in Tucker form (core + 3 factors), trained from scratch."""
 
-    Config = TuckerOptions
+    @dataclass
+    class Config(TuckerOptions):
+        """:class:`bench.tucker.TuckerOptions`: ``ranks`` (per mode ``[out, in, basis]``, whole or
+        fractions), ``lr_rule`` (``balanced`` | ``shared``), and the per-component multipliers
+        ``lr_core``, ``lr_out``, ``lr_in``, ``lr_basis``."""
+
     grid = {"ranks": RANK_GRID}  # the same points as `tucker`
     test_config = {"ranks": [0.5, 0.5, 0.5]}
-    stage_fields = tuple(f.name for f in dataclasses.fields(TuckerOptions))  # all of them shape the trained model
+    stage_fields = ("ranks", "lr_rule", "lr_core", "lr_out", "lr_in", "lr_basis")  # all shape the trained model
 
-    def __init__(self, **hyperparameters):
-        super().__init__(**hyperparameters)
-        self._shapes: list[tuple[int, int, int]] = []
-
-    def requested_ratio(self) -> float | None:
-        return requested_coef_ratio(self._shapes, self.config.ranks)
-
+    # -- before training: every edge tensor a random Tucker factorisation --------------------
     def prepare(self, model: nn.Module) -> None:
-        self._shapes = []
         for _, layer in kan_layers(model):
-            shape = layer.source.shape
-            src = TuckerSource.random(shape, self.config.ranks, rms=0.5 / math.sqrt(layer.in_features))
-            layer.set_source(src)
-            self._shapes.append(tuple(shape))
+            layer.set_source(TuckerSource.random(layer.source.shape, self.config.ranks,
+                                                 rms=0.5 / math.sqrt(layer.in_features)))
 
+    # -- training: one group per component, rates relative to the sweep's lr ------------------
     def param_groups(self, model: nn.Module) -> list[dict] | None:
         c = self.config
-        groups = tucker_param_groups(model, 1.0, c.lr_rule, c.multipliers())  # rates relative to the sweep's train.lr
+        groups = tucker_param_groups(model, 1.0, c.lr_rule, c.multipliers())
         return [{"params": g["params"], "lr_scale": g["lr"]} for g in groups]
 
+    # -- after training: the shared fine-tune of the factors ---------------------------------
     def compress(self, model: nn.Module, ctx) -> None:
-        c = self.config
-        groups = tucker_param_groups(model, ctx.finetune_lr, c.lr_rule, c.multipliers())
-        ctx.finetune(model, param_groups=[{k: v for k, v in g.items() if k != "name"} for g in groups],
-                     desc="slimkan finetune")
-        ctx.result.details["tucker_ranks"] = {n: list(layer.source.ranks) for n, layer in kan_layers(model)}
-        ctx.result.theoretical_speedup = model_speedup(model, ctx.trainer.batch_size)
+        finetune_factors(model, ctx, self.config, desc="slimkan finetune")

@@ -32,14 +32,7 @@ from torch import nn
 
 from bench.kan import kan_layers
 from bench.methods import Method, register_method
-from bench.tucker import (
-    RANK_GRID,
-    TuckerOptions,
-    TuckerSource,
-    model_speedup,
-    requested_coef_ratio,
-    tucker_param_groups,
-)
+from bench.tucker import RANK_GRID, TuckerOptions, TuckerSource, finetune_factors
 
 
 @register_method("tucker")
@@ -48,31 +41,21 @@ class Tucker(Method):
 
     @dataclass
     class Config(TuckerOptions):
+        """:class:`bench.tucker.TuckerOptions` (``ranks``, ``lr_rule``, ``lr_core``, ``lr_out``,
+        ``lr_in``, ``lr_basis``, as ``slimkan``) and the decomposition's ``hooi_iters``."""
+
         hooi_iters: int = field(default=100, metadata={"min": 1, "help": "max HOOI iterations"})
 
     grid = {"ranks": RANK_GRID}
     test_config = {"ranks": [0.5, 0.5, 0.5]}
 
-    def __init__(self, **hyperparameters):
-        super().__init__(**hyperparameters)
-        self._shapes: list[tuple[int, int, int]] = []
-
-    def requested_ratio(self) -> float | None:
-        return requested_coef_ratio(self._shapes, self.config.ranks)
-
+    # no prepare: decomposes the cached dense base model, then fine-tunes the factors
     def compress(self, model: nn.Module, ctx) -> None:
-        self._shapes = []
         errors = {}
         for name, layer in kan_layers(model):
             a = layer.edge_tensor().detach()
             src = TuckerSource.from_tensor(a, self.config.ranks, n_iter_max=self.config.hooi_iters)
             errors[name] = float((src.edge_tensor().detach() - a).norm() / a.norm().clamp_min(1e-30))
             layer.set_source(src)
-            self._shapes.append(tuple(a.shape))
-        ctx.result.details["tucker_ranks"] = {n: list(layer.source.ranks) for n, layer in kan_layers(model)}
         ctx.result.details["decomposition_rel_error"] = errors
-        groups = tucker_param_groups(model, ctx.finetune_lr, self.config.lr_rule, self.config.multipliers())
-        ctx.result.details["component_lrs"] = {g["name"]: g["lr"] for g in groups}
-        ctx.finetune(model, param_groups=[{k: v for k, v in g.items() if k != "name"} for g in groups])
-        ctx.result.theoretical_speedup = model_speedup(model, ctx.trainer.batch_size)
-
+        finetune_factors(model, ctx, self.config, desc="tucker finetune")

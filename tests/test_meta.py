@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import meta
+from bench import codebook, generated
 from bench.data import get_dataset
 from bench.errors import Infeasible, UserError
 from bench.kan import KAN, ConvKAN, kan_layers
@@ -31,7 +31,7 @@ def tiny_trainer(batch_size=32):
 def test_generated_source_equals_its_formula():
     torch.manual_seed(0)
     model = KAN([5, 4, 3], "rbf")
-    meta.generate_model(model, d=2, h=7, shared=False)
+    generated.generate_model(model, d=2, h=7, shared=False)
     x = torch.randn(6, 5)
     h = x
     for _, layer in kan_layers(model):
@@ -72,8 +72,8 @@ def test_metakan_storage_hand_count_784_64_10_per_layer():
 def test_shared_meta_learner_is_trained_and_counted_once(tmp_path):
     torch.manual_seed(1)
     model = KAN([6, 5, 4, 3], "bspline")
-    meta.generate_model(model, d=2, h=8, shared=True)
-    learners = meta.meta_learners(model)
+    generated.generate_model(model, d=2, h=8, shared=True)
+    learners = generated.meta_learners(model)
     assert len(learners) == 1 and all(layer.source.learner is learners[0] for _, layer in kan_layers(model))
     learner = 2 * 8 + 8 + 8 * 9 + 9  # 105
     edges = 6 * 5 + 5 * 4 + 4 * 3  # 62
@@ -82,14 +82,14 @@ def test_shared_meta_learner_is_trained_and_counted_once(tmp_path):
     total, _ = count_params(model)
     assert total == edges * 2 + learner + (5 + 4 + 3)  # PyTorch sees the shared learner once too
     # one optimiser group holds it once
-    groups = meta.generator_param_groups(model, 1e-3, 1e-4)
+    groups = generated.param_groups(model, 1e-3, 1e-4)
     assert sum(p.numel() for p in groups[1]["params"]) == learner
     # export / reload: the non-owner layers get the owner's learner back
     path = tmp_path / "shared.kanb"
     size = export_model(model, path)
     assert rep.stored_bits <= size * 8 <= rep.stored_bits + 8 * 8192
     back = load_model(path)
-    lb = meta.meta_learners(back)
+    lb = generated.meta_learners(back)
     assert len(lb) == 1
     x = torch.randn(16, 6)
     with torch.no_grad():
@@ -137,7 +137,7 @@ def test_stage_key_shared_between_metakan_and_metacluster():
 def test_kmeans_hand_count_784_64_10_bspline_k16_per_layer():
     torch.manual_seed(4)
     model = KAN([784, 64, 10], "bspline")
-    info = meta.cluster_model(model, 16, "layer", n_init=1, seed=0)
+    info = codebook.cluster_model(model, 16, "layer", n_init=1, seed=0)
     assert info["k_used"] == {"layers.0": 16, "layers.1": 16}
     assert info["index_bits"] == {"layers.0": 4, "layers.1": 4}
     rep = storage_report(model)
@@ -153,19 +153,19 @@ def test_clustering_exactly_k_distinct_vectors_recovers_them():
     labels = torch.cat([torch.arange(5), torch.randint(0, 5, (7 * 6 - 5,), generator=g)])
     layer_edges = truth[labels].reshape(7, 6, 9)
     # exactly K distinct vectors: each is its own centroid, inertia 0, the edge tensor is unchanged
-    cent, lab, inertia, k_used = meta.kmeans_vectors(layer_edges.reshape(-1, 9).numpy(), 5, 2, 0)
+    cent, lab, inertia, k_used = codebook.kmeans_vectors(layer_edges.reshape(-1, 9).numpy(), 5, 2, 0)
     assert k_used == 5 and inertia == 0.0
     np.testing.assert_array_equal(cent[lab], layer_edges.reshape(-1, 9).numpy())
     # the same vectors with tiny noise go through scikit-learn's KMeans and come back
     noisy = layer_edges.reshape(-1, 9) + 1e-4 * torch.randn(42, 9, generator=g)
-    cent, lab, inertia, k_used = meta.kmeans_vectors(noisy.numpy(), 5, 4, 0)
+    cent, lab, inertia, k_used = codebook.kmeans_vectors(noisy.numpy(), 5, 4, 0)
     assert k_used == 5 and inertia < 42 * 9 * 1e-7
     np.testing.assert_allclose(cent[lab], layer_edges.reshape(-1, 9).numpy(), atol=1e-3)
     # a model layer: K above the number of distinct vectors (but not above the 42 edges) is capped to it
     model = KAN([6, 7], "bspline")
     with torch.no_grad():
         kan_layers(model)[0][1].source.weight.copy_(layer_edges)
-    info = meta.cluster_model(model, 16, "layer", n_init=1, seed=0)
+    info = codebook.cluster_model(model, 16, "layer", n_init=1, seed=0)
     assert info["k_used"] == {"layers.0": 5} and info["index_bits"] == {"layers.0": 3}
     torch.testing.assert_close(kan_layers(model)[0][1].edge_tensor(), layer_edges)
 
@@ -175,18 +175,18 @@ def test_k_above_the_edges_of_a_scope_is_infeasible():
     model = KAN([2, 8, 1], "bspline")  # 16 + 8 edges
     dense = [layer.edge_tensor().detach().clone() for _, layer in kan_layers(model)]
     with pytest.raises(Infeasible) as err:
-        meta.cluster_model(model, 64, "layer", n_init=1, seed=0)
+        codebook.cluster_model(model, 64, "layer", n_init=1, seed=0)
     assert not isinstance(err.value, UserError)
     assert str(err.value) == "K=64 exceeds the 16 edges of layer layers.0; at most 16"
     with pytest.raises(Infeasible, match="^K=9 exceeds the 8 edges of layer layers.1; at most 8$"):
-        meta.cluster_model(model, 9, "layer", n_init=1, seed=0)
+        codebook.cluster_model(model, 9, "layer", n_init=1, seed=0)
     with pytest.raises(Infeasible, match=r"^K=25 exceeds the 24 edges of all layers \(global codebook\); at most 24$"):
-        meta.cluster_model(model, 25, "global", n_init=1, seed=0)
+        codebook.cluster_model(model, 25, "global", n_init=1, seed=0)
     # nothing was changed by the refused requests
     assert all(not isinstance(layer.source, CodebookSource) for _, layer in kan_layers(model))
     assert all(torch.equal(a, layer.edge_tensor()) for a, (_, layer) in zip(dense, kan_layers(model)))
     # K equal to a scope's edges is feasible: every edge its own centroid
-    info = meta.cluster_model(model, 8, "layer", n_init=1, seed=0)
+    info = codebook.cluster_model(model, 8, "layer", n_init=1, seed=0)
     assert info["k_used"] == {"layers.0": 8, "layers.1": 8} and info["inertia"]["layers.1"] == 0.0
     torch.testing.assert_close(kan_layers(model)[1][1].edge_tensor(), dense[1])
 
@@ -195,11 +195,11 @@ def test_global_codebook_shared_and_counted_once(tmp_path):
     torch.manual_seed(6)
     model = KAN([6, 5, 4], "rbf")
     dense_edges = [layer.edge_tensor().detach().clone() for _, layer in kan_layers(model)]
-    info = meta.cluster_model(model, 8, "global", n_init=2, seed=0)
+    info = codebook.cluster_model(model, 8, "global", n_init=2, seed=0)
     srcs = [layer.source for _, layer in kan_layers(model)]
     assert info["k_used"] == 8 and srcs[0].centroids is srcs[1].centroids
     assert storage_report(model).coef_stored_bits == 8 * 9 * 32 + (30 + 20) * 3
-    groups = meta.codebook_param_groups(model, 1e-2)
+    groups = codebook.codebook_param_groups(model, 1e-2)
     assert len(groups[0]["params"]) == 1
     assert not all(torch.equal(a, layer.edge_tensor()) for a, (_, layer) in zip(dense_edges, kan_layers(model)))
     path = tmp_path / "g.kanb"
@@ -217,13 +217,14 @@ def test_codebook_finetune_changes_centroids_not_indices(tune_rest):
     ds, tr = tiny_trainer()
     torch.manual_seed(7)
     model = KAN([64, 6, 4], "bspline")  # untrained: fine-tuning has something to gain
-    meta.cluster_model(model, 4, "layer", n_init=1, seed=0)
+    codebook.cluster_model(model, 4, "layer", n_init=1, seed=0)
     idx = [layer.source.index.clone() for _, layer in kan_layers(model)]
     cent = [layer.source.centroids.detach().clone() for _, layer in kan_layers(model)]
     bias = [layer.bias.detach().clone() for _, layer in kan_layers(model)]
     ctx = CompressContext(trainer=tr, finetune_epochs=4, seed=0, device=torch.device("cpu"))
-    fit = ctx.finetune(model, meta.codebook_param_groups(model, 1e-2, tune_rest))
-    assert fit.best_epoch > 0 and fit.best_val > fit.history[0]["val"] - 100  # a fine-tuned epoch won
+    val0 = tr.evaluate(model, "val")
+    fit = ctx.finetune(model, codebook.codebook_param_groups(model, 1e-2, tune_rest))
+    assert fit.best_epoch > 0 and fit.best_val > val0  # a fine-tuned epoch beat the clustered model
     for (_, layer), i0, c0, b0 in zip(kan_layers(model), idx, cent, bias):
         assert torch.equal(layer.source.index, i0)
         assert not torch.allclose(layer.source.centroids, c0)
@@ -243,7 +244,7 @@ def test_compress_swaps_in_codebooks_and_reloads(tmp_path, name):
     ctx = CompressContext(trainer=tr, finetune_epochs=3, seed=0, device=torch.device("cpu"))
     m.compress(model, ctx)
     assert all(isinstance(layer.source, CodebookSource) for _, layer in kan_layers(model))
-    assert not meta.meta_learners(model)  # the deployed model keeps no meta-learner
+    assert not generated.meta_learners(model)  # the deployed model keeps no meta-learner
     assert ctx.result.details["k_used"] == {"layers.0": 4, "layers.1": 4} and ctx.result.details["k_requested"] == 4
     if name == "metacluster":
         assert ctx.result.details["meta_learner_params"] == 2 * (8 + 8 + 8 * 9 + 9)
@@ -259,10 +260,10 @@ def test_compress_swaps_in_codebooks_and_reloads(tmp_path, name):
 
 def test_default_k_and_h_follow_the_model_kind():
     kan, conv = KAN([4, 3]), ConvKAN((1, 8, 8), 2, channels=[2])
-    assert (meta.default_k(kan), meta.default_k(conv)) == (16, 256)
-    assert (meta.default_hidden(kan), meta.default_hidden(conv)) == (32, 64)
+    assert (codebook.paper_k(kan), codebook.paper_k(conv)) == (16, 256)
+    assert (generated.paper_hidden(kan), generated.paper_hidden(conv)) == (32, 64)
     method("metakan").prepare(conv)
-    assert {lrn.h for lrn in meta.meta_learners(conv)} == {64}
+    assert {lrn.h for lrn in generated.meta_learners(conv)} == {64}
 
 
 @pytest.mark.parametrize("name,cfg", [

@@ -215,7 +215,7 @@ def test_tucker_finetune_changes_every_factor_and_records_info():
     assert set(ctx.result.details["component_lrs"]) >= {"layers.0.core", "layers.0.u_in", "layers.1.u_basis", "other"}
     assert len(set(ctx.result.details["component_lrs"].values())) > 3  # the balanced rule gives different rates
     assert ctx.result.details["tucker_ranks"] == {"layers.0": [3, 15, 5], "layers.1": [2, 3, 5]}  # 32 > 3*5: lowered
-    assert method.requested_ratio() == pytest.approx(requested_coef_ratio([(6, 64, 9), (4, 6, 9)], [0.5, 0.5, 0.5]))
+    assert ctx.result.requested_ratio == pytest.approx(requested_coef_ratio([(6, 64, 9), (4, 6, 9)], [0.5, 0.5, 0.5]))
     assert ctx.result.theoretical_speedup > 0
 
 
