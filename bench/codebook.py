@@ -20,7 +20,7 @@ block both compose into their ``Config``.
 
 from __future__ import annotations
 
-import uuid
+import hashlib
 import weakref
 from dataclasses import dataclass, field
 
@@ -141,7 +141,9 @@ def cluster_model(model: nn.Module, k: int, scope: str = "layer", n_init: int = 
     allv = torch.cat([v.reshape(-1, layers[0][1].edge_dim) for v in vecs]).numpy()
     cent, labels, inertia, k_used = kmeans_vectors(allv, k, n_init, seed)
     shared = nn.Parameter(torch.from_numpy(cent))
-    token, start = uuid.uuid4().hex, 0
+    # the token names the shared codebook inside one file; derived from its values, so the same run
+    # writes the same file
+    token, start = hashlib.sha1(cent.tobytes()).hexdigest()[:32], 0
     for j, (_, layer) in enumerate(layers):
         n = layer.out_features * layer.in_features
         idx = torch.from_numpy(labels[start:start + n]).reshape(layer.out_features, layer.in_features)

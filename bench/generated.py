@@ -27,7 +27,7 @@ and MetaCluster train the very same generator, so with equal settings they share
 
 from __future__ import annotations
 
-import uuid
+import hashlib
 import weakref
 from dataclasses import dataclass, field
 
@@ -130,8 +130,11 @@ def generate_model(model: nn.Module, d: int, h: int, shared: bool) -> dict:
     dims = {layer.edge_dim for _, layer in layers}
     if shared and len(dims) > 1:
         raise UserError(f"a shared meta-learner needs one edge size across layers, got {sorted(dims)}")
-    token = uuid.uuid4().hex if shared else None
     shared_learner = MetaLearner(d, h, layers[0][1].edge_dim) if shared else None
+    # the token names the shared learner inside one file; derived from its (seeded) initial weights,
+    # so the same run writes the same file
+    token = hashlib.sha1(b"".join(p.detach().cpu().numpy().tobytes() for p in shared_learner.parameters())
+                         ).hexdigest()[:32] if shared else None
     emb = 0
     for j, (_, layer) in enumerate(layers):
         learner = shared_learner if shared else MetaLearner(d, h, layer.edge_dim)

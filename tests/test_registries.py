@@ -4,8 +4,8 @@ registered is tested the moment it exists, and a new one without what its test n
 - every **dataset**: shapes and dtypes as declared, train / val / test disjoint, the same splits
   for the same seed and different ones for another seed (datasets that need files are loaded
   through their real code from fixture files in the real formats, written by ``FIXTURES``);
-- every **source**: export / reload gives the same outputs, and the file is exactly the counted
-  bits (each tensor ``ceil(bits / 8)`` bytes) plus the header;
+- every **source**: export / reload gives the same outputs, the file is exactly the counted bits
+  (each tensor ``ceil(bits / 8)`` bytes) plus the header, and the same model writes the same bytes;
 - every **model kind**: builds for a compatible dataset, refuses an incompatible one with one
   line, and rebuilds from its ``config()``.
 
@@ -144,6 +144,11 @@ def test_source_round_trips_and_file_is_counted_bits(name, tmp_path):
         assert torch.allclose(reloaded(x), model(x), atol=1e-6)
     assert storage_report(reloaded).stored_bits == rep.stored_bits
     assert {type(layer.source).__name__ for _, layer in kan_layers(reloaded)} <= {name, "QuantSource"}
+    torch.manual_seed(0)  # the same model and the same source: the same file, byte for byte
+    again = KAN([6, 5, 3], basis="rbf")
+    EXAMPLES[name](again)
+    export_model(again.eval(), tmp_path / "again.kanb")
+    assert (tmp_path / "again.kanb").read_bytes() == path.read_bytes()
 
 
 # --------------------------------------------------------------------------------- model kinds
