@@ -31,10 +31,16 @@ def make_basis(name: str, in_features: int, **kwargs) -> Basis:
 
 
 class Basis(nn.Module):
-    """``forward(x[B, in]) -> [B, in, n_basis]``."""
+    """``forward(x[B, in]) -> [B, in, n_basis]``.
+
+    ``pointwise``: each input's basis values depend on that input alone, through parameters shared
+    by every input (true unless a basis mixes inputs, as RBF's LayerNorm does). A KAN convolution
+    then evaluates the basis once per pixel instead of once per patch element
+    (:class:`bench.kan.KANConv2d`)."""
 
     name = "?"
     n_basis: int
+    pointwise = True
 
     def __init__(self, in_features: int):
         super().__init__()
@@ -183,6 +189,7 @@ class RBFBasis(Basis):
         self.inv_width = (centers - 1) / (hi - lo)
         self.norm = nn.LayerNorm(in_features) if norm else nn.Identity()
         self.n_basis = centers
+        self.pointwise = not self.use_norm  # LayerNorm mixes a row's inputs
 
     def config(self) -> dict:
         return {"centers": self.n_basis, "lo": self.lo, "hi": self.hi, "norm": self.use_norm}

@@ -101,9 +101,19 @@ class KAN(nn.Module):
 
 
 class KANConv2d(nn.Module):
-    """KAN convolution: unfold ``kernel x kernel`` patches; each output channel is a KAN over the
-    ``in_channels * kernel^2`` patch values, so the edge tensor is
-    ``[out_channels, in_channels * kernel^2, n_basis + 1]``."""
+    """KAN convolution: each output channel is a KAN over the ``in_channels * kernel^2`` values of
+    a patch, so the edge tensor is ``[out_channels, in_channels * kernel^2, n_basis + 1]`` (patch
+    inputs ordered channel, row, column, as ``F.unfold`` lays them out).
+
+    Forward (the torch-conv-kan idea): with a pointwise basis (:attr:`bench.bases.Basis.pointwise`)
+    a pixel's basis values are the same in every patch that contains it, so the basis is evaluated
+    once per (zero-padded) input pixel, ``[B, C * (n_basis + 1), H, W]``, and one standard
+    ``conv2d`` applies the edge tensor viewed as ``[out, C * (n_basis + 1), k, k]``: ``k^2`` times
+    fewer basis evaluations than unfolding, and no ``[B * L, C * k^2, n_basis + 1]`` patch tensor.
+    A basis that mixes a row's inputs (RBF with LayerNorm) keeps :meth:`forward_unfold`, the
+    reference both paths are tested against. Every source works unchanged: the weight is the
+    source's ``edge_tensor()`` (a codebook or quantised source decompresses it once per forward).
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1,
                  padding: int | None = None, basis: str = "bspline", basis_kwargs: dict | None = None):
@@ -112,12 +122,37 @@ class KANConv2d(nn.Module):
         self.padding = kernel // 2 if padding is None else padding
         self.kan = KANLayer(in_channels * kernel * kernel, out_channels, basis, basis_kwargs)
 
+    @property
+    def fast(self) -> bool:
+        return bool(self.kan.basis.pointwise)
+
+    def patches(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows the inner KAN layer sees: ``[B * L, C * k^2]`` (L output positions)."""
+        p = F.unfold(x, self.kernel, padding=self.padding, stride=self.stride)  # [B, C*k*k, L]
+        return p.transpose(1, 2).reshape(-1, p.shape[1])
+
+    def _out_size(self, h: int, w: int) -> tuple[int, int]:
+        return ((h + 2 * self.padding - self.kernel) // self.stride + 1,
+                (w + 2 * self.padding - self.kernel) // self.stride + 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fast:
+            return self.forward_unfold(x)
+        b, c, h, w = x.shape
+        k, n1 = self.kernel, self.kan.edge_dim
+        xp = F.pad(x, (self.padding,) * 4)  # pad the inputs, not the features: the basis sees the zeros
+        hp, wp = xp.shape[2:]
+        flat = xp.permute(0, 2, 3, 1).reshape(-1, c)  # [B*Hp*Wp, C]
+        feats = self.kan.features(flat)  # [B*Hp*Wp, C, n+1]
+        feats = feats.reshape(b, hp, wp, c * n1).permute(0, 3, 1, 2)  # [B, C*(n+1), Hp, Wp]
+        weight = self.kan.edge_tensor().to(feats.dtype).reshape(self.out_channels, c, k, k, n1).permute(0, 1, 4, 2, 3)
+        return F.conv2d(feats, weight.reshape(self.out_channels, c * n1, k, k), self.kan.bias, stride=self.stride)
+
+    def forward_unfold(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference forward: unfold the patches and apply the KAN layer to every row."""
         b, _, h, w = x.shape
-        patches = F.unfold(x, self.kernel, padding=self.padding, stride=self.stride)  # [B, C*k*k, L]
-        ho = (h + 2 * self.padding - self.kernel) // self.stride + 1
-        wo = (w + 2 * self.padding - self.kernel) // self.stride + 1
-        y = self.kan(patches.transpose(1, 2).reshape(-1, patches.shape[1]))  # [B*L, out]
+        ho, wo = self._out_size(h, w)
+        y = self.kan(self.patches(x))  # [B*L, out]
         return y.reshape(b, ho * wo, self.out_channels).transpose(1, 2).reshape(b, self.out_channels, ho, wo)
 
 
@@ -173,9 +208,16 @@ def layer_inputs(model: nn.Module, x: torch.Tensor, max_rows: int = 4096) -> lis
     """The inputs every KAN layer sees on batch ``x`` (conv layers: patch rows, subsampled evenly
     to at most ``max_rows``)."""
     layers = kan_layers(model)
+    conv_of = {id(m.kan): m for m in model.modules() if isinstance(m, KANConv2d)}
     seen: dict[int, torch.Tensor] = {}
-    hooks = [layer.register_forward_hook(lambda m, args, out, k=k: seen.__setitem__(k, args[0].detach()))
-             for k, (_, layer) in enumerate(layers)]
+    hooks = []
+    for k, (_, layer) in enumerate(layers):
+        if id(layer) in conv_of:  # the fast convolution never calls its inner layer: unfold its input
+            hooks.append(conv_of[id(layer)].register_forward_hook(
+                lambda m, args, out, k=k: seen.__setitem__(k, m.patches(args[0]).detach())))
+        else:
+            hooks.append(layer.register_forward_hook(
+                lambda m, args, out, k=k: seen.__setitem__(k, args[0].detach())))
     was = model.training
     model.eval()
     try:

@@ -106,3 +106,56 @@ def test_training_reduces_loss():
         loss.backward()
         opt.step()
     assert loss.item() < 0.2 * first
+
+
+def _sources():
+    from bench.codebook import cluster_model
+    from bench.quant import QuantSource
+
+    def quant(model):
+        for _, layer in kan_layers(model):
+            layer.set_source(QuantSource.from_float(layer.edge_tensor().detach(), bits=4))
+
+    return {"dense": lambda m: None, "codebook": lambda m: cluster_model(m, 4, "layer"), "quant": quant}
+
+
+@pytest.mark.parametrize("source", ["dense", "codebook", "quant"])
+@pytest.mark.parametrize("stride,padding,kernel", [(1, None, 3), (2, None, 3), (1, 0, 3), (2, 2, 5)])
+@pytest.mark.parametrize("basis", sorted(BASES))
+def test_fast_conv_equals_unfold_reference_values_and_gradients(basis, stride, padding, kernel, source):
+    torch.manual_seed(0)
+    kwargs = {"norm": False} if basis == "rbf" else {}
+    dtype, tol = (torch.float32, 1e-5) if source == "quant" else (torch.float64, 1e-10)  # dequantises to float32
+    conv = KANConv2d(3, 4, kernel, stride=stride, padding=padding, basis=basis, basis_kwargs=kwargs)
+    _sources()[source](conv)
+    conv = conv.to(dtype)
+    assert conv.fast
+    x = torch.randn(2, 3, 9, 8, dtype=dtype, requires_grad=True)
+    fast = conv(x)
+    ref = conv.forward_unfold(x)
+    assert fast.shape == ref.shape and torch.allclose(fast, ref, atol=tol)
+    g = torch.randn_like(ref)
+    params = [p for p in conv.parameters() if p.requires_grad]
+    grads_fast = torch.autograd.grad(fast, [x, *params], g)
+    grads_ref = torch.autograd.grad(ref, [x, *params], g)
+    for a, b in zip(grads_fast, grads_ref):
+        assert torch.allclose(a, b, atol=10 * tol, rtol=1e-4)
+
+
+def test_layernorm_rbf_conv_keeps_the_unfold_path():
+    conv = KANConv2d(3, 4, 3, basis="rbf")  # 27 patch inputs: LayerNorm on, the basis mixes a patch
+    assert not conv.fast
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(conv(x), conv.forward_unfold(x))
+
+
+def test_layer_inputs_of_a_fast_conv_are_its_patch_rows():
+    from bench.kan import layer_inputs
+
+    torch.manual_seed(0)
+    model = ConvKAN((1, 8, 8), 3, channels=[2], basis="bspline")
+    x = torch.randn(2, 1, 8, 8)
+    rows = layer_inputs(model, x, max_rows=1 << 30)
+    conv = model.features[0]
+    assert conv.fast and torch.equal(rows[0], conv.patches(x))
+    assert rows[1].shape == (2, 2)  # the head sees the pooled channels
