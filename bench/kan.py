@@ -156,26 +156,70 @@ class KANConv2d(nn.Module):
         return y.reshape(b, ho * wo, self.out_channels).transpose(1, 2).reshape(b, self.out_channels, ho, wo)
 
 
+NORMS = ("batch", "instance", "layer", "none")
+
+
+def channel_norm(kind: str, channels: int) -> nn.Module:
+    """The normalisation after a KAN convolution: ``batch`` (BatchNorm2d: affine + running
+    statistics, all stored), ``instance`` (InstanceNorm2d with affine), ``layer`` (GroupNorm with
+    one group: per-sample LayerNorm over channels and pixels) or ``none``."""
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)
+    if kind == "none":
+        return nn.Identity()
+    raise UserError(f"convkan norm must be one of {', '.join(NORMS)}; got {kind!r}")
+
+
 class ConvKAN(nn.Module):
-    """KAN convolutions (each followed by 2x2 max-pooling every ``pool_every`` layers while the
-    feature map is at least 4 pixels wide), global average pooling, and a KAN head."""
+    """KAN convolutions, each followed by a normalisation (``norm``) and, every ``pool_every``
+    layers (0: never) while the feature map is at least 4 pixels wide, 2x2 max-pooling; then
+    global average pooling and a KAN head.
+
+    ``strides`` (one per layer, default 1) with ``pool_every = 0`` gives the MetaKAN / torch-conv-kan
+    8-layer ConvKAN: ``channels = [16, 32, 64, 128, 256, 256, 512, 512]``, ``strides = [1, 2, 2, 1, 1,
+    2, 1, 1]``, 3x3 kernels with padding 1 and BatchNorm after every convolution (MetaKAN's
+    ``EightSimpleMetaConvKAN``).
+
+    ``norm = "batch"`` by default: deep KAN-convolution stacks without normalisation drift off their
+    basis grid and collapse (torch-conv-kan reports such runs at chance level), and BatchNorm is
+    what MetaKAN and torch-conv-kan use. Its parameters and running statistics are stored and
+    counted at their dtype. With a normalisation, an ``rbf`` basis in the convolutions skips its own
+    LayerNorm over the patch (inputs are already normalised per channel, as in torch-conv-kan's
+    FastKAN convolution), which keeps the fast per-pixel convolution; set ``basis_kwargs.norm``
+    to override.
+    """
 
     def __init__(self, input_shape: tuple[int, int, int], n_outputs: int, channels: list[int] = (8, 16),
-                 kernel: int = 3, pool_every: int = 1, basis: str = "bspline", basis_kwargs: dict | None = None):
+                 kernel: int = 3, pool_every: int = 1, basis: str = "bspline", basis_kwargs: dict | None = None,
+                 strides: list[int] | None = None, norm: str = "batch"):
         super().__init__()
         if len(input_shape) != 3:
             raise UserError(f"convkan needs image inputs [C, H, W], got input shape {tuple(input_shape)}")
         channels = [int(c) for c in channels]
-        if not channels or min(channels) < 1 or pool_every < 1 or kernel < 1:
-            raise UserError(f"convkan needs channels >= 1, kernel >= 1, pool_every >= 1; got "
+        strides = [1] * len(channels) if strides is None else [int(v) for v in strides]
+        if not channels or min(channels) < 1 or pool_every < 0 or kernel < 1:
+            raise UserError(f"convkan needs channels >= 1, kernel >= 1, pool_every >= 0; got "
                             f"channels={channels}, kernel={kernel}, pool_every={pool_every}")
+        if len(strides) != len(channels) or min(strides) < 1:
+            raise UserError(f"convkan strides must be one integer >= 1 per layer ({len(channels)}); got {strides}")
+        channel_norm(norm, 1)  # one line for an unknown norm
         self.input_shape, self.n_outputs, self.channels = tuple(int(s) for s in input_shape), int(n_outputs), channels
-        self.kernel, self.pool_every = kernel, pool_every
+        self.kernel, self.pool_every, self.strides, self.norm = kernel, pool_every, strides, norm
         self.basis_name, self.basis_kwargs = basis, dict(basis_kwargs or {})
+        conv_kwargs = dict(self.basis_kwargs)
+        if basis == "rbf" and norm != "none":
+            conv_kwargs.setdefault("norm", False)
         blocks, c_in, size = [], self.input_shape[0], min(self.input_shape[1:])
-        for i, c in enumerate(channels):
-            blocks.append(KANConv2d(c_in, c, kernel, basis=basis, basis_kwargs=basis_kwargs))
-            if (i + 1) % pool_every == 0 and size >= 4:
+        for i, (c, stride) in enumerate(zip(channels, strides)):
+            blocks.append(KANConv2d(c_in, c, kernel, stride=stride, basis=basis, basis_kwargs=conv_kwargs))
+            size = (size + 2 * (kernel // 2) - kernel) // stride + 1
+            if norm != "none":
+                blocks.append(channel_norm(norm, c))
+            if pool_every and (i + 1) % pool_every == 0 and size >= 4:
                 blocks.append(nn.MaxPool2d(2))
                 size //= 2
             c_in = c
@@ -185,7 +229,7 @@ class ConvKAN(nn.Module):
     def config(self) -> dict:
         return {"model": "convkan", "input_shape": list(self.input_shape), "n_outputs": self.n_outputs,
                 "channels": self.channels, "kernel": self.kernel, "pool_every": self.pool_every,
-                "basis": self.basis_name, "basis_kwargs": self.basis_kwargs}
+                "strides": self.strides, "norm": self.norm, "basis": self.basis_name, "basis_kwargs": self.basis_kwargs}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:

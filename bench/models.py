@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import build_config
 from .errors import UserError
-from .kan import KAN, ConvKAN
+from .kan import KAN, NORMS, ConvKAN
 from .registry import Registry
 
 MODELS = Registry("model")
@@ -95,7 +95,14 @@ class KANModel(ModelKind):
 class ConvKANOptions:
     channels: list[int] = field(default_factory=lambda: [8, 16], metadata={"min": 1, "help": "conv channels"})
     kernel: int = field(default=3, metadata={"min": 1})
-    pool_every: int = field(default=1, metadata={"min": 1, "help": "2x2 max-pool after every N conv layers"})
+    pool_every: int = field(default=1, metadata={"min": 0, "help": "2x2 max-pool after every N conv layers (0: never)"})
+    strides: list[int] | None = field(default=None, metadata={"min": 1, "help": "one stride per layer; default 1"})
+    norm: str = field(default="batch", metadata={"choices": list(NORMS),
+                                                 "help": "normalisation after each KAN convolution"})
+
+    def validate(self):
+        if self.strides is not None and len(self.strides) != len(self.channels):
+            raise UserError(f"model 'convkan' needs one stride per layer ({len(self.channels)}); got {self.strides}")
 
 
 @register_model("convkan")
@@ -117,16 +124,19 @@ class ConvKANModel(ModelKind):
         if (why := cls.incompatibility(dataset)) is not None:
             raise UserError(why)
         return ConvKAN(tuple(dataset.input_shape), dataset.n_outputs, options.channels, options.kernel,
-                       options.pool_every, basis, basis_kwargs)
+                       options.pool_every, basis, basis_kwargs, strides=options.strides, norm=options.norm)
 
     @classmethod
     def from_config(cls, config):
         return ConvKAN(tuple(config["input_shape"]), config["n_outputs"], config["channels"], config["kernel"],
-                       config["pool_every"], config["basis"], config.get("basis_kwargs"))
+                       config["pool_every"], config["basis"], config.get("basis_kwargs"),
+                       strides=config.get("strides"), norm=config.get("norm", "none"))  # files before norm: none
 
     @classmethod
     def arch(cls, config):
-        return "convkan[" + ",".join(map(str, config["channels"])) + f"]->{config['n_outputs']}"
+        norm = config.get("norm", "none")
+        return "convkan[" + ",".join(map(str, config["channels"])) + f"]->{config['n_outputs']}" + \
+            ("" if norm == "none" else f",{norm}norm")
 
 
 # -- what the rest of the harness calls ------------------------------------------------------

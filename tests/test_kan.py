@@ -159,3 +159,48 @@ def test_layer_inputs_of_a_fast_conv_are_its_patch_rows():
     conv = model.features[0]
     assert conv.fast and torch.equal(rows[0], conv.patches(x))
     assert rows[1].shape == (2, 2)  # the head sees the pooled channels
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance", "layer", "none"])
+def test_convkan_norms_are_stored_counted_and_reload(tmp_path, norm):
+    from bench.storage import export_model, load_model, storage_report
+
+    torch.manual_seed(0)
+    m = ConvKAN((1, 8, 8), 4, channels=[16, 8], norm=norm, basis="rbf")
+    m.train()
+    m(torch.randn(8, 1, 8, 8))  # BatchNorm running statistics move
+    items = dict(storage_report(m).items)
+    norm_items = {k: it.bits for k, it in items.items() if k.startswith("features.1.")}
+    expect = {"batch": {"features.1.weight": 16 * 32, "features.1.bias": 16 * 32, "features.1.running_mean": 16 * 32,
+                        "features.1.running_var": 16 * 32, "features.1.num_batches_tracked": 64},
+              "instance": {"features.1.weight": 16 * 32, "features.1.bias": 16 * 32},
+              "layer": {"features.1.weight": 16 * 32, "features.1.bias": 16 * 32},
+              "none": {}}[norm]
+    if norm == "none":  # features.1 is the second convolution
+        assert not any(k.startswith("features.1.") and "source" not in k for k in items)
+    else:
+        assert norm_items == expect
+    assert all(not conv.kan.basis.use_norm for conv in m.modules() if isinstance(conv, KANConv2d)) == (norm != "none")
+    export_model(m, tmp_path / "m.kanb")
+    again = load_model(tmp_path / "m.kanb")
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(m.eval()(x), again(x), atol=1e-6)
+
+
+def test_metakan8_convkan_shapes_and_option_errors():
+    from bench.errors import UserError
+
+    m = ConvKAN((1, 28, 28), 10, channels=[16, 32, 64, 128, 256, 256, 512, 512], strides=[1, 2, 2, 1, 1, 2, 1, 1],
+                pool_every=0, norm="batch", basis="gram")
+    sizes, x = [], torch.randn(2, 1, 28, 28)
+    for block in m.features:
+        x = block(x)
+        if isinstance(block, KANConv2d):
+            sizes.append(x.shape[-1])
+    assert sizes == [28, 14, 7, 7, 7, 4, 4, 4] and m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert not any(isinstance(b, torch.nn.MaxPool2d) for b in m.features)
+    with pytest.raises(UserError, match="norm"):
+        ConvKAN((1, 8, 8), 4, channels=[4], norm="group")
+    with pytest.raises(UserError, match="strides"):
+        ConvKAN((1, 8, 8), 4, channels=[4, 4], strides=[1])
