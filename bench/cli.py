@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--bases", type=_csv, help="comma-separated bases (default: all five)")
     pf.add_argument("--repeats", type=int, default=20, help="timed repeats (median is reported)")
     pf.add_argument("--no-compressed", action="store_true", help="skip the compressed-inference rows")
+    pf.add_argument("--conv-channels", type=lambda v: [int(w) for w in _csv(v)] if v else [], default=[16, 32, 64],
+                    help="ConvKAN channels for the conv rows (default 16,32,64; empty string: no conv rows)")
+    pf.add_argument("--conv-batch", type=int, default=64, help="batch of the ConvKAN rows (default 64)")
     pf.add_argument("--out", default="results/perf.csv", help="CSV to write (default results/perf.csv)")
 
     from .transfer import DEFAULT_FINETUNE_EPOCHS, DEFAULT_PRETRAIN_EPOCHS, DEFAULT_RANKS, DEFAULT_SEEDS, TARGETS
@@ -271,6 +274,8 @@ def cmd_perf(args) -> int:
 
     if args.batch < 1 or args.repeats < 1 or len(args.widths) < 2 or min(args.widths) < 1:
         raise UserError("perf needs --batch >= 1, --repeats >= 1 and --widths of at least two positive sizes")
+    if args.conv_batch < 1 or (args.conv_channels and min(args.conv_channels) < 1):
+        raise UserError("perf needs --conv-batch >= 1 and positive --conv-channels")
     return perf_main(args)
 
 

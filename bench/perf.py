@@ -13,7 +13,12 @@ are shared and noisy; ratios travel, milliseconds do not):
   of the widest layer;
 - **compressed inference**: each compressed form made by the real method (``kmeans`` K=16
   codebook, ``quantize`` 8-bit, ``prune`` at 8x, ``tucker`` at its default ranks) against the
-  dense model it came from (ratio compressed / dense, below 1 is faster).
+  dense model it came from (ratio compressed / dense, below 1 is faster);
+- **ConvKAN** (``--conv-channels``, default ``16,32,64`` on 1x28x28 inputs, BatchNorm, 2x2
+  max-pooling after each layer) per basis at ``--conv-batch``: train step and inference against a
+  CNN of the same layout (3x3 ``Conv2d`` + BatchNorm + ReLU + max-pool per layer, average pool,
+  linear head) whose widths are scaled to the ConvKAN's parameter count (target train step <= 3x),
+  and the fast per-pixel KAN convolution against its unfold reference (``forward_unfold``).
 
 Targets (issue 6) are printed next to each ratio.
 """
@@ -38,6 +43,7 @@ from .train import Trainer, recorder, step_bytes
 
 NOISE = 0.02  # repeat-to-repeat spread of the alternating timer here: a ratio within 2 % of its target meets it
 TRAIN_TARGETS = {"bspline": 2.0, "rbf": 2.0, "chebyshev": 2.5, "gram": 2.5}
+CONV_TRAIN_TARGET = 3.0  # ConvKAN train step / same-layout CNN
 COMPRESSED = {  # name -> (method, hyperparameters, target ratio compressed/dense inference or None)
     "codebook K=16": ("kmeans", {"K": 16, "n_init": 1}, 1.0),
     "quantised 8-bit": ("quantize", {"bits": 8, "calibrate": False}, None),
@@ -97,6 +103,30 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def layout_cnn(in_channels: int, channels: list[int], n_outputs: int) -> nn.Module:
+    """The ConvKAN's layout as a CNN: per layer a 3x3 conv, BatchNorm, ReLU and 2x2 max-pool."""
+    blocks, c_in = [], in_channels
+    for c in channels:
+        blocks += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
+        c_in = c
+    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, n_outputs))
+
+
+def matched_cnn(in_channels: int, channels: list[int], n_outputs: int, target: int) -> nn.Module:
+    """:func:`layout_cnn` with every width scaled by one factor, the one whose parameter count is
+    closest to ``target``."""
+    best = None
+    for step in range(1, 400):
+        scale = step / 20
+        widths = [max(1, round(c * scale)) for c in channels]
+        cnn = layout_cnn(in_channels, widths, n_outputs)
+        if best is None or abs(n_params(cnn) - target) < abs(n_params(best) - target):
+            best = cnn
+        if n_params(cnn) > target:
+            break
+    return best
+
+
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
@@ -141,7 +171,8 @@ def _compress(dense: nn.Module, method: str, hyper: dict, x: torch.Tensor, y: to
 
 
 def run_perf(device: str = "auto", batch: int = 256, widths=(784, 64, 10), bases=None, repeats: int = 20,
-             compressed: bool = True, log=print) -> pd.DataFrame:
+             compressed: bool = True, log=print, conv_channels=(16, 32, 64), conv_batch: int = 64,
+             conv_shape=(1, 28, 28)) -> pd.DataFrame:
     from .bases import BASES
     from .registry import load_plugins
     from .runner import resolve_device
@@ -203,7 +234,42 @@ def run_perf(device: str = "auto", batch: int = 256, widths=(784, 64, 10), bases
             with torch.no_grad():
                 t, t_dense = timer.compare(lambda m=small: m(x), lambda m=kan: m(x))
             add("compressed_inference", basis, f"{name} / dense", t * 1e3, t_dense * 1e3, target)
+    if conv_channels:
+        _conv_rows(add, timer, dev, bases, list(conv_channels), conv_batch, tuple(conv_shape), widths[-1], log)
     return pd.DataFrame(rows)
+
+
+def _conv_rows(add, timer, dev, bases, channels, batch, shape, n_out, log) -> None:
+    from .kan import ConvKAN, KANConv2d
+
+    x = torch.randn(batch, *shape, device=dev)
+    y = torch.randint(0, n_out, (batch,), device=dev)
+    arch = f"convkan{channels}"
+    for basis in bases:
+        torch.manual_seed(0)
+        kan = ConvKAN(shape, n_out, channels, norm="batch", basis=basis).to(dev)
+        cnn = matched_cnn(shape[0], channels, n_out, n_params(kan)).to(dev)
+        widths = [m.out_channels for m in cnn if isinstance(m, nn.Conv2d)]
+        log(f"{basis} {arch}: {n_params(kan):,} params; CNN {widths}: {n_params(cnn):,} params")
+        kan_step, _ = train_step(kan, x, y)
+        cnn_step, _ = train_step(cnn, x, y)
+        t_kan, t_cnn = timer.compare(kan_step, cnn_step)
+        add("conv_train_step", basis, f"{arch} / same-layout cnn{widths}", t_kan * 1e3, t_cnn * 1e3, CONV_TRAIN_TARGET)
+        kan.eval()
+        cnn.eval()
+        with torch.no_grad():
+            t_kan, t_cnn = timer.compare(lambda k=kan: k(x), lambda c=cnn: c(x))
+        add("conv_inference", basis, f"{arch} / same-layout cnn{widths}", t_kan * 1e3, t_cnn * 1e3)
+        conv = next(m for m in kan.modules() if isinstance(m, KANConv2d) and m.in_channels > 1)
+        if conv.fast:
+            xin = torch.randn(batch, conv.in_channels, shape[1] // 2, shape[2] // 2, device=dev, requires_grad=True)
+
+            def run(f, xin=xin):
+                return lambda: f(xin).square().mean().backward()
+
+            t_fast, t_unfold = timer.compare(run(conv.forward), run(conv.forward_unfold))
+            add("conv_fast_vs_unfold", basis, f"KANConv2d {conv.in_channels}->{conv.out_channels} fwd+bwd: "
+                "fast / unfold", t_fast * 1e3, t_unfold * 1e3, 1.0)
 
 
 def format_table(df: pd.DataFrame) -> str:
@@ -221,7 +287,8 @@ def format_table(df: pd.DataFrame) -> str:
 def main(args) -> int:
     import platform
 
-    df = run_perf(args.device, args.batch, args.widths, args.bases, args.repeats, not args.no_compressed)
+    df = run_perf(args.device, args.batch, args.widths, args.bases, args.repeats, not args.no_compressed,
+                  conv_channels=args.conv_channels, conv_batch=args.conv_batch)
     print(f"machine: {platform.machine()} {platform.processor()}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device {args.device}")
     print(format_table(df))

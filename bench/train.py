@@ -118,19 +118,24 @@ class Trainer:
         x, y = self.splits.split(split)
         was_training = model.training
         model.eval()
-        correct, sq, n, finite = 0, 0.0, 0, True
+        # accumulated on the device, read once at the end: no host sync per batch on a GPU
+        correct = torch.zeros((), dtype=torch.int64, device=x.device)
+        sq = torch.zeros((), dtype=torch.float64, device=x.device)
+        finite = torch.ones((), dtype=torch.bool, device=x.device)
+        n = 0
         for i in range(0, x.shape[0], max(self.batch_size, 1024)):
             xb, yb = x[i:i + max(self.batch_size, 1024)], y[i:i + max(self.batch_size, 1024)]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 out = model(xb).float()
-            finite = finite and bool(torch.isfinite(out).all())
+            finite &= torch.isfinite(out).all()
             if self.task == "classification":
-                correct += (out.argmax(1) == yb).sum().item()
+                correct += (out.argmax(1) == yb).sum()
             else:
-                sq += ((out - yb) ** 2).sum().item()
+                sq += ((out - yb) ** 2).sum().double()
             n += xb.shape[0]
         model.train(was_training)
-        if not finite:
+        correct, sq = int(correct), float(sq)
+        if not bool(finite):
             return float("nan")  # a model whose outputs are not finite has no score
         if self.task == "classification":
             return 100.0 * correct / max(n, 1)
@@ -184,9 +189,10 @@ class Trainer:
 
             bar = tqdm(total=epochs, desc=desc, leave=False, unit="ep")
         cpu_peak = 0
+        check_each_batch = self.device.type != "cuda"  # a host sync per batch: free on CPU, a stall on a GPU
         for epoch in range(1, epochs + 1):
             perm = torch.randperm(n, generator=g).to(self.device)
-            total, count = 0.0, 0
+            total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
             for bi, i in enumerate(range(0, n, self.batch_size)):
                 idx = perm[i:i + self.batch_size]
                 xb, yb = x[idx], y[idx]
@@ -200,7 +206,7 @@ class Trainer:
                     loss = self.loss(out.float(), yb)
                 if measure:
                     hooks.__exit__(None, None, None)
-                if not torch.isfinite(loss):
+                if check_each_batch and not torch.isfinite(loss):
                     raise Diverged(f"non-finite loss at epoch {epoch}, batch {bi}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()  # bfloat16 autocast (amp) needs no loss scaling
@@ -210,8 +216,11 @@ class Trainer:
                 if measure:
                     cpu_peak = step_bytes(saved, opt)
                     saved.clear()
-                total += loss.item() * xb.shape[0]
+                total += loss.detach().double() * xb.shape[0]
                 count += xb.shape[0]
+            total = float(total)  # one sync per epoch
+            if not math.isfinite(total):
+                raise Diverged(f"non-finite loss in epoch {epoch}")
             val = self.evaluate(model, "val")
             result.history.append({"epoch": epoch, "train_loss": total / max(count, 1), "val": val})
             if self.better(val, result.best_val) or result.best_epoch == 0 and val == result.best_val:

@@ -13,14 +13,26 @@ def test_matched_mlp_has_about_the_kan_parameter_count():
 
 
 def test_run_perf_tiny(tmp_path):
-    df = run_perf("cpu", batch=16, widths=[20, 8, 4], bases=["bspline", "rbf"], repeats=1, log=lambda *a: None)
+    df = run_perf("cpu", batch=16, widths=[20, 8, 4], bases=["bspline", "rbf"], repeats=1, log=lambda *a: None,
+                  conv_channels=[4, 6], conv_batch=4, conv_shape=(1, 8, 8))
     kinds = set(df["kind"])
-    assert kinds == {"train_step", "inference", "train_memory", "largest_saved_tensor", "compressed_inference"}
+    assert kinds == {"train_step", "inference", "train_memory", "largest_saved_tensor", "compressed_inference",
+                     "conv_train_step", "conv_inference", "conv_fast_vs_unfold"}
     assert df["ratio"].map(math.isfinite).all() and (df["value"] > 0).all()
     subjects = set(df.loc[df.kind == "compressed_inference", "subject"])
     assert subjects == {"codebook K=16 / dense", "quantised 8-bit / dense", "pruned 8x / dense",
                         "tucker default / dense"}
     assert "train_step" in format_table(df)
+
+
+def test_matched_cnn_has_the_layout_and_about_the_parameter_count():
+    from bench.kan import ConvKAN
+    from bench.perf import matched_cnn
+
+    kan = ConvKAN((1, 28, 28), 10, [16, 32, 64], norm="batch")
+    cnn = matched_cnn(1, [16, 32, 64], 10, n_params(kan))
+    assert abs(n_params(cnn) - n_params(kan)) / n_params(kan) < 0.05
+    assert [type(m).__name__ for m in cnn][:4] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
 
 
 def test_step_memory_counts_saved_activations():
@@ -38,7 +50,7 @@ def test_step_memory_counts_saved_activations():
 def test_perf_cli_writes_csv_and_rejects_bad_input(tmp_path, capsys):
     out = tmp_path / "perf.csv"
     assert main(["perf", "--device", "cpu", "--batch", "8", "--widths", "12,6,3", "--bases", "gram", "--repeats",
-                 "1", "--no-compressed", "--out", str(out)]) == 0
+                 "1", "--no-compressed", "--conv-channels", "", "--out", str(out)]) == 0
     assert out.read_text().startswith("kind,")
     assert main(["perf", "--bases", "nope", "--out", str(out)]) == 2
     assert "unknown basis 'nope'" in capsys.readouterr().err
