@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 
 from bench.cli import main
-from bench.executors import ExecutorOptions, make_plan, merge_results, run_with_executor, stage_cache_key, start_ray
+from bench.executors import ExecutorOptions, run_with_executor, start_ray
+from bench.merge import merge_results
+from bench.plan import plan_sweep
 from bench.results import ResultsStore
-from bench.runner import RunEnv, run_sweep
+from bench.runner import run_sweep
 from bench.sweep import build_sweep
 
 pytest.importorskip("ray")
@@ -46,8 +48,8 @@ def test_ray_and_submitit_give_the_same_rows_as_local(tmp_path, ray_cluster):
     # dense + two runs sharing one stage-1 model (own_stage tag=0, knob 0 and 1): 3 runs, 2 models to train
     sweep = sweep_of(["dense", "own_stage"], {"own_stage": {"knob": [0, 1]}})
     assert len(sweep.runs) == 3
-    plan = make_plan(sweep.runs, tmp_path / "ray")
-    assert len(plan.preps) == 2 and sorted(len(v) for v in plan.needs.values()) == [1, 2, 2]
+    plan = plan_sweep(sweep, tmp_path / "ray")
+    assert len(plan.stages) == 2 and sorted(len(v) for v in plan.needs.values()) == [1, 2, 2]
 
     local = run_sweep(sweep, tmp_path / "local", tmp_path / "data", quiet=True)
     ray_counts = run_with_executor("ray", sweep, tmp_path / "ray", tmp_path / "data", quiet=True, options=opts())
@@ -66,8 +68,7 @@ def test_ray_and_submitit_give_the_same_rows_as_local(tmp_path, ray_cluster):
             assert row["host"] and row["device"] == "cpu"
         # phase 1 wrote exactly the cached models the plan predicted (the dense base, its fine-tuned
         # control and one stage-1 model)
-        predicted = {stage_cache_key(s, own)[1].name for s, own in plan.preps.values()}
-        predicted |= {RunEnv.control_key(s)[1] for s, own in plan.preps.values() if not own}
+        predicted = {f for stage in plan.stages.values() for f in stage.files}
         assert {p.name for p in (tmp_path / folder / "cache").glob("*.pt")} == predicted
         assert len(pd.read_parquet(tmp_path / folder / "runs.parquet")) == 3
 

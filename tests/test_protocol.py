@@ -140,11 +140,12 @@ def test_zero_fine_tune_epochs_is_no_fine_tune_and_zero_rate_is_zero(tmp_path):
 
 
 def test_executor_plan_prepares_the_control_of_each_fine_tune_budget(tmp_path):
-    from bench.executors import make_plan
+    from bench.plan import plan_sweep
+    from bench.sweep import Sweep
 
     a = sweep_of(["dense"]).runs[0]
     b = sweep_of(["dense"], train={**TRAIN, "finetune_lr_scale": 0.5}).runs[0]
     env = RunEnv(tmp_path, tmp_path, "cpu")
     run_one(a, env)  # caches the base and a's control
-    plan = make_plan([a, b], tmp_path)
+    plan = plan_sweep(Sweep("t", [a, b], "cpu", [], {}), tmp_path)
     assert plan.needs[a.run_id] == set() and len(plan.needs[b.run_id]) == 1  # b's control is missing
