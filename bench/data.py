@@ -33,6 +33,7 @@ import torch
 
 from .config import build_config
 from .errors import unknown
+from .metrics import metric_name
 from .registry import register
 
 DATASETS: dict[str, type[Dataset]] = {}
@@ -81,7 +82,7 @@ class Dataset:
 
     @property
     def metric_name(self) -> str:
-        return "accuracy" if self.task == "classification" else "rmse"
+        return metric_name(self.task)
 
     @property
     def in_features(self) -> int:
