@@ -20,13 +20,13 @@ from bench.train import Trainer
 from bench.transfer import (
     LoTRASource,
     attach_lotra,
-    lotra_param_groups,
     parse_ranks,
     parse_targets,
     run_transfer,
     task_splits,
     update_bits,
 )
+from bench.tucker import tucker_param_groups
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -52,9 +52,9 @@ def test_zero_update_starts_at_base_and_only_update_trains():
     assert update_bits(m) == per_task * 32 == 143 * 32 == R424_BITS
     trainable = {id(p) for p in m.parameters() if p.requires_grad}
     assert trainable == {id(p) for _, layer in kan_layers(m) for p in layer.source.update.factors().values()}
-    groups = lotra_param_groups(m, 1e-3)
+    groups = tucker_param_groups(m, 1e-3)
     assert len(groups) == 8 and len({g["lr"] for g in groups}) > 2
-    assert all(g["lr"] == 1e-3 for g in lotra_param_groups(m, 1e-3, "shared"))
+    assert all(g["lr"] == 1e-3 for g in tucker_param_groups(m, 1e-3, "shared"))
     opt = torch.optim.AdamW(groups)
     for _ in range(5):
         loss = (m(x) - torch.sin(3 * x[:, :1])).pow(2).mean()
@@ -74,7 +74,7 @@ def test_lotra_fit_leaves_a0_and_every_other_tensor_unchanged():
     frozen = {k: v.detach().clone() for k, v in m.state_dict().items() if ".update." not in k}
     trainer = Trainer(task_splits((1.5, 0.5), 3, 128, 64, 64), "regression", "cpu", 32, 1e-2, weight_decay=0.1)
     before = trainer.evaluate(m, "val")
-    res = trainer.fit(m, 4, param_groups=lotra_param_groups(m, 1e-2))
+    res = trainer.fit(m, 4, param_groups=tucker_param_groups(m, 1e-2))
     assert res.best_epoch > 0 and res.best_val < before  # it adapted
     for (_, layer), base in zip(kan_layers(m), a0):
         assert torch.equal(layer.source.base, base)
