@@ -1,6 +1,6 @@
 """Executors: where the runs of a sweep execute.
 
-- ``local``: today's loop in this process (:func:`bench.runner.run_sweep`).
+- ``local``: the plan's runs in this process, in sweep order (:func:`bench.runner.run_plan`).
 - ``ray``: every run is a Ray task (``num_gpus=1`` on CUDA, ``--ray-num-cpus`` CPUs), on a local Ray
   started on the spot or an existing cluster (``--ray-address``).
 - ``slurm``: every run is one element of a SLURM job array submitted with ``submitit``

@@ -3,9 +3,12 @@
 For every (dataset, model, basis, seed) the dense base model is trained once and cached under
 ``<out>/cache/``; post-training methods compress that same checkpoint with the same fine-tune
 budget. Methods that re-parameterise before training (``prepare``) get their own trained model,
-cached by the method's ``stage_key`` so a sweep over post-training knobs trains it once. Seeds
-derive from (seed, dataset, model, basis), never from the method, so every method sees the same
-data split and the same initialisation.
+cached by the method's ``stage_key`` so a sweep over post-training knobs trains it once (where
+and for how many epochs: :mod:`bench.plan`). Seeds derive from (seed, dataset, model, basis),
+never from the method, so every method sees the same data split and the same initialisation.
+
+:func:`run_sweep` plans the sweep once (:func:`bench.plan.plan_sweep`) and :func:`run_plan`, the
+``local`` backend, executes the plan in this process, in sweep order.
 """
 
 from __future__ import annotations

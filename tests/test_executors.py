@@ -44,18 +44,43 @@ def by_id(folder):
     return {r["run_id"]: r for r in ResultsStore(folder).rows()}
 
 
-def test_ray_and_submitit_give_the_same_rows_as_local(tmp_path, ray_cluster):
+def test_ray_and_submitit_give_the_same_rows_as_local(tmp_path, ray_cluster, monkeypatch):
     # dense + two runs sharing one stage-1 model (own_stage tag=0, knob 0 and 1): 3 runs, 2 models to train
+    import bench.executors as executors
+    import bench.runner as runner
+
     sweep = sweep_of(["dense", "own_stage"], {"own_stage": {"knob": [0, 1]}})
     assert len(sweep.runs) == 3
     plan = plan_sweep(sweep, tmp_path / "ray")
     assert len(plan.stages) == 2 and sorted(len(v) for v in plan.needs.values()) == [1, 2, 2]
 
+    # every backend executes the very plan object plan_sweep made for its call, and nothing re-plans
+    made, executed = [], []
+
+    def planned(*args, **kw):
+        made.append(plan_sweep(*args, **kw))
+        return made[-1]
+
+    def spy(name, real, index):
+        def wrapper(*args, **kw):
+            executed.append((name or args[0], args[index]))
+            return real(*args, **kw)
+        return wrapper
+
+    monkeypatch.setattr(runner, "plan_sweep", planned)
+    monkeypatch.setattr(executors, "plan_sweep", planned)
+    monkeypatch.setattr(runner, "run_plan", spy("local", runner.run_plan, 0))
+    monkeypatch.setattr(executors, "run_distributed", spy(None, executors.run_distributed, 2))
     local = run_sweep(sweep, tmp_path / "local", tmp_path / "data", quiet=True)
     ray_counts = run_with_executor("ray", sweep, tmp_path / "ray", tmp_path / "data", quiet=True, options=opts())
     slurm = run_with_executor("slurm", sweep, tmp_path / "slurm", tmp_path / "data", quiet=True,
                               options=opts(slurm_local=True, poll_seconds=0.2))
     assert local["ok"] == ray_counts["ok"] == slurm["ok"] == 3
+    assert [name for name, _ in executed] == ["local", "ray", "slurm"] and len(made) == 3
+    assert all(got is want for (_, got), want in zip(executed, made))
+    assert all([s.run_id for s in p.runs] == [s.run_id for s in sweep.runs] for p in made)
+    assert all({k: s.files for k, s in p.stages.items()} == {k: s.files for k, s in plan.stages.items()}
+               for p in made)
 
     ref = by_id(tmp_path / "local")
     for folder in ("ray", "slurm"):

@@ -262,3 +262,39 @@ def test_task_family_parsers_and_module_entry(tmp_path, capsys):
     assert "3 comma-separated numbers" in capsys.readouterr().err
     with pytest.raises(UserError):
         run_transfer(None, ranks_list=[[1, 2]], pretrain_epochs=1, finetune_epochs=1)
+
+
+def test_lotra_balanced_rates_use_a0_as_the_scale():
+    """tucker_param_groups on a LoTRA model: lr * rms(U) / (4 rms(A0)) per factor, and for the zero core
+    the rms it has when the update is as large as A0: rms(A0) sqrt(out in (n+1) / (r1 r2 r3))."""
+    torch.manual_seed(3)
+    m = KAN([2, 8, 1], basis="bspline")
+    attach_lotra(m, [4, 2, 4], torch.Generator().manual_seed(0))
+    groups = iter(tucker_param_groups(m, 1e-2))
+    for _, layer in kan_layers(m):
+        src = layer.source
+        rms_a = float(src.base.pow(2).mean().sqrt())
+        for name, p in src.update.factors().items():
+            g = next(groups)
+            assert g["params"] == [p]
+            if name == "core":
+                want = 1e-2 * np.sqrt(np.prod(src.shape) / np.prod(src.update.ranks)) / 4
+            else:
+                want = 1e-2 * float(p.detach().pow(2).mean().sqrt()) / (4 * rms_a)
+            assert g["lr"] == pytest.approx(want, rel=1e-6), name
+    assert next(groups, None) is None  # every other parameter is frozen
+
+
+def test_a_damaged_transfer_row_is_reported_and_redone(tmp_path, capsys):
+    kw = dict(ranks_list=[[1, 1, 1]], targets={"b=0.5": (1.0, 0.5)}, pretrain_epochs=2, finetune_epochs=1,
+              n_train=64, n_eval=64, batch_size=32, log=lambda *_: None)
+    first = run_transfer(tmp_path, **kw)
+    victim = tmp_path / "transfer_rows" / f"{first[-1]['row_id']}.json"
+    victim.write_text('{"row_id": "' + first[-1]["row_id"] + '"')  # torn mid-write
+    again = run_transfer(tmp_path, **kw)
+    err = capsys.readouterr().err
+    assert f"{victim} is not a valid results row" in err and "`bench transfer`" in err
+    assert [r["row_id"] for r in again] == [r["row_id"] for r in first]
+    assert [r["started_at"] for r in again[:-1]] == [r["started_at"] for r in first[:-1]]  # kept
+    assert json.loads(victim.read_text())["status"] == "ok"  # redone and rewritten
+    assert len(pd.read_csv(tmp_path / "transfer.csv")) == len(first)
