@@ -133,6 +133,7 @@ def cmd_run(args) -> int:
     and its writer lock) before the first run starts; then run, print the runs that are not ok, log
     the call and write the leaderboard."""
     from .lock import results_writer
+    from .provenance import log_invocation
     from .registry import load_plugins
     from .report_cli import report_folder
     from .runner import check_data, not_ok_lines, run_sweep
@@ -185,26 +186,6 @@ def cmd_run(args) -> int:
     return 0
 
 
-def log_invocation(out: Path, command: str, seconds: float, counts: dict, executor: str,
-                   outcome: str = "finished") -> None:
-    """Append this sweep call (command, wall time, machine, outcome) to ``<out>/invocations.jsonl``;
-    every call is kept, and the report's header lists them, so a results folder says how long it took
-    to make."""
-    import datetime as dt
-    import json
-    import socket
-
-    import torch
-
-    entry = {"command": command, "executor": executor, "wall_seconds": round(seconds, 1), "counts": counts,
-             "outcome": outcome, "host": socket.gethostname(), "cpus": os.cpu_count(),
-             "torch_threads": torch.get_num_threads(),
-             "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "invocations.jsonl", "a") as fh:
-        fh.write(json.dumps(entry) + "\n")
-
-
 def _executor_options(args):
     """Check that executor flags match --executor (one line if not) and collect them."""
     from .executors import ExecutorOptions, require
@@ -234,7 +215,7 @@ def _executor_options(args):
 
 
 def cmd_merge(args) -> int:
-    from .executors import merge_results
+    from .merge import merge_results
     from .registry import load_plugins
     from .report_cli import report_folder
 

@@ -32,6 +32,7 @@ from typing import ClassVar
 import torch
 
 from .config import build_config
+from .metrics import metric_name
 from .registry import Registry
 
 DATASETS = Registry("dataset")
@@ -72,7 +73,7 @@ class Dataset:
 
     @property
     def metric_name(self) -> str:
-        return "accuracy" if self.task == "classification" else "rmse"
+        return metric_name(self.task)
 
     @property
     def in_features(self) -> int:

@@ -1,16 +1,18 @@
 """Executors: where the runs of a sweep execute.
 
-- ``local``: today's loop in this process (:func:`bench.runner.run_sweep`).
+- ``local``: the plan's runs in this process, in sweep order (:func:`bench.runner.run_plan`).
 - ``ray``: every run is a Ray task (``num_gpus=1`` on CUDA, ``--ray-num-cpus`` CPUs), on a local Ray
   started on the spot or an existing cluster (``--ray-address``).
 - ``slurm``: every run is one element of a SLURM job array submitted with ``submitit``
   (``--slurm-local`` uses submitit's local executor: same code path, subprocesses on this machine).
 
-Both distributed executors work in two phases that share the results folder (which must be on a
-filesystem every worker sees): phase 1 trains each distinct cached model once (the dense base of every
-(dataset, model, basis, seed, budget) and every distinct stage-1 model of the methods that train their
-own), writing ``<out>/cache/*.pt`` atomically; phase 2 runs :func:`bench.runner.run_one` per run, which
-then only loads those caches. With Ray a run starts as soon as the models it needs exist; with SLURM
+Every executor runs the same :class:`~bench.plan.Plan` (:func:`bench.plan.plan_sweep`: what is finished,
+what to run, which cached models to train). Both distributed executors work in two phases that share the
+results folder (which must be on a filesystem every worker sees): phase 1 trains each of the plan's
+stages once (the dense base of every (dataset, model, basis, seed, budget) with the control of each
+fine-tune budget, and every distinct stage-1 model of the methods that train their own), writing
+``<out>/cache/*.pt`` atomically; phase 2 runs :func:`bench.runner.run_one` per run, which then only
+loads those caches. With Ray a run starts as soon as the models it needs exist; with SLURM
 phase 2 is a second job array submitted when phase 1 has finished.
 
 The driver (this process) writes each row into the :class:`~bench.results.ResultsStore` the moment its
@@ -18,14 +20,11 @@ run returns, so killing the driver or losing a worker loses only unfinished runs
 command resumes exactly as with ``local`` (finished ``ok`` runs are skipped, failed ones retried). A run
 whose worker dies (out of memory, node lost, ``os._exit``) is recorded as ``failed``, never retried
 behind the user's back. Workers run the sweep's ``--plugin`` files before anything else.
-
-``merge_results`` combines the result folders of several machines into one table.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import socket
@@ -34,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .lock import results_writer, writable_folder
+from .lock import results_writer
+from .plan import Plan, plan_sweep
 
 EXECUTORS = ("local", "ray", "slurm")
 EXTRAS = {"ray": ("ray", "ray"), "slurm": ("submitit", "slurm")}  # executor -> (module, pip extra)
@@ -131,52 +131,6 @@ def execute_run(spec: dict, out: str, data_dir: str, device: str, plugins: list[
         return error_row(run, exc)
 
 
-# ---------------------------------------------------------------------------------------- planning
-def stage_cache_key(spec, own_model: bool) -> tuple[str, Path]:
-    """(dedupe key, cache file name) of the model ``RunEnv.trained`` caches for this run's stage.
-
-    The same key ``RunEnv.trained`` uses; tests check the predicted files are the ones phase 1 writes.
-    """
-    from .methods import get_method_class
-    from .runner import RunEnv
-
-    method = get_method_class(spec.method)(**spec.method_config) if own_model else None
-    key, name = RunEnv.cache_key(spec, method)
-    return json.dumps(key, sort_keys=True, default=str), Path("cache") / name
-
-
-@dataclass
-class Plan:
-    """Phase 1 (distinct cached models still to train) and phase 2 (runs) of an executor."""
-
-    preps: dict  # key -> (spec of the first run needing it, own_model)
-    needs: dict  # run_id -> set of prep keys the run waits for
-    runs: list  # RunSpec, in sweep order
-
-
-def make_plan(todo: list, out: Path) -> Plan:
-    from .methods import get_method_class
-
-    preps, needs = {}, {}
-    for spec in todo:
-        needs[spec.run_id] = set()
-        stages = [False] + ([True] if get_method_class(spec.method).trains_own_model() else [])
-        for own in stages:
-            key, rel = stage_cache_key(spec, own)
-            done = (out / rel).exists()
-            if not own:  # the dense stage also fine-tunes the control, which depends on the fine-tune budget
-                from .runner import RunEnv
-
-                control_key, control_name = RunEnv.control_key(spec)
-                key = json.dumps(control_key, sort_keys=True, default=str)
-                done = done and (out / "cache" / control_name).exists()
-            if done:
-                continue
-            preps.setdefault(key, (spec, own))
-            needs[spec.run_id].add(key)
-    return Plan(preps, needs, list(todo))
-
-
 class _Progress:
     """A tqdm bar over runs with finished / running / failed counts (nothing when quiet)."""
 
@@ -224,14 +178,14 @@ def _crash_text(exc: BaseException, where: str) -> str:
 def _dependency_row(spec, prep: dict):
     from .runner import failed_row
 
-    what = "stage-1 model" if prep.get("own") else "dense base model"
-    return failed_row(spec, prep["status"], f"{what} training {prep['status']}: {prep['error']}")
+    return failed_row(spec, prep["status"], f"{prep['what']} training {prep['status']}: {prep['error']}")
 
 
 # ---------------------------------------------------------------------------------------- entry point
 def run_with_executor(executor: str, sweep, out: str | Path, data_dir: str | Path, quiet: bool = False,
                       device: str | None = None, options: ExecutorOptions | None = None, log=print) -> dict:
-    """Run every unfinished run of ``sweep`` with ``executor``; returns counts by status like ``run_sweep``."""
+    """Plan ``sweep`` once (:func:`bench.plan.plan_sweep`) and run the plan with ``executor``;
+    returns counts by status like ``run_sweep``."""
     from .runner import run_sweep
 
     if executor not in EXECUTORS:
@@ -240,40 +194,36 @@ def run_with_executor(executor: str, sweep, out: str | Path, data_dir: str | Pat
         return run_sweep(sweep, out, data_dir, quiet=quiet, device=device, log=log)
     engine = require(executor)
     with results_writer(out):
-        return _run_distributed(executor, engine, sweep, Path(out).resolve(), Path(data_dir).resolve(), quiet,
-                                device or sweep.device, options or ExecutorOptions(), log)
+        plan = plan_sweep(sweep, Path(out).resolve())
+        return run_distributed(executor, engine, plan, Path(data_dir).resolve(), quiet, device or sweep.device,
+                               options or ExecutorOptions(), log)
 
 
-def _run_distributed(executor: str, engine, sweep, out: Path, data_dir: Path, quiet: bool, device: str,
-                     options: ExecutorOptions, log) -> dict:
+def run_distributed(executor: str, engine, plan: Plan, data_dir: Path, quiet: bool, device: str,
+                    options: ExecutorOptions, log) -> dict:
+    """The ``ray`` and ``slurm`` backends: the plan's stages, then its runs, on workers; each row
+    is stored the moment it arrives. Returns counts by status."""
     from .results import ResultsStore
 
+    out = plan.out
     store = ResultsStore(out)
     store.remove_partial_writes()
-    done = store.finished_ids()
-    todo = [r for r in sweep.runs if r.run_id not in done]
-    counts_skipped = len(sweep.runs) - len(todo)
-    if sweep.skipped and not quiet:
-        log(f"skipping incompatible dataset/model pairs: {', '.join(sweep.skipped)}")
-    plan = make_plan(todo, out)
     plugins = [str(Path(p).resolve()) for p in options.plugins]
     runner = _run_ray if executor == "ray" else _run_slurm
-    if not quiet:
-        log(f"sweep {sweep.name!r}: {len(sweep.runs)} runs, {counts_skipped} already finished, {len(todo)} to run "
-            f"({len(plan.preps)} models to train first) with {executor} -> {out}")
-    started_ray = executor == "ray" and bool(todo) and not engine.is_initialized()
+    plan.announce(f"({len(plan.stages)} models to train first) with {executor}", log, quiet)
+    started_ray = executor == "ray" and bool(plan.runs) and not engine.is_initialized()
     if started_ray:  # before the progress bar: connecting may fail with one line
         start_ray(options.ray_address, quiet=quiet)
-    progress = _Progress(len(todo), quiet, log)
+    progress = _Progress(len(plan.runs), quiet, log)
     try:
-        if todo:
+        if plan.runs:
             runner(engine, plan, store, out, data_dir, device, plugins, options, progress)
     finally:
         progress.close()
         store.flush()
         if started_ray:
             engine.shutdown()
-    return {**progress.counts, "skipped_finished": counts_skipped}
+    return {**progress.counts, "skipped_finished": plan.finished}
 
 
 # ---------------------------------------------------------------------------------------- ray
@@ -330,8 +280,8 @@ def _run_ray(ray, plan: Plan, store, out, data_dir, device, plugins, options, pr
             pending[run_task.remote(dataclasses.asdict(spec), *common)] = ("run", spec)
             progress.running += 1
 
-        for key, (spec, own) in plan.preps.items():
-            pending[prep_task.remote(dataclasses.asdict(spec), own, *common)] = ("prep", (key, own))
+        for stage in plan.stages.values():
+            pending[prep_task.remote(dataclasses.asdict(stage.spec), stage.own, *common)] = ("prep", stage)
             progress.preparing += 1
         for spec in plan.runs:
             if not waiting[spec.run_id]:
@@ -346,12 +296,11 @@ def _run_ray(ray, plan: Plan, store, out, data_dir, device, plugins, options, pr
                 except Exception as exc:  # the worker died (WorkerCrashedError) or the task could not run
                     result = {"status": "failed", "error": _crash_text(exc, "ray worker")}
                 if kind == "prep":
-                    key, own = item
                     progress.preparing -= 1
-                    prep_result[key] = {**result, "own": own}
+                    prep_result[item.key] = {**result, "what": item.what}
                     for rid, keys in waiting.items():
-                        if key in keys:
-                            keys.discard(key)
+                        if item.key in keys:
+                            keys.discard(item.key)
                             if not keys:
                                 submit_run(by_id[rid])
                 else:
@@ -415,19 +364,18 @@ def _run_slurm(submitit, plan: Plan, store, out, data_dir, device, plugins, opti
     jobs: dict = {}
     try:
         prep_result: dict = {}
-        if plan.preps:  # phase 1: one job array training every distinct cached model
-            keys = list(plan.preps)
-            specs = [dataclasses.asdict(plan.preps[k][0]) for k in keys]
-            owns = [plan.preps[k][1] for k in keys]
-            arrays = executor.map_array(prepare_stage, specs, owns, *([c] * len(keys) for c in common))
-            jobs = dict(zip(arrays, zip(keys, owns)))
+        if plan.stages:  # phase 1: one job array training every distinct cached model
+            stages = list(plan.stages.values())
+            specs = [dataclasses.asdict(st.spec) for st in stages]
+            owns = [st.own for st in stages]
+            arrays = executor.map_array(prepare_stage, specs, owns, *([c] * len(stages) for c in common))
+            jobs = dict(zip(arrays, stages))
             progress.preparing = len(jobs)
             progress.show()
 
-            def prep_done(item, result, error):
-                key, own = item
+            def prep_done(stage, result, error):
                 progress.preparing -= 1
-                prep_result[key] = {**(result or {"status": "failed", "error": error}), "own": own}
+                prep_result[stage.key] = {**(result or {"status": "failed", "error": error}), "what": stage.what}
                 progress.show()
 
             _wait_jobs(jobs, prep_done, poll)
@@ -462,66 +410,3 @@ def _run_slurm(submitit, plan: Plan, store, out, data_dir, device, plugins, opti
                 job.cancel(check=False)
             except Exception:
                 pass
-
-
-# ---------------------------------------------------------------------------------------- merge
-def _rank(row: dict) -> tuple:
-    return (row.get("status") == "ok", str(row.get("finished_at") or row.get("started_at") or ""))
-
-
-def merge_results(folders: list[str | Path], out: str | Path) -> dict:
-    """Combine the rows of several results folders into ``out`` (one row per ``run_id``).
-
-    For a run present in several folders the ``ok`` row wins, then the most recently finished one.
-    Each row keeps its own provenance (host, device, git_sha, torch_version); ``source`` names the
-    folder it came from. The folders are only read (an invalid row file is reported by path and left
-    out); ``out`` is written under its writer lock and must not be one of them. Returns
-    {"rows": kept, "duplicates": dropped, "folders": n}.
-    """
-    from .results import ResultsStore, atomic_write_bytes, read_results, row_problem, warn_stderr
-
-    if not folders:
-        raise UserError("merge needs at least one results folder")
-    out = Path(out)
-    for folder in map(Path, folders):
-        if not folder.exists():
-            raise UserError(f"results folder {str(folder)!r} not found")
-        if not folder.is_dir():
-            raise UserError(f"{str(folder)!r} is a file, not a results folder")
-        if folder.resolve() == out.resolve():
-            raise UserError(f"--out {str(out)!r} is one of the folders being merged; merge into a new folder")
-    writable_folder(out, "merge --out folder")
-    best: dict = {}
-    seen = 0
-    for folder in map(Path, folders):
-        rows = ResultsStore(folder).rows()
-        if not rows:  # a folder with only runs.parquet/csv (e.g. copied from a cluster)
-            df = read_results(folder)
-            rows = []
-            for i, r in enumerate(df.to_dict("records")):
-                r = {k: _plain(v) for k, v in r.items()}
-                if (why := row_problem(r)) is None:
-                    rows.append(r)
-                else:
-                    warn_stderr(f"row {i} of {folder}'s table is not a valid results row ({why}); left out")
-        for row in rows:
-            seen += 1
-            row = {**row, "source": row.get("source") or str(folder.resolve())}
-            rid = row["run_id"]
-            if rid not in best or _rank(row) > _rank(best[rid]):
-                best[rid] = row
-    with results_writer(out):
-        store = ResultsStore(out)
-        for rid, row in best.items():
-            atomic_write_bytes(store.rows_dir / f"{rid}.json", json.dumps(row, indent=1, default=str).encode())
-        store.flush()
-    return {"rows": len(best), "duplicates": seen - len(best), "folders": len(folders)}
-
-
-def _plain(v):
-    """A pandas cell as a JSON value (numpy scalars to Python, NaN to None)."""
-    if hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, float) and v != v:
-        return None
-    return v

@@ -55,6 +55,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
+from .metrics import higher_is_better
+
 GROUP = ["dataset", "model", "basis", "budget"]
 POINT = GROUP + ["method", "method_config"]
 # The training budget that defines a base model (whichever of these the rows carry).
@@ -64,7 +66,6 @@ _BUDGET_NAMES = {"epochs": "epochs", "lr": "lr", "batch_size": "batch", "finetun
                  "finetune_lr_scale": "ft lr scale", "schedule": "schedule", "patience": "patience",
                  "weight_decay": "wd", "threads": "threads", "dataset_options": "data", "model_options": "model",
                  "basis_options": "basis"}
-LOWER_IS_BETTER = {"rmse", "mse", "mae", "loss", "nll"}
 DENSE = "dense"
 CONTROL = "dense_ft"
 REFERENCES = (DENSE, CONTROL)
@@ -85,11 +86,6 @@ _VAL_COLUMNS = ["val_metric", "val_metric_std", "control_val_metric", "val_delta
 # ----------------------------------------------------------------------------------------------
 # Numbers
 # ----------------------------------------------------------------------------------------------
-
-def higher_is_better(metric_name) -> bool:
-    """Accuracy-like metrics are maximised; error metrics (rmse, ...) are minimised."""
-    return not (isinstance(metric_name, str) and metric_name.lower() in LOWER_IS_BETTER)
-
 
 def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
     """The successful runs, with a missing method_config read as ``{}`` (no hyperparameters)."""

@@ -10,6 +10,10 @@ JSON, or lacks what every row must carry, is reported on stderr by path and left
 counted, and the run it belongs to is not finished, so the next ``bench run`` redoes it (and
 replaces the file). :func:`read_results` rebuilds the table from ``rows/`` when ``runs.parquet``
 cannot be read, and says so; readers never write into the folder.
+
+The same store keeps the transfer benchmark's rows (:mod:`bench.transfer`): a :class:`RowKind`
+says where a kind of row lives, what identifies it, what a valid one is, which are finished and
+which tables are rebuilt from them (:data:`RUNS`, the default, is the sweep's).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import math
 import os
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -86,9 +92,10 @@ def row_problem(row) -> str | None:
     return None
 
 
-def scan_rows(folder: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
+def scan_rows(folder: Path, problem=row_problem,
+              id_key: str = "run_id") -> tuple[list[dict], list[tuple[Path, str]]]:
     """(valid rows, [(path, what is wrong)] of the invalid ones) of the ``*.json`` row files in
-    ``folder``, sorted by name; a row file is named after its ``run_id``."""
+    ``folder``, sorted by name, checked by ``problem``; a row file is named after its ``id_key``."""
     folder = Path(folder)
     if not folder.is_dir():
         return [], []
@@ -102,9 +109,9 @@ def scan_rows(folder: Path) -> tuple[list[dict], list[tuple[Path, str]]]:
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: a truncated or garbled file
             bad.append((p, f"not valid JSON: {exc}"))
             continue
-        why = row_problem(row)
-        if why is None and row["run_id"] != p.stem:
-            why = f"its run_id {row['run_id']!r} does not match the file name"
+        why = problem(row)
+        if why is None and row[id_key] != p.stem:
+            why = f"its {id_key} {row[id_key]!r} does not match the file name"
         if why is None:
             rows.append(row)
         else:
@@ -157,42 +164,56 @@ def rows_to_frame(rows: list[dict]) -> pd.DataFrame:
     return df
 
 
-def read_json_rows(folder: Path, warn=warn_stderr) -> list[dict]:
-    """Every ``*.json`` object in ``folder`` (sorted by name; none if it does not exist), with no
-    schema check (the transfer benchmark's rows); a file that is not a JSON object is reported."""
-    if not folder.is_dir():
-        return []
-    out = []
-    for p in sorted(folder.glob("*.json")):
-        try:
-            row = json.loads(p.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            row = exc
-        if isinstance(row, dict):
-            out.append(row)
-        else:
-            warn(f"{p} is not a JSON object ({row}); it is left out")
-    return out
+def write_run_tables(out: Path, rows: list[dict]) -> None:
+    """``runs.parquet`` and ``runs.csv`` of a sweep's rows (nothing when there are none)."""
+    df = rows_to_frame(rows)
+    if df.empty:
+        return
+    import io
+
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    atomic_write_bytes(out / "runs.parquet", buf.getvalue())
+    atomic_write_bytes(out / "runs.csv", df.to_csv(index=False).encode())
+
+
+@dataclass(frozen=True)
+class RowKind:
+    """One kind of results row: where its files live (``<out>/<rows_dir>/<id>.json``), what
+    identifies a row (``id_key``), what is wrong with a row (``problem``; None if valid), which
+    statuses a rerun does not redo, the tables rebuilt from all rows after each write, and the
+    command that redoes a run (named in warnings)."""
+
+    rows_dir: str
+    id_key: str
+    problem: Callable[[object], str | None]
+    finished: tuple[str, ...]
+    write_tables: Callable[[Path, list[dict]], None]
+    command: str
+
+
+RUNS = RowKind("rows", "run_id", row_problem, FINISHED, write_run_tables, "bench run")
 
 
 class ResultsStore:
-    """The rows of one results folder. Reading never writes; ``add``/``flush`` are for the writer
-    (who holds :func:`bench.lock.results_writer`)."""
+    """The rows of one results folder (of one :class:`RowKind`, the sweep's by default). Reading
+    never writes; ``add``/``flush`` are for the writer (who holds :func:`bench.lock.results_writer`)."""
 
-    def __init__(self, out_dir: str | Path, warn=warn_stderr):
+    def __init__(self, out_dir: str | Path, warn=warn_stderr, kind: RowKind = RUNS):
         self.out = Path(out_dir)
-        self.rows_dir = self.out / "rows"
+        self.kind = kind
+        self.rows_dir = self.out / kind.rows_dir
         self.warn = warn
         self._reported: set[Path] = set()  # invalid row files already reported by this store
 
     def rows(self) -> list[dict]:
         """The valid rows; each invalid row file is reported once (by path) and left out."""
-        rows, bad = scan_rows(self.rows_dir)
+        rows, bad = scan_rows(self.rows_dir, self.kind.problem, self.kind.id_key)
         for path, why in bad:
             if path not in self._reported:
                 self._reported.add(path)
                 self.warn(f"{path} is not a valid results row ({why}); it is not counted, and the next "
-                          "`bench run` on this folder redoes its run")
+                          f"`{self.kind.command}` on this folder redoes its run")
         return rows
 
     def remove_partial_writes(self) -> int:
@@ -202,27 +223,25 @@ class ResultsStore:
             p.unlink(missing_ok=True)
         return len(leftovers)
 
+    def finished_rows(self) -> dict[str, dict]:
+        """The rows a rerun does not redo, by id."""
+        return {r[self.kind.id_key]: r for r in self.rows() if r.get("status") in self.kind.finished}
+
     def finished_ids(self) -> set[str]:
-        return {r["run_id"] for r in self.rows() if r.get("status") in FINISHED}
+        return set(self.finished_rows())
 
     def add(self, row: dict) -> None:
+        """Write ``row`` (non-finite numbers as null), then rebuild the tables."""
         row = {k: _clean(v) for k, v in row.items()}
-        atomic_write_bytes(self.rows_dir / f"{row['run_id']}.json", json.dumps(row, indent=1).encode())
+        atomic_write_bytes(self.rows_dir / f"{row[self.kind.id_key]}.json", json.dumps(row, indent=1).encode())
         self.flush()
 
     def frame(self) -> pd.DataFrame:
         return rows_to_frame(self.rows())
 
     def flush(self) -> None:
-        df = self.frame()
-        if df.empty:
-            return
-        import io
-
-        buf = io.BytesIO()
-        df.to_parquet(buf, index=False)
-        atomic_write_bytes(self.out / "runs.parquet", buf.getvalue())
-        atomic_write_bytes(self.out / "runs.csv", df.to_csv(index=False).encode())
+        """Rebuild the kind's tables from every valid row."""
+        self.kind.write_tables(self.out, self.rows())
 
 
 def _read_table(p: Path) -> pd.DataFrame:

@@ -3,9 +3,12 @@
 For every (dataset, model, basis, seed) the dense base model is trained once and cached under
 ``<out>/cache/``; post-training methods compress that same checkpoint with the same fine-tune
 budget. Methods that re-parameterise before training (``prepare``) get their own trained model,
-cached by the method's ``stage_key`` so a sweep over post-training knobs trains it once. Seeds
-derive from (seed, dataset, model, basis), never from the method, so every method sees the same
-data split and the same initialisation.
+cached by the method's ``stage_key`` so a sweep over post-training knobs trains it once (where
+and for how many epochs: :mod:`bench.plan`). Seeds derive from (seed, dataset, model, basis),
+never from the method, so every method sees the same data split and the same initialisation.
+
+:func:`run_sweep` plans the sweep once (:func:`bench.plan.plan_sweep`) and :func:`run_plan`, the
+``local`` backend, executes the plan in this process, in sweep order.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import math
 import os
 import platform
 import socket
-import subprocess
 import time
 import traceback
 from collections import OrderedDict
@@ -32,6 +34,8 @@ from .data import Splits, get_dataset
 from .errors import Infeasible, UserError
 from .lock import results_writer
 from .methods import CompressContext, control_finetune, get_method_class
+from .plan import Plan, control_cache, plan_sweep, stage_cache, stage_epochs
+from .provenance import git_sha
 from .results import ResultsStore, atomic_write_bytes
 from .storage import count_params, export_model, header_bytes, load_model, storage_report
 from .sweep import RunSpec, Sweep
@@ -60,15 +64,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' requested but no CUDA GPU is available; use --device cpu or auto")
     return torch.device(device)
-
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 class RunEnv:
@@ -128,23 +123,11 @@ class RunEnv:
         torch.save({"state_dict": model.state_dict(), "info": info, "key": key}, buf)
         atomic_write_bytes(path, buf.getvalue())
 
-    @staticmethod
-    def cache_key(spec: RunSpec, method=None) -> tuple[dict, str]:
-        """(key, file name under ``<out>/cache/``) of the trained model of this spec's stage:
-        the dense base (``method`` None) or the method's own trained form."""
-        stage = method.stage_key() if method is not None else {"method": "dense"}
-        key = {k: v for k, v in spec.identity().items() if k not in ("method", "method_config")}
-        key["train"] = {k: v for k, v in spec.train.items() if k not in FINETUNE_KEYS}
-        if method is not None and method.train_epochs() is not None:
-            key["train"]["epochs"] = method.train_epochs()
-        key["stage"] = stage
-        digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return key, f"{stage['method']}-{digest}.pt"
-
     def trained(self, spec: RunSpec, ds, trainer: Trainer, method=None):
-        """The trained model for this spec's stage (dense base if ``method`` is None), cached."""
-        key, name = self.cache_key(spec, method)
-        stage, epochs = key["stage"], key["train"]["epochs"]
+        """The trained model for this spec's stage (dense base if ``method`` is None), cached
+        where :func:`bench.plan.stage_cache` says, trained for :func:`bench.plan.stage_epochs`."""
+        key, name = stage_cache(spec, method)
+        stage, epochs = key["stage"], stage_epochs(spec, method).epochs
         path = self.out / "cache" / name
         model = self.fresh_model(spec, ds)
         if method is not None:
@@ -166,18 +149,10 @@ class RunEnv:
         self._save_cached(path, model, info, key)
         return model, info
 
-    @classmethod
-    def control_key(cls, spec: RunSpec) -> tuple[dict, str]:
-        """(key, file name under ``<out>/cache/``) of the fine-tuned control of this spec's base."""
-        key, _ = cls.cache_key(spec)
-        key["finetune"] = {k: spec.train.get(k) for k in FINETUNE_KEYS}
-        digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return key, f"dense_ft-{digest}.pt"
-
     def control(self, spec: RunSpec, trainer: Trainer, base) -> tuple[object, dict]:
         """The ``dense_ft`` control of this spec's base: ``base`` fine-tuned with the shared budget
         (:func:`bench.methods.control_finetune`), cached, with its validation and test scores."""
-        key, name = self.control_key(spec)
+        key, name = control_cache(spec)
         path = self.out / "cache" / name
         model = copy.deepcopy(base)
         if path.exists():
@@ -199,7 +174,6 @@ class RunEnv:
         return model, info
 
 
-FINETUNE_KEYS = ("finetune_epochs", "finetune_lr_scale")  # budget keys that do not change a trained stage
 BUDGET_COLUMNS = ("lr", "batch_size", "finetune_lr_scale", "schedule", "patience", "weight_decay", "threads")
 
 
@@ -253,8 +227,9 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
         model, info = copy.deepcopy(base), base_info
     dense_ref = storage_report(base)  # the uncompressed architecture, even if a method shrinks the model
     del base
-    if method.trains_own_model() and method.train_epochs() is not None:
-        row["stage_epochs"] = method.train_epochs()  # `epochs` stays the sweep's budget (the group key)
+    epochs = stage_epochs(spec, method)
+    if epochs.by_method:
+        row["stage_epochs"] = epochs.epochs  # `epochs` stays the sweep's budget (the group key)
     row.update(train_seconds=info["train_seconds"], params_trainable=info["params_trainable"],
                optimizer_state_bytes=info["optimizer_state_bytes"], best_epoch=info.get("best_epoch"),
                epochs_run=info.get("epochs_run"))
@@ -366,30 +341,28 @@ def check_data(sweep: Sweep, data_dir: Path) -> None:
 
 def run_sweep(sweep: Sweep, out: str | Path, data_dir: str | Path, quiet: bool = False,
               device: str | None = None, log=print) -> dict:
-    """Run every unfinished run of the sweep (holding the folder's writer lock); returns counts by status."""
+    """Plan the sweep (:func:`bench.plan.plan_sweep`) and run the plan in this process (the
+    ``local`` backend), holding the folder's writer lock; returns counts by status."""
     with results_writer(out):
-        return _run_sweep(sweep, Path(out), data_dir, quiet, device, log)
+        return run_plan(plan_sweep(sweep, Path(out)), data_dir, quiet, device, log)
 
 
-def _run_sweep(sweep: Sweep, out: Path, data_dir, quiet: bool, device: str | None, log) -> dict:
+def run_plan(plan: Plan, data_dir: str | Path, quiet: bool = False, device: str | None = None,
+             log=print) -> dict:
+    """The ``local`` backend: every run of ``plan`` in sweep order, each training (or loading) the
+    cached models it needs; every row is stored the moment its run ends. Returns counts by status."""
+    out = plan.out
     store = ResultsStore(out)
     store.remove_partial_writes()
-    env = RunEnv(out, data_dir, device or sweep.device, progress=not quiet)
-    done = store.finished_ids()
-    todo = [r for r in sweep.runs if r.run_id not in done]
-    counts = {"ok": 0, "failed": 0, "diverged": 0, "infeasible": 0,
-              "skipped_finished": len(sweep.runs) - len(todo)}
-    if sweep.skipped and not quiet:
-        log(f"skipping incompatible dataset/model pairs: {', '.join(sweep.skipped)}")
-    if not quiet:
-        log(f"sweep {sweep.name!r}: {len(sweep.runs)} runs, {counts['skipped_finished']} already finished, "
-            f"{len(todo)} to run on {env.device} -> {out}")
+    env = RunEnv(out, data_dir, device or plan.sweep.device, progress=not quiet)
+    counts = plan.counts()
+    plan.announce(f"on {env.device}", log, quiet)
     bar = None
     if not quiet:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc="runs", unit="run")
-    for spec in todo:
+        bar = tqdm(total=len(plan.runs), desc="runs", unit="run")
+    for spec in plan.runs:
         if bar is not None:
             bar.set_postfix_str(spec.label()[:80])
         try:
@@ -400,8 +373,6 @@ def _run_sweep(sweep: Sweep, out: Path, data_dir, quiet: bool, device: str | Non
         counts[row["status"]] = counts.get(row["status"], 0) + 1
         if bar is not None:
             bar.update(1)
-        elif row["status"] != "ok" and not quiet:
-            log(f"run {spec.label()} {row['status']}: {row['error']}")
     if bar is not None:
         bar.close()
     store.flush()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import Splits
+from .metrics import higher_is_better, metric_name
 
 
 class Diverged(RuntimeError):
@@ -100,11 +101,11 @@ class Trainer:
     # ------------------------------------------------------------------ metrics
     @property
     def metric_name(self) -> str:
-        return "accuracy" if self.task == "classification" else "rmse"
+        return metric_name(self.task)
 
     @property
     def higher_is_better(self) -> bool:
-        return self.task == "classification"
+        return higher_is_better(self.metric_name)
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.task == "classification":

@@ -17,22 +17,25 @@ The benchmark (``python -m bench transfer --out DIR``):
    the test split is scored once.
 
 Each finished row is written at once to ``DIR/transfer_rows/<row_id>.json`` (atomically) and
-``DIR/transfer.csv`` is rebuilt from all rows; the pre-trained model of each seed is cached in
-``DIR/transfer_pretrained/``. A rerun of the same command skips every finished row (and the
-pre-training of a seed whose rows are all finished). ``row_id`` hashes the seed, the target's
-constants, the mode, the ranks and the whole budget, so a changed budget gives new rows. At the end
-the command writes ``DIR/LEADERBOARD.md`` (:func:`bench.report.transfer_section`: per target a table
-sorted by per-task stored bits, and ``transfer_rmse_vs_bits.png``); ``python -m bench report DIR``
-rewrites it.
+``DIR/transfer.csv`` is rebuilt from all rows, by :class:`bench.results.ResultsStore` (row kind
+:data:`TRANSFER_ROWS`: a row file that is not a valid transfer row is reported by path and its row
+redone); the pre-trained model of each seed is cached in ``DIR/transfer_pretrained/``. The command
+holds the folder's writer lock (:func:`bench.lock.results_writer`) as ``bench run`` does. A rerun of
+the same command skips every finished row (and the pre-training of a seed whose rows are all
+finished). ``row_id`` hashes the seed, the target's constants, the mode, the ranks and the whole
+budget, so a changed budget gives new rows. At the end the command writes ``DIR/LEADERBOARD.md``
+(:func:`bench.report.transfer_section`: per target a table sorted by per-task stored bits, and
+``transfer_rmse_vs_bits.png``); ``python -m bench report DIR`` rewrites it.
 
 Exported adapted models (:func:`bench.storage.export_model`) hold ``A0`` and the update, and reload
 in a fresh process: :class:`LoTRASource` lives in :mod:`bench.tucker` beside the Tucker source it
 extends, which :func:`bench.storage.load_model` registers.
 
 LoTRA's update starts at zero (zero core, random orthonormal factors, as LoRA starts with a
-zero factor), so adaptation starts exactly from the pre-trained model. Learning rates follow
-:func:`bench.tucker.component_lrs`'s ``balanced`` rule with the pre-trained tensor as the
-scale reference (the update itself is zero at the start), or one ``shared`` rate.
+zero factor), so adaptation starts exactly from the pre-trained model. Learning rates are
+:func:`bench.tucker.tucker_param_groups`'s: the ``balanced`` rule of
+:func:`bench.tucker.component_lrs` with the pre-trained tensor as the scale reference (the update
+itself is zero at the start), or one ``shared`` rate.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ import math
 import platform
 import socket
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +60,11 @@ from torch import nn
 from .data import Splits
 from .errors import UserError
 from .kan import KAN, kan_layers
-from .results import atomic_write_bytes, read_json_rows
+from .lock import results_writer
+from .provenance import git_sha
+from .results import ResultsStore, RowKind, atomic_write_bytes
 from .train import Diverged, Trainer
-from .tucker import MODES, LoTRASource, check_rank_spec
+from .tucker import LoTRASource, check_rank_spec, check_ranks_fit, tucker_param_groups
 
 SOURCE_CONSTANTS = (1.0, 1.0)
 TARGETS = {"a=1.25": (1.25, 1.0), "b=0.5": (1.0, 0.5), "a=0.8,b=1.5": (0.8, 1.5)}
@@ -105,48 +111,12 @@ def task_splits(constants: tuple[float, float], seed: int, n_train: int = 1000, 
     return Splits(*out)
 
 
-def check_ranks_fit(model: nn.Module, ranks) -> None:
-    """An absolute rank larger than that mode's size in *every* KAN layer can never be used: a
-    clear error naming the mode (a rank that fits some layers is capped in the others)."""
-    check_rank_spec(ranks)
-    shapes = [tuple(layer.source.shape) for _, layer in kan_layers(model)]
-    for i, (mode, r) in enumerate(zip(MODES, ranks)):
-        largest = max(s[i] for s in shapes)
-        if isinstance(r, int) and not isinstance(r, bool) and r > largest:
-            raise UserError(f"Tucker rank {r} for mode {mode!r} exceeds that mode's size in every layer "
-                            f"(largest {largest}; layer shapes {[list(s) for s in shapes]})")
-
-
 def attach_lotra(model: nn.Module, ranks, generator: torch.Generator | None = None) -> None:
     """Freeze every parameter and give each KAN layer a zero Tucker update on its edge tensor."""
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in kan_layers(model):
         layer.set_source(LoTRASource.zero_update(layer.edge_tensor().detach(), ranks, generator))
-
-
-def lotra_param_groups(model: nn.Module, lr: float, rule: str = "balanced") -> list[dict]:
-    """One AdamW group per update component. ``balanced``: ``lr * rms(X) / (4 rms(A0))`` with
-    the core's ``rms`` taken as the value it has when the update is as large as ``A0``
-    (``rms(A0) sqrt(out in (n+1) / (r1 r2 r3))``), since the core starts at zero."""
-    if rule not in ("balanced", "shared"):
-        raise UserError(f"unknown learning-rate rule {rule!r}; valid: balanced, shared")
-    groups = []
-    for _, layer in kan_layers(model):
-        src = layer.source
-        if not isinstance(src, LoTRASource):
-            continue
-        rms_a = float(src.base.pow(2).mean().sqrt())
-        for name, p in src.update.factors().items():
-            if rule == "shared" or rms_a == 0:
-                groups.append({"params": [p], "lr": lr})
-                continue
-            if name == "core":
-                rms = rms_a * math.sqrt(math.prod(src.shape) / math.prod(src.update.ranks))
-            else:
-                rms = float(p.detach().pow(2).mean().sqrt())
-            groups.append({"params": [p], "lr": lr * rms / (4 * rms_a)})
-    return groups
 
 
 def trainable_bits(model: nn.Module) -> int:
@@ -245,52 +215,61 @@ def _check_budget(seeds, pretrain_epochs, finetune_epochs, lr, batch_size, n_tra
 
 
 # ----------------------------------------------------------------------------- persistence
-class TransferStore:
-    """``DIR/transfer_rows/<row_id>.json`` per finished row (atomic), ``DIR/transfer.csv`` rebuilt
-    from all of them after each write (atomic), and the per-seed pre-trained model cache."""
+def transfer_row_problem(row) -> str | None:
+    """What is wrong with a transfer row (None: valid)."""
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object"
+    missing = [k for k in ("row_id", "status", "mode", "target", "seed") if row.get(k) is None or row.get(k) == ""]
+    if row.get("status") == "ok":
+        missing += [k for k in ("stored_bits", "val_rmse", "test_rmse") if row.get(k) is None]
+    if missing:
+        return "missing " + ", ".join(missing)
+    if not isinstance(row["row_id"], str):
+        return f"row_id is {row['row_id']!r}, not a string"
+    if row["status"] not in ("ok", "diverged"):
+        return f"status {row['status']!r} is not one of ok, diverged"
+    if row["mode"] not in MODE_ORDER:
+        return f"mode {row['mode']!r} is not one of {', '.join(MODE_ORDER)}"
+    return None
 
-    def __init__(self, out: str | Path):
-        self.out = Path(out)
-        self.rows_dir = self.out / ROWS_DIR
 
-    def rows(self) -> list[dict]:
-        return read_json_rows(self.rows_dir)
+def write_transfer_csv(out: Path, rows: list[dict]) -> None:
+    """``transfer.csv``: every row, sorted by target, seed, mode, stored bits and ranks."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in sorted(rows, key=_row_order):
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
+    atomic_write_bytes(out / CSV_NAME, buf.getvalue().encode())
 
-    def finished(self) -> dict[str, dict]:
-        return {r["row_id"]: r for r in self.rows() if r.get("status") == "ok"}
 
-    def add(self, row: dict) -> None:
-        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-        atomic_write_bytes(self.rows_dir / f"{row['row_id']}.json", json.dumps(row, indent=1).encode())
-        self.write_csv()
+TRANSFER_ROWS = RowKind(ROWS_DIR, "row_id", transfer_row_problem, ("ok",), write_transfer_csv, "bench transfer")
 
-    def write_csv(self) -> Path:
-        rows = sorted(self.rows(), key=_row_order)
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, COLUMNS, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS})
-        path = self.out / CSV_NAME
-        atomic_write_bytes(path, buf.getvalue().encode())
-        return path
 
-    def pretrained_path(self, key: str) -> Path:
-        return self.out / PRETRAINED_DIR / f"{key}.pt"
+def transfer_store(out: str | Path) -> ResultsStore:
+    """The results store of a transfer folder (``transfer_rows/``, ``transfer.csv``)."""
+    return ResultsStore(out, kind=TRANSFER_ROWS)
 
-    def load_pretrained(self, key: str) -> dict | None:
-        path = self.pretrained_path(key)
-        if not path.exists():
-            return None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a cache we cannot read is recomputed, never trusted
-            return None
 
-    def save_pretrained(self, key: str, payload: dict) -> None:
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        atomic_write_bytes(self.pretrained_path(key), buf.getvalue())
+def _pretrained_path(out: Path, key: str) -> Path:
+    return Path(out) / PRETRAINED_DIR / f"{key}.pt"
+
+
+def load_pretrained(out: Path, key: str) -> dict | None:
+    """The cached pre-trained model of ``key`` (None if absent or unreadable: recomputed, never trusted)."""
+    path = _pretrained_path(out, key)
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a cache we cannot read is recomputed, never trusted
+        return None
+
+
+def save_pretrained(out: Path, key: str, payload: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(_pretrained_path(out, key), buf.getvalue())
 
 
 def _row_order(r: dict):
@@ -325,67 +304,68 @@ def run_transfer(out: str | Path | None = None, ranks_list=DEFAULT_RANKS, target
     if not targets:
         raise UserError("no target tasks given")
     widths = [2, *[int(h) for h in hidden], 1]
-    probe = KAN(widths, basis=basis)
+    shapes = [layer.source.shape for _, layer in kan_layers(KAN(widths, basis=basis))]
     for r in ranks_list:
-        check_ranks_fit(probe, r)
+        check_ranks_fit(shapes, r)
 
-    from .runner import git_sha
-
-    store = TransferStore(out) if out is not None else None
-    done = store.finished() if store is not None else {}
-    setup = {"hidden": list(widths[1:-1]), "basis": basis, "pretrain_epochs": pretrain_epochs,
-             "finetune_epochs": finetune_epochs, "lr": lr, "batch_size": batch_size, "n_train": n_train,
-             "n_eval": n_eval, "lr_rule": lr_rule, "source": list(SOURCE_CONSTANTS)}
-    prov = {"device": "cpu", "host": socket.gethostname(), "torch_version": torch.__version__,
-            "python": platform.python_version(), "git_sha": git_sha()}
-    plan = []  # (seed, target name, constants, mode, ranks or None, row_id)
-    for seed in seeds:
-        for name, consts in targets.items():
-            consts = (float(consts[0]), float(consts[1]))
-            for mode, ranks in [("zero_shot", None), ("full", None)] + [("lotra", r) for r in ranks_list]:
-                rid = _hash({"seed": seed, "constants": list(consts), "mode": mode, "ranks": ranks, **setup})
-                plan.append((seed, name, consts, mode, ranks, rid))
-    rows: dict[str, dict] = {rid: done[rid] for *_, rid in plan if rid in done}
-    todo = [p for p in plan if p[-1] not in rows]
-    if rows:
-        log(f"resuming: {len(rows)} of {len(plan)} rows already finished in {out}")
-    for seed in seeds:
-        mine = [p for p in todo if p[0] == seed]
-        if not mine:
-            continue
-        model, src_val, src_test = _pretrained(store, setup, seed, widths, basis, pretrain_epochs, lr, batch_size,
-                                               n_train, n_eval, progress, log)
-        for name, consts in targets.items():
-            consts = (float(consts[0]), float(consts[1]))
-            work = [p for p in mine if p[1] == name]
-            if not work:
+    with ExitStack() as held:
+        if out is not None:
+            held.enter_context(results_writer(out))
+        store = transfer_store(out) if out is not None else None
+        done = store.finished_rows() if store is not None else {}
+        setup = {"hidden": list(widths[1:-1]), "basis": basis, "pretrain_epochs": pretrain_epochs,
+                 "finetune_epochs": finetune_epochs, "lr": lr, "batch_size": batch_size, "n_train": n_train,
+                 "n_eval": n_eval, "lr_rule": lr_rule, "source": list(SOURCE_CONSTANTS)}
+        prov = {"device": "cpu", "host": socket.gethostname(), "torch_version": torch.__version__,
+                "python": platform.python_version(), "git_sha": git_sha()}
+        plan = []  # (seed, target name, constants, mode, ranks or None, row_id)
+        for seed in seeds:
+            for name, consts in targets.items():
+                consts = (float(consts[0]), float(consts[1]))
+                for mode, ranks in [("zero_shot", None), ("full", None)] + [("lotra", r) for r in ranks_list]:
+                    rid = _hash({"seed": seed, "constants": list(consts), "mode": mode, "ranks": ranks, **setup})
+                    plan.append((seed, name, consts, mode, ranks, rid))
+        rows: dict[str, dict] = {rid: done[rid] for *_, rid in plan if rid in done}
+        todo = [p for p in plan if p[-1] not in rows]
+        if rows:
+            log(f"resuming: {len(rows)} of {len(plan)} rows already finished in {out}")
+        for seed in seeds:
+            mine = [p for p in todo if p[0] == seed]
+            if not mine:
                 continue
-            tseed = task_seed(seed, consts)
-            trainer = Trainer(task_splits(consts, tseed, n_train, n_eval, n_eval), "regression", "cpu",
-                              batch_size, lr, seed=tseed, progress=progress)
-            for _, _, _, mode, ranks, rid in work:
-                started = _now()
-                row = {"row_id": rid, "seed": seed, "target": name, "a": consts[0], "b": consts[1], "mode": mode,
-                       "ranks": json_ranks(ranks) if ranks else "", "source_a": SOURCE_CONSTANTS[0],
-                       "source_b": SOURCE_CONSTANTS[1], "source_val_rmse": src_val,
-                       "source_test_rmse": src_test, **{k: v for k, v in setup.items() if k != "source"},
-                       "hidden": json.dumps(setup["hidden"]), **prov, "started_at": started}
-                try:
-                    row.update(_adapt(model, trainer, mode, ranks, finetune_epochs, lr, lr_rule, seed,
-                                      f"{mode} {name}" + (f" {json_ranks(ranks)}" if ranks else "")))
-                    row["status"], row["error"] = "ok", ""
-                except Diverged as exc:
-                    row.update(status="diverged", error=str(exc), test_rmse=float("nan"), val_rmse=float("nan"))
-                row["finished_at"] = _now()
-                rows[rid] = row
-                if store is not None:
-                    store.add(row)
-            log(f"seed {seed} target {name}: " + ", ".join(
-                f"{rows[p[-1]]['mode']}{rows[p[-1]]['ranks']} {rows[p[-1]].get('test_rmse', float('nan')):.4g}"
-                for p in plan if p[0] == seed and p[1] == name))
-    if store is not None:
-        store.write_csv()
-    return [rows[p[-1]] for p in plan]
+            model, src_val, src_test = _pretrained(store, setup, seed, widths, basis, pretrain_epochs, lr, batch_size,
+                                                   n_train, n_eval, progress, log)
+            for name, consts in targets.items():
+                consts = (float(consts[0]), float(consts[1]))
+                work = [p for p in mine if p[1] == name]
+                if not work:
+                    continue
+                tseed = task_seed(seed, consts)
+                trainer = Trainer(task_splits(consts, tseed, n_train, n_eval, n_eval), "regression", "cpu",
+                                  batch_size, lr, seed=tseed, progress=progress)
+                for _, _, _, mode, ranks, rid in work:
+                    started = _now()
+                    row = {"row_id": rid, "seed": seed, "target": name, "a": consts[0], "b": consts[1], "mode": mode,
+                           "ranks": json_ranks(ranks) if ranks else "", "source_a": SOURCE_CONSTANTS[0],
+                           "source_b": SOURCE_CONSTANTS[1], "source_val_rmse": src_val,
+                           "source_test_rmse": src_test, **{k: v for k, v in setup.items() if k != "source"},
+                           "hidden": json.dumps(setup["hidden"]), **prov, "started_at": started}
+                    try:
+                        row.update(_adapt(model, trainer, mode, ranks, finetune_epochs, lr, lr_rule, seed,
+                                          f"{mode} {name}" + (f" {json_ranks(ranks)}" if ranks else "")))
+                        row["status"], row["error"] = "ok", ""
+                    except Diverged as exc:
+                        row.update(status="diverged", error=str(exc), test_rmse=float("nan"), val_rmse=float("nan"))
+                    row["finished_at"] = _now()
+                    rows[rid] = row
+                    if store is not None:
+                        store.add(row)
+                log(f"seed {seed} target {name}: " + ", ".join(
+                    f"{rows[p[-1]]['mode']}{rows[p[-1]]['ranks']} {rows[p[-1]].get('test_rmse', float('nan')):.4g}"
+                    for p in plan if p[0] == seed and p[1] == name))
+        if store is not None:
+            store.flush()
+        return [rows[p[-1]] for p in plan]
 
 
 def _pretrained(store, setup, seed, widths, basis, epochs, lr, batch_size, n_train, n_eval, progress, log):
@@ -394,7 +374,7 @@ def _pretrained(store, setup, seed, widths, basis, epochs, lr, batch_size, n_tra
                                                             if k not in ("finetune_epochs", "lr_rule")}}))
     torch.manual_seed(seed)
     model = KAN(widths, basis=basis)
-    cached = store.load_pretrained(key) if store is not None else None
+    cached = load_pretrained(store.out, key) if store is not None else None
     if cached is not None:
         model.load_state_dict(cached["state"])
         log(f"seed {seed}: pre-trained source model from cache (val RMSE {cached['val_rmse']:.4g})")
@@ -405,7 +385,7 @@ def _pretrained(store, setup, seed, widths, basis, epochs, lr, batch_size, n_tra
     fit = trainer.fit(model, epochs, desc=f"pretrain seed {seed}")
     val, test = float(fit.best_val), float(trainer.evaluate(model, "test"))
     if store is not None:
-        store.save_pretrained(key, {"state": model.state_dict(), "val_rmse": val, "test_rmse": test})
+        save_pretrained(store.out, key, {"state": model.state_dict(), "val_rmse": val, "test_rmse": test})
     log(f"seed {seed}: pre-trained on source a,b={SOURCE_CONSTANTS} in {fit.seconds:.0f}s: val RMSE {val:.4g}")
     return model, val, test
 
@@ -420,7 +400,7 @@ def _adapt(model, trainer: Trainer, mode: str, ranks, epochs: int, lr: float, lr
     groups, layer_ranks = None, ""
     if mode == "lotra":
         attach_lotra(adapted, ranks, torch.Generator().manual_seed(seed))
-        groups = lotra_param_groups(adapted, lr, lr_rule)
+        groups = tucker_param_groups(adapted, lr, lr_rule)
         layer_ranks = " ".join("-".join(map(str, layer.source.update.ranks)) for _, layer in kan_layers(adapted))
         bits = update_bits(adapted)
     else:

@@ -58,18 +58,10 @@ def resolve_ranks(shape, ranks) -> tuple[int, int, int]:
     lowered to that product (it could not be used).
     """
     ranks = list(ranks)
-    if len(ranks) != 3:
-        raise UserError(f"Tucker ranks need 3 numbers (out, in, basis), got {ranks!r}")
+    check_rank_spec(ranks)
     out = []
     for mode, size, r in zip(MODES, shape, ranks):
-        if isinstance(r, bool) or not isinstance(r, (int, float)):
-            raise UserError(f"Tucker rank for mode {mode!r} must be an int or a fraction, got {r!r}")
-        if r <= 0:
-            raise UserError(f"Tucker rank for mode {mode!r} must be > 0, got {r!r}")
         if isinstance(r, float):
-            if r > 1:
-                raise UserError(f"fractional Tucker rank for mode {mode!r} must be in (0, 1], got {r!r}; "
-                                f"give an int for an absolute rank")
             out.append(max(min(MIN_FRACTION_RANK, size), math.ceil(r * size - 1e-9)))
         else:
             if r > size:
@@ -83,16 +75,34 @@ def resolve_ranks(shape, ranks) -> tuple[int, int, int]:
 
 
 def check_rank_spec(ranks) -> None:
-    """The checks that need no tensor shape (a method's Config.validate): 3 numbers, each > 0,
-    fractions at most 1."""
+    """The checks that need no tensor shape (a method's Config.validate, the transfer CLI, and
+    :func:`resolve_ranks` first): 3 numbers, each an int or a finite float, > 0, fractions at
+    most 1. Raises a one-line :class:`~bench.errors.UserError`."""
     if len(ranks) != 3:
         raise UserError(f"Tucker ranks need 3 numbers (out, in, basis), got {list(ranks)!r}")
     for mode, r in zip(MODES, ranks):
+        if isinstance(r, bool) or not isinstance(r, (int, float)):
+            raise UserError(f"Tucker rank for mode {mode!r} must be an int or a fraction, got {r!r}")
+        if not math.isfinite(r):
+            raise UserError(f"Tucker rank for mode {mode!r} must be finite, got {r!r}")
         if r <= 0:
             raise UserError(f"Tucker rank for mode {mode!r} must be > 0, got {r!r}")
         if isinstance(r, float) and r > 1:
             raise UserError(f"fractional Tucker rank for mode {mode!r} must be in (0, 1], got {r!r}; "
                             f"give an int for an absolute rank")
+
+
+def check_ranks_fit(shapes, ranks) -> None:
+    """:func:`check_rank_spec`, then: an absolute rank larger than its mode's size in *every* one of
+    the tensor ``shapes`` can never be used (a rank that fits some tensors is capped in the others,
+    as :meth:`LoTRASource.zero_update` does): a one-line UserError naming the mode."""
+    check_rank_spec(ranks)
+    shapes = [tuple(s) for s in shapes]
+    for i, (mode, r) in enumerate(zip(MODES, ranks)):
+        largest = max(s[i] for s in shapes)
+        if isinstance(r, int) and r > largest:
+            raise UserError(f"Tucker rank {r} for mode {mode!r} exceeds that mode's size in every layer "
+                            f"(largest {largest}; layer shapes {[list(s) for s in shapes]})")
 
 
 def nominal_ranks(shape, ranks) -> tuple[float, float, float]:
@@ -289,7 +299,8 @@ class LoTRASource(EdgeSource):
 
 
 def component_lrs(source: TuckerSource, base_lr: float, rule: str = "balanced",
-                  multipliers: dict[str, float] | None = None) -> dict[str, float]:
+                  multipliers: dict[str, float] | None = None,
+                  reference: torch.Tensor | None = None) -> dict[str, float]:
     """Learning rate of each Tucker component.
 
     ``shared``: every component at ``base_lr`` (the paper's ablation baseline).
@@ -306,6 +317,10 @@ def component_lrs(source: TuckerSource, base_lr: float, rule: str = "balanced",
     i.e. a factor's rate falls as the square root of its mode size.
 
     ``multipliers`` (keys ``core``, ``u_out``, ``u_in``, ``u_basis``) scale the result.
+
+    ``reference`` (LoTRA: the frozen pre-trained ``A0``, since the update starts at zero) replaces
+    ``A`` as the scale, and the core's ``rms`` is the one it has when the tensor is as large as
+    the reference: ``rms(A0) sqrt(out in (n+1) / (r1 r2 r3))`` (orthonormal factors keep the norm).
     """
     mult = {k: 1.0 for k in ("core", "u_out", "u_in", "u_basis")}
     mult.update(multipliers or {})
@@ -315,10 +330,13 @@ def component_lrs(source: TuckerSource, base_lr: float, rule: str = "balanced",
     if rule != "balanced":
         raise UserError(f"unknown learning-rate rule {rule!r}; valid: balanced, shared")
     with torch.no_grad():
-        rms_a = float(source.edge_tensor().pow(2).mean().sqrt())
+        scale = source.edge_tensor() if reference is None else reference
+        rms_a = float(scale.pow(2).mean().sqrt())
         out = {}
         for k, t in comps.items():
             rms = float(t.pow(2).mean().sqrt())
+            if reference is not None and k == "core":
+                rms = rms_a * math.sqrt(math.prod(source.shape) / math.prod(source.ranks))
             ratio = rms / (len(comps) * rms_a) if rms_a > 0 and rms > 0 else 1.0
             out[k] = base_lr * ratio * mult[k]
     return out
@@ -327,13 +345,16 @@ def component_lrs(source: TuckerSource, base_lr: float, rule: str = "balanced",
 def tucker_param_groups(model: nn.Module, base_lr: float, rule: str = "balanced",
                         multipliers: dict[str, float] | None = None) -> list[dict]:
     """AdamW groups: one per Tucker component of every layer at its own rate (see
-    :func:`component_lrs`), plus every other trainable parameter at ``base_lr``."""
+    :func:`component_lrs`; a :class:`LoTRASource`'s update with its ``A0`` as the scale), plus
+    every other trainable parameter at ``base_lr``."""
     groups, seen = [], set()
     for lname, layer in kan_layers(model):
-        src = layer.source
+        src, reference = layer.source, None
+        if isinstance(src, LoTRASource):
+            src, reference = src.update, src.base
         if not isinstance(src, TuckerSource):
             continue
-        lrs = component_lrs(src, base_lr, rule, multipliers)
+        lrs = component_lrs(src, base_lr, rule, multipliers, reference)
         for k, p in src.factors().items():
             groups.append({"params": [p], "lr": lrs[k], "name": f"{lname}.{k}"})
             seen.add(id(p))

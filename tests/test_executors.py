@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 
 from bench.cli import main
-from bench.executors import ExecutorOptions, make_plan, merge_results, run_with_executor, stage_cache_key, start_ray
+from bench.executors import ExecutorOptions, run_with_executor, start_ray
+from bench.merge import merge_results
+from bench.plan import plan_sweep
 from bench.results import ResultsStore
-from bench.runner import RunEnv, run_sweep
+from bench.runner import run_sweep
 from bench.sweep import build_sweep
 
 pytest.importorskip("ray")
@@ -42,18 +44,43 @@ def by_id(folder):
     return {r["run_id"]: r for r in ResultsStore(folder).rows()}
 
 
-def test_ray_and_submitit_give_the_same_rows_as_local(tmp_path, ray_cluster):
+def test_ray_and_submitit_give_the_same_rows_as_local(tmp_path, ray_cluster, monkeypatch):
     # dense + two runs sharing one stage-1 model (own_stage tag=0, knob 0 and 1): 3 runs, 2 models to train
+    import bench.executors as executors
+    import bench.runner as runner
+
     sweep = sweep_of(["dense", "own_stage"], {"own_stage": {"knob": [0, 1]}})
     assert len(sweep.runs) == 3
-    plan = make_plan(sweep.runs, tmp_path / "ray")
-    assert len(plan.preps) == 2 and sorted(len(v) for v in plan.needs.values()) == [1, 2, 2]
+    plan = plan_sweep(sweep, tmp_path / "ray")
+    assert len(plan.stages) == 2 and sorted(len(v) for v in plan.needs.values()) == [1, 2, 2]
 
+    # every backend executes the very plan object plan_sweep made for its call, and nothing re-plans
+    made, executed = [], []
+
+    def planned(*args, **kw):
+        made.append(plan_sweep(*args, **kw))
+        return made[-1]
+
+    def spy(name, real, index):
+        def wrapper(*args, **kw):
+            executed.append((name or args[0], args[index]))
+            return real(*args, **kw)
+        return wrapper
+
+    monkeypatch.setattr(runner, "plan_sweep", planned)
+    monkeypatch.setattr(executors, "plan_sweep", planned)
+    monkeypatch.setattr(runner, "run_plan", spy("local", runner.run_plan, 0))
+    monkeypatch.setattr(executors, "run_distributed", spy(None, executors.run_distributed, 2))
     local = run_sweep(sweep, tmp_path / "local", tmp_path / "data", quiet=True)
     ray_counts = run_with_executor("ray", sweep, tmp_path / "ray", tmp_path / "data", quiet=True, options=opts())
     slurm = run_with_executor("slurm", sweep, tmp_path / "slurm", tmp_path / "data", quiet=True,
                               options=opts(slurm_local=True, poll_seconds=0.2))
     assert local["ok"] == ray_counts["ok"] == slurm["ok"] == 3
+    assert [name for name, _ in executed] == ["local", "ray", "slurm"] and len(made) == 3
+    assert all(got is want for (_, got), want in zip(executed, made))
+    assert all([s.run_id for s in p.runs] == [s.run_id for s in sweep.runs] for p in made)
+    assert all({k: s.files for k, s in p.stages.items()} == {k: s.files for k, s in plan.stages.items()}
+               for p in made)
 
     ref = by_id(tmp_path / "local")
     for folder in ("ray", "slurm"):
@@ -66,8 +93,7 @@ def test_ray_and_submitit_give_the_same_rows_as_local(tmp_path, ray_cluster):
             assert row["host"] and row["device"] == "cpu"
         # phase 1 wrote exactly the cached models the plan predicted (the dense base, its fine-tuned
         # control and one stage-1 model)
-        predicted = {stage_cache_key(s, own)[1].name for s, own in plan.preps.values()}
-        predicted |= {RunEnv.control_key(s)[1] for s, own in plan.preps.values() if not own}
+        predicted = {f for stage in plan.stages.values() for f in stage.files}
         assert {p.name for p in (tmp_path / folder / "cache").glob("*.pt")} == predicted
         assert len(pd.read_parquet(tmp_path / folder / "runs.parquet")) == 3
 

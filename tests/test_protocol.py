@@ -140,11 +140,38 @@ def test_zero_fine_tune_epochs_is_no_fine_tune_and_zero_rate_is_zero(tmp_path):
 
 
 def test_executor_plan_prepares_the_control_of_each_fine_tune_budget(tmp_path):
-    from bench.executors import make_plan
+    from bench.plan import plan_sweep
+    from bench.sweep import Sweep
 
     a = sweep_of(["dense"]).runs[0]
     b = sweep_of(["dense"], train={**TRAIN, "finetune_lr_scale": 0.5}).runs[0]
     env = RunEnv(tmp_path, tmp_path, "cpu")
     run_one(a, env)  # caches the base and a's control
-    plan = make_plan([a, b], tmp_path)
+    plan = plan_sweep(Sweep("t", [a, b], "cpu", [], {}), tmp_path)
     assert plan.needs[a.run_id] == set() and len(plan.needs[b.run_id]) == 1  # b's control is missing
+
+
+def test_a_stage_trains_for_the_epochs_that_one_function_decides(tmp_path):
+    """bench.plan.stage_epochs decides a stage's epochs; the cache key, the training, the row and the
+    plan's predicted cache file all follow it (a method that does not train its own model cannot set them)."""
+    from bench.methods import get_method_class
+    from bench.plan import plan_sweep, stage_cache, stage_epochs
+
+    sweep = sweep_of(["metakan", "kmeans"], {"metakan": {"joint_epochs": 2}, "kmeans": {"K": 2}},
+                     datasets=["tiny_regression"], train={**TRAIN, "epochs": 1})
+    (own,) = [s for s in sweep.runs if s.method == "metakan"]
+    (post,) = [s for s in sweep.runs if s.method == "kmeans"]
+    method = get_method_class("metakan")(**own.method_config)
+    assert stage_epochs(own, method) == (2, True)
+    assert stage_epochs(own) == stage_epochs(post, get_method_class("kmeans")(**post.method_config)) == (1, False)
+    key, name = stage_cache(own, method)
+    assert key["train"]["epochs"] == 2 and stage_cache(own)[0]["train"]["epochs"] == 1
+    plan = plan_sweep(sweep, tmp_path)
+    assert name in {f for st in plan.stages.values() if st.own for f in st.files}
+
+    env = RunEnv(tmp_path, tmp_path, "cpu")
+    rows = {s.method: run_one(s, env) for s in sweep.runs}
+    assert rows["metakan"]["stage_epochs"] == 2 and rows["metakan"]["epochs"] == 1
+    assert rows["metakan"]["epochs_run"] == 2  # patience 0: every one of the stage's epochs ran
+    assert "stage_epochs" not in rows["kmeans"] and rows["kmeans"]["epochs_run"] == 1
+    assert {p.name for p in (tmp_path / "cache").glob("*.pt")} == {f for st in plan.stages.values() for f in st.files}

@@ -20,13 +20,13 @@ from bench.train import Trainer
 from bench.transfer import (
     LoTRASource,
     attach_lotra,
-    lotra_param_groups,
     parse_ranks,
     parse_targets,
     run_transfer,
     task_splits,
     update_bits,
 )
+from bench.tucker import tucker_param_groups
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -52,9 +52,9 @@ def test_zero_update_starts_at_base_and_only_update_trains():
     assert update_bits(m) == per_task * 32 == 143 * 32 == R424_BITS
     trainable = {id(p) for p in m.parameters() if p.requires_grad}
     assert trainable == {id(p) for _, layer in kan_layers(m) for p in layer.source.update.factors().values()}
-    groups = lotra_param_groups(m, 1e-3)
+    groups = tucker_param_groups(m, 1e-3)
     assert len(groups) == 8 and len({g["lr"] for g in groups}) > 2
-    assert all(g["lr"] == 1e-3 for g in lotra_param_groups(m, 1e-3, "shared"))
+    assert all(g["lr"] == 1e-3 for g in tucker_param_groups(m, 1e-3, "shared"))
     opt = torch.optim.AdamW(groups)
     for _ in range(5):
         loss = (m(x) - torch.sin(3 * x[:, :1])).pow(2).mean()
@@ -74,7 +74,7 @@ def test_lotra_fit_leaves_a0_and_every_other_tensor_unchanged():
     frozen = {k: v.detach().clone() for k, v in m.state_dict().items() if ".update." not in k}
     trainer = Trainer(task_splits((1.5, 0.5), 3, 128, 64, 64), "regression", "cpu", 32, 1e-2, weight_decay=0.1)
     before = trainer.evaluate(m, "val")
-    res = trainer.fit(m, 4, param_groups=lotra_param_groups(m, 1e-2))
+    res = trainer.fit(m, 4, param_groups=tucker_param_groups(m, 1e-2))
     assert res.best_epoch > 0 and res.best_val < before  # it adapted
     for (_, layer), base in zip(kan_layers(m), a0):
         assert torch.equal(layer.source.base, base)
@@ -262,3 +262,39 @@ def test_task_family_parsers_and_module_entry(tmp_path, capsys):
     assert "3 comma-separated numbers" in capsys.readouterr().err
     with pytest.raises(UserError):
         run_transfer(None, ranks_list=[[1, 2]], pretrain_epochs=1, finetune_epochs=1)
+
+
+def test_lotra_balanced_rates_use_a0_as_the_scale():
+    """tucker_param_groups on a LoTRA model: lr * rms(U) / (4 rms(A0)) per factor, and for the zero core
+    the rms it has when the update is as large as A0: rms(A0) sqrt(out in (n+1) / (r1 r2 r3))."""
+    torch.manual_seed(3)
+    m = KAN([2, 8, 1], basis="bspline")
+    attach_lotra(m, [4, 2, 4], torch.Generator().manual_seed(0))
+    groups = iter(tucker_param_groups(m, 1e-2))
+    for _, layer in kan_layers(m):
+        src = layer.source
+        rms_a = float(src.base.pow(2).mean().sqrt())
+        for name, p in src.update.factors().items():
+            g = next(groups)
+            assert g["params"] == [p]
+            if name == "core":
+                want = 1e-2 * np.sqrt(np.prod(src.shape) / np.prod(src.update.ranks)) / 4
+            else:
+                want = 1e-2 * float(p.detach().pow(2).mean().sqrt()) / (4 * rms_a)
+            assert g["lr"] == pytest.approx(want, rel=1e-6), name
+    assert next(groups, None) is None  # every other parameter is frozen
+
+
+def test_a_damaged_transfer_row_is_reported_and_redone(tmp_path, capsys):
+    kw = dict(ranks_list=[[1, 1, 1]], targets={"b=0.5": (1.0, 0.5)}, pretrain_epochs=2, finetune_epochs=1,
+              n_train=64, n_eval=64, batch_size=32, log=lambda *_: None)
+    first = run_transfer(tmp_path, **kw)
+    victim = tmp_path / "transfer_rows" / f"{first[-1]['row_id']}.json"
+    victim.write_text('{"row_id": "' + first[-1]["row_id"] + '"')  # torn mid-write
+    again = run_transfer(tmp_path, **kw)
+    err = capsys.readouterr().err
+    assert f"{victim} is not a valid results row" in err and "`bench transfer`" in err
+    assert [r["row_id"] for r in again] == [r["row_id"] for r in first]
+    assert [r["started_at"] for r in again[:-1]] == [r["started_at"] for r in first[:-1]]  # kept
+    assert json.loads(victim.read_text())["status"] == "ok"  # redone and rewritten
+    assert len(pd.read_csv(tmp_path / "transfer.csv")) == len(first)

@@ -1,0 +1,38 @@
+"""Provenance: which code made a result (:func:`git_sha`) and the log of every sweep call
+(:func:`log_invocation`, ``<out>/invocations.jsonl``, whose lines the report's header lists)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+
+def git_sha() -> str:
+    """The short commit of this checkout ("unknown" outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def log_invocation(out: Path, command: str, seconds: float, counts: dict, executor: str,
+                   outcome: str = "finished") -> None:
+    """Append this sweep call (command, wall time, machine, outcome) to ``<out>/invocations.jsonl``;
+    every call is kept, and the report's header lists them, so a results folder says how long it took
+    to make."""
+    import torch
+
+    entry = {"command": command, "executor": executor, "wall_seconds": round(seconds, 1), "counts": counts,
+             "outcome": outcome, "host": socket.gethostname(), "cpus": os.cpu_count(),
+             "torch_threads": torch.get_num_threads(),
+             "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "invocations.jsonl", "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
