@@ -83,7 +83,7 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torc
 
 def adaround_codes(w: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                    qmin: torch.Tensor, qmax: torch.Tensor, iters: int = 500, batch: int = 256,
-                   lr: float = 0.1, reg: float = 1.0, warmup: float = 0.2, beta: tuple[float, float] = (20.0, 2.0),
+                   lr: float = 0.03, reg: float = 0.1, warmup: float = 0.2, beta: tuple[float, float] = (20.0, 2.0),
                    seed: int = 0) -> torch.Tensor:
     """AdaRound codes of ``w [out, D]`` on the grid (each ``[out, D]``), learned on the features
     ``x [B, D]``: ``iters`` Adam steps on mini-batches of ``batch`` rows, minimising the layer's
