@@ -359,8 +359,27 @@ def _scale_grad(x: torch.Tensor, g: float) -> torch.Tensor:
     return (x - x * g).detach() + x * g
 
 
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
+class _LSQQuantize(torch.autograd.Function):
+    """``(clamp(round(w / s) + z, qmin, qmax) - z) * s`` with LSQ's gradients in one pass:
+    ``dw = g`` where the code is not saturated (else 0), ``ds = sum g * ((q - z) - w / s)`` over
+    each group where not saturated (``g * (q - z)`` where saturated)."""
+
+    @staticmethod
+    def forward(ctx, w, s, z, qmin: int, qmax: int):
+        v = w / s
+        r = torch.round(v) + z
+        inside = (r >= qmin) & (r <= qmax)
+        q = r.clamp(qmin, qmax) - z
+        ctx.save_for_backward(inside, torch.where(inside, q - v, q))
+        ctx.s_shape = s.shape
+        return q * s
+
+    @staticmethod
+    def backward(ctx, grad):
+        inside, ds_term = ctx.saved_tensors
+        gs = grad * ds_term
+        dims = tuple(d for d, n in enumerate(ctx.s_shape) if n == 1 and gs.shape[d] != 1)
+        return grad * inside, gs.sum(dim=dims, keepdim=True) if dims else gs, None, None, None
 
 
 @register_source
@@ -392,11 +411,9 @@ class LSQSource(EdgeSource):
         return s
 
     def edge_tensor(self) -> torch.Tensor:
-        s = self.stored_scale()
         qmin, qmax = qrange(self.fmt.bits, self.fmt.symmetric)
-        z = 0.0 if self.zero is None else self.zero.float()
-        v = _round_ste(self.weight / s) + z
-        return (v.clamp(qmin, qmax) - z) * s
+        z = torch.zeros((), device=self.weight.device) if self.zero is None else self.zero.float()
+        return _LSQQuantize.apply(self.weight, self.stored_scale(), z, qmin, qmax)
 
     def freeze(self) -> QuantSource:
         s = self.stored_scale().detach().to(SCALE_DTYPES[self.fmt.scale_dtype])
