@@ -25,6 +25,11 @@ A sweep names what to cross (every key optional; the CLI overrides any of them):
     [dataset.eq_exp_sin.method.prune]   # per-dataset method settings (replace [method.prune]'s keys)
     ratio = [2, 4, 8]                   # e.g. leave out ratios this small model cannot meet
 
+    [[dataset.digits.method.quantize]]  # an array of tables: several grids, their points united
+    bits = [4, 2]
+    [[dataset.digits.method.quantize]]
+    avg_bits = 2.5
+
     [model.kan]                 # model options
     hidden = [64]
 
@@ -203,6 +208,16 @@ def _method_points(cls, fixed: dict, use_grid: bool) -> list[dict]:
     return list(unique.values())
 
 
+def _dataset_points(cls, general: dict, per_dataset: dict | list[dict], use_grid: bool) -> list[dict]:
+    """A method's configs on one dataset: ``[method.M]`` updated by ``[dataset.D.method.M]``, or by
+    each table of an array ``[[dataset.D.method.M]]`` (the union of their grids)."""
+    unique = {}
+    for table in per_dataset if isinstance(per_dataset, list) else [per_dataset]:
+        for p in _method_points(cls, {**general, **table}, use_grid):
+            unique[json.dumps(p, sort_keys=True)] = p
+    return list(unique.values())
+
+
 def _check_pairs(datasets: list[str], models: list[str], ds_objs: dict) -> None:
     """Every model and every dataset asked for must run at least once: a model (convkan) that pairs
     with none of the datasets, or a dataset with none of the models, is a mistake named by its pairs.
@@ -264,8 +279,9 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
         for key, value in ds_methods[d].items():
             if key not in METHODS:
                 raise unknown("method", key, METHODS)
-            if not isinstance(value, dict):
-                raise UserError(f"sweep key 'dataset.{d}.method.{key}' must be a table")
+            if not isinstance(value, dict) and not (isinstance(value, list) and value
+                                                    and all(isinstance(v, dict) for v in value)):
+                raise UserError(f"sweep key 'dataset.{d}.method.{key}' must be a table or an array of tables")
         ds_objs[d] = get_dataset(d, **table)
         ds_opts[d] = table
         ds_train[d] = dataclasses.asdict(build_config(TrainBudget, {**base_train, **tr}, f"sweep [dataset.{d}]"))
@@ -277,8 +293,8 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
         opts = btables.get(b, {})
         make_basis(b, 2, **opts)  # validates the options
         bo[b] = dict(opts)
-    points = {(d, m): _method_points(get_method_class(m), {**meth_tables.get(m, {}), **ds_methods[d].get(m, {})},
-                                     use_grid) for d in datasets for m in methods}
+    points = {(d, m): _dataset_points(get_method_class(m), meth_tables.get(m, {}), ds_methods[d].get(m, {}), use_grid)
+              for d in datasets for m in methods}
 
     _check_pairs(datasets, models, ds_objs)
     runs, skipped = [], []

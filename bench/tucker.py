@@ -69,7 +69,7 @@ def resolve_ranks(shape, ranks) -> tuple[int, int, int]:
                                  f"shape {list(shape)}; largest feasible rank {size}")
             out.append(int(r))
     # A mode's unfolding has rank <= the product of the other two ranks, so a larger rank adds
-    # storage but no expressiveness: reduce it (requested_ratio() keeps the rank as asked).
+    # storage but no expressiveness: reduce it (the requested ratio keeps the rank as asked).
     r1, r2, r3 = out
     return min(r1, r2 * r3), min(r2, r1 * r3), min(r3, r1 * r2)
 

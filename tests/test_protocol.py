@@ -64,7 +64,7 @@ def test_schedule_sets_the_rate_of_every_step(monkeypatch, schedule):
 
 
 def test_control_row_and_columns_share_one_fine_tuned_model(tmp_path):
-    sweep = sweep_of(["dense", "dense_ft", "quantize"], {"quantize": {"bits": 4, "mode": "qat"}})
+    sweep = sweep_of(["dense", "dense_ft", "quantize"], {"quantize": {"bits": 4, "algorithm": "ste"}})
     env = RunEnv(tmp_path, tmp_path, "cpu")
     rows = {r.method: run_one(r, env) for r in sweep.runs}
     dense, control, qat = rows["dense"], rows["dense_ft"], rows["quantize"]
@@ -98,11 +98,12 @@ def test_qat_beats_ptq_where_ptq_loses_accuracy(tmp_path):
     """2-bit per-layer quantisation of a trained digits KAN: PTQ loses accuracy; QAT, fine-tuned
     under the shared rule, must recover part of it on validation (it may not silently keep PTQ)."""
     train = {"epochs": 6, "finetune_epochs": 3, "batch_size": 64, "lr": 3e-3}
-    sweep = sweep_of(["quantize"], {"quantize": {"bits": 2, "granularity": "layer", "mode": ["ptq", "qat"]}},
+    sweep = sweep_of(["quantize"], {"quantize": {"bits": 2, "granularity": "layer",
+                                                  "algorithm": ["rtn", "ste"]}},
                      datasets=["digits"], train=train, dataset={"digits": {"hidden": [16]}})
     env = RunEnv(tmp_path, tmp_path, "cpu")
-    rows = {r.method_config["mode"]: run_one(r, env) for r in sweep.runs}
-    ptq, qat = rows["ptq"], rows["qat"]
+    rows = {r.method_config["algorithm"]: run_one(r, env) for r in sweep.runs}
+    ptq, qat = rows["rtn"], rows["ste"]
     assert ptq["val_metric"] < ptq["dense_val_metric"] - 0.5  # PTQ really loses accuracy here
     assert qat["finetune_best_epoch"] >= 1  # QAT kept a trained epoch, not the PTQ starting point
     assert qat["val_metric"] > ptq["val_metric"]
@@ -128,7 +129,7 @@ def test_epochs_below_one_is_a_user_error():
 
 
 def test_zero_fine_tune_epochs_is_no_fine_tune_and_zero_rate_is_zero(tmp_path):
-    sweep = sweep_of(["dense_ft", "quantize"], {"quantize": {"bits": 4, "mode": "qat"}},
+    sweep = sweep_of(["dense_ft", "quantize"], {"quantize": {"bits": 4, "algorithm": "ste"}},
                      train={**TRAIN, "finetune_epochs": 0})
     env = RunEnv(tmp_path, tmp_path, "cpu")
     for spec in sweep.runs:

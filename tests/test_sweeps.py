@@ -49,6 +49,18 @@ def test_per_dataset_method_settings_replace_the_global_ones():
     assert all(r.method_config["score"] == "attribution" for r in runs)  # keys not replaced are kept
 
 
+def test_an_array_of_per_dataset_method_tables_unites_their_grids():
+    data = {"datasets": ["digits"], "bases": ["bspline"], "methods": ["quantize"],
+            "method": {"quantize": {"granularity": "edge"}},
+            "dataset": {"digits": {"method": {"quantize": [{"bits": [4, 2], "algorithm": ["rtn", "gptq"]},
+                                                          {"avg_bits": 2.5, "algorithm": "gptq"},
+                                                          {"bits": 4, "algorithm": "gptq"}]}}}}
+    points = sorted((r.method_config["bits"], r.method_config["algorithm"], r.method_config["avg_bits"])
+                    for r in build_sweep(data).runs)
+    assert points == [(2, "gptq", None), (2, "rtn", None), (4, "gptq", None), (4, "rtn", None), (8, "gptq", 2.5)]
+    assert all(r.method_config["granularity"] == "edge" for r in build_sweep(data).runs)
+
+
 def test_per_dataset_method_settings_are_validated():
     from bench.errors import UserError
 
@@ -57,3 +69,6 @@ def test_per_dataset_method_settings_are_validated():
     with pytest.raises(UserError, match="has no option 'K'"):
         build_sweep({"datasets": ["digits"], "methods": ["prune"],
                      "dataset": {"digits": {"method": {"prune": {"K": 3}}}}})
+    with pytest.raises(UserError, match="must be a table or an array of tables"):
+        build_sweep({"datasets": ["digits"], "methods": ["prune"],
+                     "dataset": {"digits": {"method": {"prune": [{"ratio": 2}, 3]}}}})
