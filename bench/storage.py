@@ -67,11 +67,15 @@ def _outside(name: str, prefixes) -> bool:
     return not any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+TRAINING_ONLY = ("num_batches_tracked",)  # BatchNorm's step counter: inference never reads it
+
+
 def other_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers that do not belong to an edge source."""
+    """Parameters and persistent buffers that do not belong to an edge source and that inference
+    reads (BatchNorm's ``num_batches_tracked`` counter is neither stored nor counted)."""
     prefixes = _source_prefixes(model)
     state = model.state_dict(keep_vars=True)
-    return {k: v for k, v in state.items() if _outside(k, prefixes)}
+    return {k: v for k, v in state.items() if _outside(k, prefixes) and k.rsplit(".", 1)[-1] not in TRAINING_ONLY}
 
 
 def storage_items(model: nn.Module) -> list[tuple[str, StorageItem]]:

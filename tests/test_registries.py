@@ -26,7 +26,7 @@ from bench.errors import UserError
 from bench.kan import KAN, kan_layers
 from bench.models import MODELS, from_config
 from bench.prune import MaskedSource
-from bench.quant import FakeQuantSource, QuantSource
+from bench.quant import FakeQuantSource, LayerGrid, QFormat, QuantSource
 from bench.registry import load_plugins
 from bench.sources import SOURCES
 from bench.storage import export_model, header_bytes, load_model, storage_report
@@ -108,6 +108,16 @@ def _masked(w, layer):
     return MaskedSource(w.shape[0], w.shape[1], w.shape[2], flat, w.reshape(-1, w.shape[2])[flat])
 
 
+def _branches(w, bits=(3, 5)):
+    n = w.shape[-1] - 1
+    return [("coef", slice(0, n), QFormat(bits[0])), ("base", slice(n, n + 1), QFormat(bits[1]))]
+
+
+def _branch_quant(w, _):  # branch-aware codes: coefficients and base weights on their own grids
+    grid = LayerGrid(w, _branches(w))
+    return grid.source(grid.round_to_nearest(w))
+
+
 # How to put each registered source on every layer of a small KAN (a new source needs an entry).
 EXAMPLES = {
     "DenseSource": lambda m: None,
@@ -117,6 +127,9 @@ EXAMPLES = {
     "MaskedSource": lambda m: _each_layer(m, _masked),
     "QuantSource": lambda m: _each_layer(m, lambda w, _: QuantSource.from_float(w, bits=3)),
     "FakeQuantSource": lambda m: _each_layer(m, lambda w, _: FakeQuantSource(w, bits=3)),
+    "BranchSource": lambda m: _each_layer(m, _branch_quant),
+    "LSQSource": lambda m: _each_layer(m, lambda w, _: LayerGrid(w, [("all", slice(0, w.shape[-1]), QFormat(4))])
+                                       .lsq_source(w)),
     "TuckerSource": lambda m: _each_layer(m, lambda w, _: TuckerSource.from_tensor(w, [0.5, 0.5, 0.5])),
     "LoTRASource": lambda m: _each_layer(m, lambda w, _: LoTRASource(w, TuckerSource.random(
         tuple(w.shape), [2, 2, 2], rms=0.1, generator=torch.Generator().manual_seed(0)))),
