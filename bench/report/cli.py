@@ -1,11 +1,12 @@
-"""Glue between a results folder and :mod:`bench.report` (adds provenance to the header)."""
+"""From a results folder to its leaderboard: reads the rows (and ``transfer.csv``), adds provenance
+and the sweep calls to the header. Loads no plugin: the rows carry what the report needs."""
 
 from __future__ import annotations
 
 import platform
 from pathlib import Path
 
-from .results import read_results
+from ..results import read_results
 
 
 def provenance_lines(df, command: str | None = None) -> list[str]:
@@ -76,15 +77,14 @@ def report_folder(results: Path, out: Path, command: str | None = None, toleranc
     """LEADERBOARD.md of a results folder: the compression runs (``runs.parquet``) and, when the
     folder holds ``transfer.csv``, the LoTRA transfer section; a folder with only transfer results
     gets a report of that section alone."""
-    from .registry import load_plugins
-    from .report import write_report, write_transfer_report
+    from .leaderboard import write_report
+    from .transfer import write_transfer_report
 
     results = Path(results)
     transfer = read_transfer(results) if results.is_dir() else None
     if transfer is not None and not _has_runs(results):
         return write_transfer_report(transfer, Path(out), title=f"LoTRA transfer benchmark: {results.name}",
                                      header_lines=provenance_lines(transfer, command))
-    load_plugins()  # method defaults let the tables show only the non-default hyperparameters
     df = read_results(results)
     title = title or f"KAN compression leaderboard: {results.name}"
     header = provenance_lines(df, command) + invocation_lines(results)
