@@ -288,7 +288,7 @@ def cmd_report(args) -> int:
     out = Path(args.out) if args.out else (results if results.is_dir() else results.parent)
     writable_folder(out, "report folder")
     md = report_folder(results, out, tolerance_acc=args.tolerance, tolerance_rmse_rel=args.rmse_tolerance,
-                       title=args.title)
+                       title=args.title, rendered_by="python -m bench " + " ".join(sys.argv[1:]))
     print(f"leaderboard: {md}")
     return 0
 

@@ -283,6 +283,6 @@ def pareto_figure(points: pd.DataFrame, dataset: str, palette: dict, div_id: str
         yaxis=dict(title=ytitle, type="linear" if up else "log",
                    **({} if up else _log_ticks(points["metric"]))),
         template="plotly_white", height=520, margin=dict(l=70, r=20, t=60, b=60),
-        legend=dict(title="method"), hoverlabel=dict(align="left"))
+        legend=dict(title="method"), hoverlabel=dict(align="left", bgcolor="white", font=dict(color="#1b1b1b")))
     return '<div class="plot">' + fig.to_html(include_plotlyjs=False, full_html=False, div_id=div_id,
                                               config={"displaylogo": False, "responsive": True}) + "</div>"
