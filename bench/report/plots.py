@@ -192,10 +192,17 @@ def plot_resources(points: pd.DataFrame, path: Path) -> Path | None:
         sns.barplot(data=sub, x="method", y="params_trainable", hue="basis", ax=ax2, legend=False)
         ax1.set_title(f"{dataset}: peak training memory (median over points)", fontsize=10)
         ax2.set_title(f"{dataset}: trainable parameters in the main training (median)", fontsize=10)
-        ax2.set_yscale("log")
+        ax2.set_ylabel("trainable parameters")
+        ax2.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
         for ax in (ax1, ax2):
             ax.tick_params(axis="x", rotation=30)
             ax.set_xlabel("")
+    legend = axes[0][0].get_legend()
+    if legend is not None:  # one legend above the panels, covering no bar
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        legend.remove()
+        fig.legend(handles, labels, title="basis", loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                   ncol=len(labels), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     return path
