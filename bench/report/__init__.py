@@ -12,12 +12,17 @@ The report reads only the rows (``metric_direction``, ``method_config_nondefault
 never loads a plugin.
 """
 
-from .cli import report_folder
-from .leaderboard import write_report
-from .numbers import aggregate, compact_config, config_labels, pareto_front, smallest_within, within_tolerance
-from .tables import _decimals, fmt_mean_std
-from .transfer import transfer_section, write_transfer_report
+import importlib
 
-__all__ = ["_decimals", "aggregate", "compact_config", "config_labels", "fmt_mean_std", "pareto_front",
-           "report_folder", "smallest_within", "transfer_section", "within_tolerance", "write_report",
-           "write_transfer_report"]
+# Imported on first use, so ``bench run`` does not pay for matplotlib and seaborn before its first run.
+_WHERE = {"report_folder": "cli", "write_report": "leaderboard", "aggregate": "numbers", "compact_config": "numbers",
+          "config_labels": "numbers", "pareto_front": "numbers", "smallest_within": "numbers",
+          "within_tolerance": "numbers", "_decimals": "tables", "fmt_mean_std": "tables",
+          "transfer_section": "transfer", "write_transfer_report": "transfer"}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

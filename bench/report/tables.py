@@ -306,7 +306,7 @@ def dataset_section(points: pd.DataFrame, dataset: str, plot_file: str | None) -
     name = _first(points["metric_name"])
     lines = [f"## {dataset} ({name})", ""]
     if plot_file:
-        lines += [f"![{dataset}: {name} vs compression ratio]({plot_file})", ""]
+        lines += [f"![{dataset}: test {name} vs stored size]({plot_file})", ""]
     multi_budget = points["budget"].nunique() > 1
     for (model, basis, budget), grp in points.groupby(["model", "basis", "budget"], sort=True, dropna=False):
         arch = _first(grp.loc[grp["method"].isin(REFERENCES), "arch"]) or _first(grp["arch"])
@@ -467,8 +467,11 @@ HEADLINE_TEXT = ("Per dataset and model (and training budget where there are sev
 
 def headline_section(points: pd.DataFrame, tolerance_acc: float, tolerance_rmse_rel: float) -> list[str]:
     headline = headline_table(points, tolerance_acc, tolerance_rmse_rel)
-    lines = ["## Summary", ""] + summary_lines(points, headline, tolerance_acc, tolerance_rmse_rel)
+    summary = summary_lines(points, headline, tolerance_acc, tolerance_rmse_rel)
+    lines = ["## Summary", "", *summary] if summary else []
     lines += ["## Headline: fewest stored bits within each accuracy budget", "", HEADLINE_TEXT, ""]
+    if not headline_groups(points):
+        return lines + ["Only `dense` and `dense_ft` runs succeeded: no compression method to rank.", ""]
     for dataset, model, budget in headline_groups(points):
         title = group_title(points, dataset, model, budget)
         grp = headline[headline["dataset / model"] == title] if not headline.empty else headline
