@@ -135,7 +135,7 @@ def cmd_run(args) -> int:
     from .lock import results_writer
     from .provenance import log_invocation
     from .registry import load_plugins
-    from .report_cli import report_folder
+    from .report import report_folder
     from .runner import check_data, not_ok_lines, run_sweep
     from .sweep import build_sweep, read_sweep_file
 
@@ -152,7 +152,7 @@ def cmd_run(args) -> int:
         from .runner import resolve_device
 
         resolve_device(args.device or sweep.device)
-    out = Path(args.out or Path("results") / sweep.name)
+    out = Path(args.out) if args.out else default_out(args, sweep.name)
     command = "python -m bench " + " ".join(sys.argv[1:])
     with results_writer(out, command):
         t0 = time.perf_counter()
@@ -180,10 +180,37 @@ def cmd_run(args) -> int:
         log_invocation(out, command, took, counts, args.executor)
         if not args.no_report:
             md = report_folder(out, out, command=command)
-            print(f"leaderboard: {md}")
+        print(f"results: {out}/ (runs.parquet, runs.csv, rows/)")
+        print(f"leaderboard: {md} and {md.parent / 'index.html'}" if not args.no_report else
+              f"leaderboard: not written (--no-report); write it with: python -m bench report {out}")
     if args.strict and (counts["failed"] or counts["diverged"]):
         return 1
     return 0
+
+
+def default_out(args, sweep_name: str) -> Path:
+    """``results/<sweep>`` for a sweep as its file says; with any of --datasets, --models, --bases,
+    --methods, --seeds, --epochs, --finetune-epochs, --grid or --device given, a folder named after what
+    was asked (``results/quick_digits_rbf_dense+quantize_epochs5``), so an ad-hoc run never lands in
+    (and is never averaged with) the sweep's own results."""
+    import hashlib
+    import re
+
+    parts = ["+".join(v) for v in (args.datasets, args.models, args.bases, args.methods) if v]
+    if args.seeds:
+        parts.append("seeds" + "+".join(map(str, args.seeds)))
+    if args.epochs is not None:
+        parts.append(f"epochs{args.epochs}")
+    if args.finetune_epochs is not None:
+        parts.append(f"ft{args.finetune_epochs}")
+    if args.grid:
+        parts.append("grid")
+    if args.device not in (None, "auto"):
+        parts.append(args.device)
+    name = re.sub(r"[^A-Za-z0-9+.=_-]+", "-", "_".join([sweep_name, *parts]))
+    if len(name) > 100:
+        name = name[:80] + "-" + hashlib.sha1(name.encode()).hexdigest()[:10]
+    return Path("results") / name
 
 
 def _executor_options(args):
@@ -217,7 +244,7 @@ def _executor_options(args):
 def cmd_merge(args) -> int:
     from .merge import merge_results
     from .registry import load_plugins
-    from .report_cli import report_folder
+    from .report import report_folder
 
     load_plugins(args.plugin)
     out = Path(args.out)
@@ -234,7 +261,7 @@ def cmd_report(args) -> int:
     import math
 
     from .lock import writable_folder
-    from .report_cli import report_folder
+    from .report import report_folder
 
     for flag, value in (("--tolerance", args.tolerance), ("--rmse-tolerance", args.rmse_tolerance)):
         if not math.isfinite(value) or value < 0:
@@ -245,7 +272,7 @@ def cmd_report(args) -> int:
     out = Path(args.out) if args.out else (results if results.is_dir() else results.parent)
     writable_folder(out, "report folder")
     md = report_folder(results, out, tolerance_acc=args.tolerance, tolerance_rmse_rel=args.rmse_tolerance,
-                       title=args.title)
+                       title=args.title, rendered_by="python -m bench " + " ".join(sys.argv[1:]))
     print(f"leaderboard: {md}")
     return 0
 
@@ -261,7 +288,7 @@ def cmd_perf(args) -> int:
 
 
 def cmd_transfer(args) -> int:
-    from .report_cli import report_folder
+    from .report import report_folder
     from .transfer import parse_ranks, parse_targets, run_transfer
 
     ranks, targets = parse_ranks(args.ranks), parse_targets(args.targets)

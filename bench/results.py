@@ -32,8 +32,9 @@ import pandas as pd
 # Column order of runs.parquet / runs.csv. Numbers are numeric; method_config is JSON text.
 COLUMNS = [
     "run_id", "sweep", "dataset", "task", "model", "arch", "basis", "method", "method_config",
-    "seed", "status", "error", "metric_name", "metric", "val_metric", "control_metric", "control_val_metric",
-    "metric_delta", "dense_metric", "dense_val_metric", "dense_delta", "best_epoch", "epochs_run",
+    "method_config_nondefault", "seed", "status", "error", "metric_name", "metric_direction", "metric",
+    "val_metric", "control_metric", "control_val_metric", "metric_delta", "dense_metric", "dense_val_metric",
+    "dense_delta", "best_epoch", "epochs_run",
     "finetune_best_epoch", "finetune_epochs_run", "finetune_lr", "params_total", "params_trainable",
     "optimizer_state_bytes", "stored_bits", "dense_bits",
     "compression_ratio", "coef_stored_bits", "coef_dense_bits", "coef_compression_ratio",

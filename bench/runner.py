@@ -185,6 +185,25 @@ def budget_columns(spec: RunSpec) -> dict:
     return cols
 
 
+def nondefault_config(method: str, config: dict) -> str | None:
+    """JSON of the hyperparameters in ``config`` that differ from the method's defaults (``{}``: all
+    defaults), so the report shows ``K=16`` without loading the plugin; None if the method is unknown."""
+    import dataclasses
+
+    try:
+        fields = dataclasses.fields(get_method_class(method).Config)
+    except Exception:
+        return None
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in fields if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+
+    def same(a, b) -> bool:
+        return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+    return json.dumps({k: v for k, v in sorted(config.items()) if k not in defaults or not same(v, defaults[k])},
+                      default=str)
+
+
 def _metric_is_bad(x: float) -> bool:
     return x is None or not math.isfinite(x)
 
@@ -203,7 +222,9 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
     row = {"run_id": spec.run_id, "sweep": spec.sweep, "dataset": spec.dataset, "task": ds.task,
            "model": spec.model, "basis": spec.basis, "method": spec.method,
            "method_config": json.dumps(spec.method_config, sort_keys=True), "seed": spec.seed,
-           "metric_name": trainer.metric_name, "epochs": spec.train["epochs"],
+           "metric_name": trainer.metric_name, "metric_direction": "higher" if trainer.higher_is_better else "lower",
+           "method_config_nondefault": nondefault_config(spec.method, method.config_dict()),
+           "epochs": spec.train["epochs"],
            "finetune_epochs": spec.train["finetune_epochs"], "device": str(env.device),
            "host": socket.gethostname(), "torch_version": torch.__version__, "git_sha": env.sha,
            "started_at": started, "python": platform.python_version(), "threads": torch.get_num_threads(),
@@ -285,7 +306,8 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
 def failed_row(spec: RunSpec, status: str, error: str) -> dict:
     return {"run_id": spec.run_id, "sweep": spec.sweep, "dataset": spec.dataset, "model": spec.model,
             "basis": spec.basis, "method": spec.method, "method_config": json.dumps(spec.method_config, sort_keys=True),
-            "seed": spec.seed, "status": status, "error": error, "epochs": spec.train["epochs"],
+            "method_config_nondefault": nondefault_config(spec.method, spec.method_config), "seed": spec.seed,
+            "status": status, "error": error, "epochs": spec.train["epochs"],
             "finetune_epochs": spec.train["finetune_epochs"], **budget_columns(spec), "host": socket.gethostname(),
             "torch_version": torch.__version__, "git_sha": git_sha(),
             "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}

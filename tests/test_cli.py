@@ -116,3 +116,45 @@ def test_non_editable_install_is_one_clear_line(capsys, monkeypatch, tmp_path):
 
     monkeypatch.setattr(registry, "PLUGIN_DIRS", [tmp_path / "methods", tmp_path / "datasets"])
     one_line_error(capsys, ["list"], "bundled plugin folders not found", "pip install -e .")
+
+
+def test_adhoc_runs_get_their_own_folders_and_never_average_budgets_as_seeds(capsys, tmp_path, monkeypatch):
+    """The README's ad-hoc example (no --out) is named after what it asks, never the default sweep's
+    folder; every run ends by saying where its results and leaderboard are; two budgets merged into
+    one table stay two groups of one seed each, never one point of "2 seeds"."""
+    from bench.cli import build_parser, default_out
+    from bench.report import aggregate
+    from bench.results import read_results
+
+    readme = build_parser().parse_args(["run", "--datasets", "digits", "--bases", "rbf", "--methods",
+                                        "dense,quantize", "--epochs", "5"])
+    assert default_out(readme, "quick") == Path("results/quick_digits_rbf_dense+quantize_epochs5")
+    assert default_out(build_parser().parse_args(["run"]), "quick") == Path("results/quick")
+    monkeypatch.chdir(tmp_path)
+    folders = []
+    for epochs in ("1", "2"):
+        argv = ["run", "--plugin", PLUGINS, "--datasets", "tiny_images", "--bases", "rbf", "--methods",
+                "dense,dense_ft", "--epochs", epochs, "--finetune-epochs", "1", "--quiet"]
+        assert main(argv) == 0
+        folder = Path("results") / f"quick_tiny_images_rbf_dense+dense_ft_epochs{epochs}_ft1"
+        assert capsys.readouterr().out.splitlines()[-2:] == [
+            f"results: {folder}/ (runs.parquet, runs.csv, rows/)",
+            f"leaderboard: {folder / 'LEADERBOARD.md'} and {folder / 'index.html'}"]
+        folders.append(str(folder))
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == sorted(Path(f).name for f in folders)
+    assert main(["merge", *folders, "--out", "merged", "--report"]) == 0
+    points = aggregate(read_results(tmp_path / "merged"))
+    dense = points[points["method"] == "dense"]
+    assert len(dense) == 2 and (dense["n_seeds"] == 1).all()  # two budgets: two points, one seed each
+    assert sorted(b.split(",")[0] for b in dense["budget"]) == ["epochs=1", "epochs=2"]
+    md = (tmp_path / "merged" / "LEADERBOARD.md").read_text()
+    assert md.count("### tiny_images / kan / rbf / epochs=") == 2
+
+
+def test_run_with_no_report_says_how_to_write_it(capsys, tmp_path):
+    out = tmp_path / "res"
+    assert main(["run", *TINY, "--bases", "rbf", "--methods", "dense", "--out", str(out), "--no-report"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        f"results: {out}/ (runs.parquet, runs.csv, rows/)",
+        f"leaderboard: not written (--no-report); write it with: python -m bench report {out}"]
+    assert not (out / "LEADERBOARD.md").exists()

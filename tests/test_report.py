@@ -119,8 +119,8 @@ def test_mean_std_by_hand(report):
     assert foo16["test accuracy (mean ± std)"] == "91.00 ± 1.00"  # mean and sample std of 90, 91, 92
     assert foo16["test Δ vs control"] == "-1.50"  # vs dense_ft's 92.5, not dense's 92.0
     assert foo16["val Δ vs control"] == "-1.00" and foo16["within tol. (val)"] == "✓"  # at a 1-point tolerance
-    assert (foo16["ratio"], foo16["coef ratio"], foo16["file ratio"]) == ("8.00×", "9.60×", "7.20×")
-    assert foo16["best/run epochs"] == "7/10"
+    assert foo16["ratio (file, coef)"] == "8.00× (7.20×, 9.60×)"
+    assert foo16["epochs best/run"] == "7/10"
     feyn = _section(md, "## feynman (rmse)")
     foo16_r = next(r for r in _table_rows(feyn) if "| foo | K=16 |" in r)
     assert "0.1040 ± 0.0000" in foo16_r and "+4.0%" in foo16_r
@@ -141,26 +141,51 @@ def test_ranking_control_first_then_within_tolerance_by_ratio(report, heading, o
     assert [r["within tol. (val)"] for r in rows] == marks
 
 
-def test_requested_ratio_nan_renders_as_dash(report):
+def test_stored_and_file_size(report):
     _, md = report
     rows = {(r["method"], r["config"]): r for r in _table_dicts(_section(md, "## mnist (accuracy)"))}
-    assert rows["bar", "p=0.9"]["requested"] == "—" and rows["foo", "K=16"]["requested"] == "8.00×"
-    assert rows["bar", "p=0.9"]["stored KiB"] == "8.3"  # 100 KiB / 12
+    assert rows["bar", "p=0.9"]["stored KiB (file)"] == "8.3 (8.4)"  # 100 KiB / 12, 101 KiB / 12
 
 
-def test_headline_best_ratio_within_tolerance(report):
-    _, md = report
+def _headline(md: str) -> list[dict]:
+    """Every row of every table under the headline section, with its group heading as "group"."""
     head = _section(md, "## Headline")
-    rows = {(r["dataset"], r["method"]): r for r in _table_dicts(head)}
-    assert set(rows) == {("mnist", "foo"), ("mnist", "bar"), ("feynman", "foo"), ("feynman", "bar")}
-    bar = rows["mnist", "bar"]
-    assert (bar["best ratio within tol."], bar["config"], bar["basis"]) == ("12.0×", "p=0.9", "bspline")
-    assert (bar["test (mean ± std)"], bar["control test (mean ± std)"]) == ("91.50 ± 0.30", "92.50 ± 0.50")
+    rows = []
+    for part in head.split("\n### ")[1:]:
+        title = part.splitlines()[0]
+        rows += [dict(r, group=title) for r in _table_dicts(part)]
+    return rows
+
+
+def test_headline_ranks_methods_by_bits_within_each_budget(report):
+    _, md = report
+    rows = [(r["group"], r["accuracy budget"], r["rank"], r["method"], r["config"], r["stored KiB"])
+            for r in _headline(md)]
+    assert rows == [
+        # feynman: bar p=0.9 (+3 %) stores 8.3 KiB, foo K=16 (+4 %) 12.5 KiB; foo K=4 (+100 %) is outside
+        ("feynman, kan[4,8,3]", "within 5% RMSE", "★ 1", "bar", "p=0.9", "8.3"),
+        ("feynman, kan[4,8,3]", "within 5% RMSE", "2", "foo", "K=16", "12.5"),
+        # mnist: within 0.5 pt only bar p=0.9 (val Δ -0.5); within 1 pt foo K=16 (val Δ -1.0) joins
+        ("mnist, kan[4,8,3]", "within 0.5 pt", "★ 1", "bar", "p=0.9", "8.3"),
+        ("mnist, kan[4,8,3]", "within 1 pt", "★ 1", "bar", "p=0.9", "8.3"),
+        ("mnist, kan[4,8,3]", "within 1 pt", "2", "foo", "K=16", "12.5"),
+    ]
+    bar = _headline(md)[2]
+    assert (bar["ratio"], bar["basis"], bar["test (mean ± std)"], bar["control test"]) == (
+        "12.0×", "bspline", "91.50 ± 0.30", "92.50 ± 0.50")
     assert bar["test Δ vs control"] == "-1.00" and bar["val Δ vs control"] == "-0.50"
-    assert bar["stored KiB"] == "8.3"
-    assert rows["mnist", "foo"]["test (mean ± std)"] == "91.00 ± 1.00"
-    assert rows["feynman", "foo"]["best ratio within tol."] == "8.00×"  # 30× is +100 % RMSE
-    assert rows["feynman", "foo"]["test Δ vs control"] == "+0.0040 (+4.0%)"
+    assert _headline(md)[1]["test Δ vs control"] == "+0.0040 (+4.0%)"
+    assert "Nothing within 0.5 pt: foo." in _section(md, "## Headline")
+
+
+def test_summary_names_the_winner_in_plain_words(report):
+    _, md = report
+    summary = _section(md, "## Summary")
+    assert ("**mnist, kan[4,8,3]** (accuracy, higher is better). Within 0.5 pt of the fine-tuned control on "
+            "validation, **bar** (p=0.9, bspline) stores the model in **8.3 KiB** (12.0× smaller than the dense "
+            "100.0 KiB); test accuracy 91.50 ± 0.30 vs the control's 92.50 ± 0.50.") in summary
+    assert "Nothing within 0.5 pt: foo. Within 1 pt: the same winner; foo now also qualifies." in summary
+    assert "Next: foo 12.5 KiB (8.00×)." in summary  # feynman's runner-up
 
 
 def _decision_frame(metric_name="accuracy"):
@@ -196,15 +221,16 @@ def test_tolerance_and_headline_read_validation_never_test(tmp_path, metric_name
     pts = aggregate(df)
     within = dict(zip(zip(pts["basis"], pts["method"], pts["config"]), within_tolerance(pts)))
     assert within["a", "valgood", "k=1"] and within["b", "valgood", "k=1"]
-    assert not within["a", "testgood", "k=2"] and not within["b", "testgood", "k=2"]
+    assert not within["a", "testgood", "single config"] and not within["b", "testgood", "single config"]
     assert not within["b", "valgood", "k=9"]  # perfect on test, outside on validation
     md = write_report(df, tmp_path).read_text()
-    rows = {r["method"]: r for r in _table_dicts(_section(md, "## Headline"))}
-    assert rows["testgood"]["best ratio within tol."] == "none"
-    best = rows["valgood"]
-    assert (best["best ratio within tol."], best["basis"], best["config"]) == ("50.0×", "b", "k=1")
+    rows = [r for r in _headline(md) if r["accuracy budget"] in ("within 1 pt", "within 5% RMSE")]
+    assert [r["method"] for r in rows] == ["valgood"]  # testgood: never within on validation
+    best = rows[0]
+    assert (best["ratio"], best["basis"], best["config"]) == ("50.0×", "b", "k=1")  # fewest bits: basis b
     # beside it, that basis's own control (b), never basis a's
-    assert best["control test (mean ± std)"].startswith("80.00" if metric_name == "accuracy" else "0.2000")
+    assert best["control test"].startswith("80.00" if metric_name == "accuracy" else "0.2000")
+    assert "testgood" in _section(md, "## Headline").split("Nothing within")[-1]
 
 
 def test_budgets_are_separate_groups_not_seeds(tmp_path):
@@ -224,8 +250,8 @@ def test_budgets_are_separate_groups_not_seeds(tmp_path):
                                      "epochs=20, lr=0.001, batch=64, ft epochs=3, ft lr scale=0.1"]
     md = write_report(df, tmp_path).read_text()
     assert md.count("### mnist / kan / bspline / epochs=") == 2
-    head = _table_dicts(_section(md, "## Headline"))
-    assert sorted(r["budget"].split(",")[0] for r in head) == ["epochs=10", "epochs=20"]
+    groups = sorted({r["group"] for r in _headline(md)})
+    assert [g.split("(")[1].split(",")[0] for g in groups] == ["epochs=10", "epochs=20"]
 
 
 def test_finetune_kept_epoch_0_is_noted(tmp_path):
@@ -241,12 +267,12 @@ def test_finetune_kept_epoch_0_is_noted(tmp_path):
         rows.append(_row("mnist", "accuracy", "baz", '{"q": 1}', seed, 91.9, 91.9, 8.0, ctrl, ctrl))  # no fine-tune
     md = write_report(rows_to_frame(rows), tmp_path).read_text()
     table = {r["method"]: r for r in _table_dicts(_section(md, "## mnist (accuracy)"))}
-    assert table["foo"]["note"] == "fine-tune kept epoch 0 (2/3 seeds)"
-    assert table["bar"]["note"] == "fine-tune kept epoch 0 (3/3 seeds)"
+    assert table["foo"]["note"] == "fine-tune kept epoch 0 (2/3)"
+    assert table["bar"]["note"] == "fine-tune kept epoch 0 (3/3)"
     assert table["baz"]["note"] == "" and table["dense_ft (control)"]["note"] == ""
     assert "changed nothing" in _section(md, "## mnist (accuracy)")
-    head = {r["method"]: r for r in _table_dicts(_section(md, "## Headline"))}
-    assert head["foo"]["note"] == "fine-tune kept epoch 0 (2/3 seeds)"
+    head = {r["method"]: r for r in _headline(md) if r["accuracy budget"] == "within 1 pt"}
+    assert head["foo"]["note"] == "fine-tune kept epoch 0 (2/3)"
 
 
 def test_infeasible_rows_have_their_own_table_and_are_not_failures(tmp_path):
@@ -276,8 +302,8 @@ def test_failed_run_listed_with_truncated_error(report):
 
 def test_plots_are_pngs_linked_from_markdown(report):
     out, md = report
-    links = re.findall(r"!\[[^\]]*\]\((metric_vs_ratio[^)]+\.png)\)", md)
-    assert sorted(links) == ["metric_vs_ratio_feynman.png", "metric_vs_ratio_mnist.png"]
+    links = re.findall(r"!\[[^\]]*\]\((metric_vs_bits[^)]+\.png)\)", md)
+    assert sorted(links) == ["metric_vs_bits_feynman.png", "metric_vs_bits_mnist.png"]
     for name in links:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
 
@@ -321,8 +347,7 @@ def test_without_validation_metric_nothing_is_within_tolerance(tmp_path):
     assert not within_tolerance(pts).any()
     md = write_report(df, tmp_path).read_text()
     assert "no decision could be made on validation" in md
-    head = _table_dicts(_section(md, "## Headline"))
-    assert {r["best ratio within tol."] for r in head} == {"none"}
+    assert _headline(md) == [] and "Nothing within 1 pt: bar, foo." in md
     marks = {r["within tol. (val)"] for r in _table_dicts(_section(md, "## mnist (accuracy)"))}
     assert marks == {"control", "—"}
 
@@ -332,8 +357,8 @@ def test_ratio_below_one_is_never_headline_compression(tmp_path):
     rows = [_row("mnist", "accuracy", m, c, s, 92.0, 92.0, ratio, ctrl, ctrl)
             for s in SEEDS for m, c, ratio in (("dense_ft", "{}", 1.0), ("foo", '{"K": 1}', 0.99))]
     md = write_report(rows_to_frame(rows), tmp_path).read_text()
-    (row,) = _table_dicts(_section(md, "## Headline"))
-    assert row["best ratio within tol."] == "none"
+    assert _headline(md) == []  # within tolerance, but it stores more than the control: not compression
+    assert "Nothing within 0.5 pt: foo." in md and "No compressed point is within 1 pt" in md
 
 
 def test_single_seed_renders_honestly(tmp_path):
@@ -383,8 +408,7 @@ def test_method_with_no_point_within_tolerance_says_none(tmp_path):
     rows = [r for r in synthetic_rows() if r["status"] == "ok" and r["dataset"] == "mnist"
             and (r["method"] in ("dense", "dense_ft") or r["method_config"] == '{"K": 4}')]
     md = write_report(rows_to_frame(rows), tmp_path).read_text()
-    (row,) = _table_dicts(_section(md, "## Headline"))
-    assert (row["method"], row["best ratio within tol."]) == ("foo", "none")
+    assert _headline(md) == [] and "Nothing within 1 pt: foo." in md
 
 
 def test_reads_a_parquet_results_folder(tmp_path):
@@ -393,24 +417,40 @@ def test_reads_a_parquet_results_folder(tmp_path):
     assert "91.00 ± 1.00" in md and "seed0" in md
 
 
-def test_compact_config_shows_only_non_defaults_of_registered_methods():
+def test_config_labels_read_the_rows_never_the_plugins():
+    """The runner writes what differs from the method's defaults; older rows show what varies."""
     from bench.methods import METHODS
     from bench.registry import load_plugins
-    from bench.report import compact_config
+    from bench.report import config_labels
+    from bench.runner import nondefault_config
 
     load_plugins()
-    cfg = METHODS["quantize"](bits=4).config_dict()
-    assert compact_config(json.dumps(cfg), "quantize") == "bits=4"
-    assert compact_config(json.dumps(METHODS["quantize"]().config_dict()), "quantize") == "default"
-    assert compact_config('{"K": 3}', "not_registered") == "K=3"
+    full = METHODS["quantize"](bits=4).config_dict()
+    assert len(full) > 1 and nondefault_config("quantize", full) == '{"bits": 4}'
+    assert nondefault_config("quantize", METHODS["quantize"]().config_dict()) == "{}"
+    assert nondefault_config("not_registered", {"K": 3}) is None
+    frame = pd.DataFrame({"method": ["q", "q", "q", "m", "m"],
+                          "method_config": ['{"bits": 4, "mode": "qat"}', '{"bits": 8, "mode": "qat"}',
+                                            '{"bits": 2, "mode": "qat"}', '{"K": 8, "d": 1}', '{"K": 8, "d": 1}'],
+                          "method_config_nondefault": ['{"bits": 4}', "{}", None, None, None]})
+    assert list(config_labels(frame)) == ["bits=4", "default", "bits=2", "single config", "single config"]
+    assert list(config_labels(frame, full_when_single=True))[3] == "K=8, d=1"
 
 
-def test_budget_ladder_and_paper_claims(report):
+def test_metric_direction_column_decides_over_the_metric_name(tmp_path):
+    """A metric the report has never heard of ("nll_bits") is lower-is-better because the rows say so."""
+    rows = [dict(r, metric_name="nll_bits", metric_direction="lower") for r in synthetic_rows()
+            if r["dataset"] == "feynman"]
+    pts = aggregate(rows_to_frame(rows))
+    pts["within_tol"] = within_tolerance(pts)
+    within = dict(zip(pts["config"], pts["within_tol"]))
+    assert within["K=16"] and not within["K=4"]  # +4 % inside 5 %, +100 % outside
+    md = write_report(rows_to_frame(rows), tmp_path).read_text()
+    assert "within 5% RMSE" in md and "(nll_bits, lower is better)" in md
+
+
+def test_paper_claims(report):
     out, md = report
-    ladder = _section(md, "## Best whole-model ratio by accuracy budget")
-    assert "≤ 0.5 pt" in ladder and "≤ 1 pt" in ladder and "≤ 5% RMSE" in ladder
-    rows = {(r["dataset"], r["method"]): r for r in _table_dicts(ladder)}
-    assert rows["mnist", "foo"]["≤ 0.5 pt"] == "none" and rows["mnist", "foo"]["≤ 1 pt"].startswith("8.00×")
     claims = _section(md, "## Compared with the papers' headline claims")
     assert "80×" in claims and "124.1×" in claims and "MetaKAN" in claims
     assert "not measured" in claims  # no metacluster / metakan runs in the synthetic frame
@@ -423,5 +463,9 @@ def test_extra_figures_and_self_contained_html(report):
         assert f"]({name})" in md
     page = (out / "index.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and "<table>" in page
-    assert page.count("data:image/png;base64,") == md.count("![")
-    assert 'src="metric' not in page  # every image inlined: the page stands alone
+    # the per-dataset PNGs become interactive plots; the other figures are inlined
+    assert page.count('class="plotly-graph-div"') == 2
+    assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', page)) == md.count("![") - 2
+    assert 'src="metric' not in page and 'src="http' not in page  # nothing fetched: it opens offline
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)=\"?https?:", page)  # no CDN, no remote file
+    assert "Plotly.newPlot" in page

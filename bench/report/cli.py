@@ -1,11 +1,12 @@
-"""Glue between a results folder and :mod:`bench.report` (adds provenance to the header)."""
+"""From a results folder to its leaderboard: reads the rows (and ``transfer.csv``), adds provenance
+and the sweep calls to the header. Loads no plugin: the rows carry what the report needs."""
 
 from __future__ import annotations
 
 import platform
 from pathlib import Path
 
-from .results import read_results
+from ..results import read_results
 
 
 def provenance_lines(df, command: str | None = None) -> list[str]:
@@ -71,22 +72,40 @@ def invocation_lines(results: Path) -> list[str]:
     return lines
 
 
+def code_sha() -> str:
+    """The short git commit of the report code itself ('?' outside a checkout)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def rendered_line(rendered_by: str, results: Path) -> str:
+    return (f"Rendered by `{rendered_by}` (report code at git {code_sha()}) from the rows in `{results}`: the runs "
+            "are those of the sweep calls listed here, made at their own commit (`git` above).")
+
+
 def report_folder(results: Path, out: Path, command: str | None = None, tolerance_acc: float = 1.0,
-                  tolerance_rmse_rel: float = 0.05, title: str | None = None) -> Path:
+                  tolerance_rmse_rel: float = 0.05, title: str | None = None, rendered_by: str | None = None) -> Path:
     """LEADERBOARD.md of a results folder: the compression runs (``runs.parquet``) and, when the
     folder holds ``transfer.csv``, the LoTRA transfer section; a folder with only transfer results
-    gets a report of that section alone."""
-    from .registry import load_plugins
-    from .report import write_report, write_transfer_report
+    gets a report of that section alone. ``rendered_by`` (the ``bench report`` command) adds a header
+    line saying the leaderboard was rendered again from the same runs, and by which code."""
+    from .leaderboard import write_report
+    from .transfer import write_transfer_report
 
     results = Path(results)
     transfer = read_transfer(results) if results.is_dir() else None
     if transfer is not None and not _has_runs(results):
         return write_transfer_report(transfer, Path(out), title=f"LoTRA transfer benchmark: {results.name}",
                                      header_lines=provenance_lines(transfer, command))
-    load_plugins()  # method defaults let the tables show only the non-default hyperparameters
     df = read_results(results)
     title = title or f"KAN compression leaderboard: {results.name}"
     header = provenance_lines(df, command) + invocation_lines(results)
+    if rendered_by:
+        header.append(rendered_line(rendered_by, results))
     return write_report(df, Path(out), title=title, tolerance_acc=tolerance_acc,
                         tolerance_rmse_rel=tolerance_rmse_rel, header_lines=header, transfer=transfer)
