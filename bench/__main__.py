@@ -1,7 +1,7 @@
 import sys
 
 from .cli import main
-from .memory import tune_allocator
+from .malloc import tune_allocator
 
 tune_allocator()
 sys.exit(main())

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import codebook, generated, prune, quant, tucker  # noqa: F401  the built-in sources register on import
+from . import codebook, generated, pruning, quant, tucker_factors  # noqa: F401  the built-in sources register on import
 from .kan import kan_layers
 from .models import from_config
 from .sources import SOURCES, EdgeSource, StorageItem, float_item

@@ -28,13 +28,13 @@ budget, so a changed budget gives new rows. At the end the command writes ``DIR/
 ``transfer_rmse_vs_bits.png``); ``python -m bench report DIR`` rewrites it.
 
 Exported adapted models (:func:`bench.storage.export_model`) hold ``A0`` and the update, and reload
-in a fresh process: :class:`LoTRASource` lives in :mod:`bench.tucker` beside the Tucker source it
+in a fresh process: :class:`LoTRASource` lives in :mod:`bench.tucker_factors` beside the Tucker source it
 extends, which :func:`bench.storage.load_model` registers.
 
 LoTRA's update starts at zero (zero core, random orthonormal factors, as LoRA starts with a
 zero factor), so adaptation starts exactly from the pre-trained model. Learning rates are
-:func:`bench.tucker.tucker_param_groups`'s: the ``balanced`` rule of
-:func:`bench.tucker.component_lrs` with the pre-trained tensor as the scale reference (the update
+:func:`bench.tucker_factors.tucker_param_groups`'s: the ``balanced`` rule of
+:func:`bench.tucker_factors.component_lrs` with the pre-trained tensor as the scale reference (the update
 itself is zero at the start), or one ``shared`` rate.
 """
 
@@ -64,7 +64,7 @@ from .lock import results_writer
 from .provenance import git_sha
 from .results import ResultsStore, RowKind, atomic_write_bytes
 from .train import Diverged, Trainer
-from .tucker import LoTRASource, check_rank_spec, check_ranks_fit, tucker_param_groups
+from .tucker_factors import LoTRASource, check_rank_spec, check_ranks_fit, tucker_param_groups
 
 SOURCE_CONSTANTS = (1.0, 1.0)
 TARGETS = {"a=1.25": (1.25, 1.0), "b=0.5": (1.0, 0.5), "a=0.8,b=1.5": (0.8, 1.5)}

@@ -1,6 +1,6 @@
 """``prune``: edge pruning to a requested compression ratio, fine-tuned with the mask fixed.
 
-Recipe (mechanisms in :mod:`bench.prune`):
+Recipe (mechanisms in :mod:`bench.pruning`):
 
 1. Score every alive edge: ``magnitude`` (edge-vector L2 norm) or ``attribution`` (pykan-style
    activation scale on a calibration batch of training data, propagated back from the outputs).
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from bench.errors import Infeasible, UserError
 from bench.kan import kan_layers
 from bench.methods import Method, register_method
-from bench.prune import (
+from bench.pruning import (
     apply_masks,
     attribution_scores,
     chain_cleanable,

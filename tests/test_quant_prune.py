@@ -1,4 +1,4 @@
-"""Scalar quantisation (bench.quant, methods/quantize.py) and pruning (bench.prune, methods/prune.py):
+"""Scalar quantisation (bench.quant, methods/quantize.py) and pruning (bench.pruning, methods/prune.py):
 hand-counted bits, bit-packed files, exact reloads, budgets met, structured node removal exact."""
 
 import copy
@@ -12,7 +12,7 @@ import torch
 from bench.errors import Infeasible, UserError
 from bench.kan import KAN, ConvKAN, kan_layers
 from bench.methods import METHODS
-from bench.prune import (
+from bench.pruning import (
     MaskedSource,
     apply_masks,
     attribution_scores,
@@ -390,7 +390,7 @@ def test_prune_method_iterative_attribution_run(tmp_path):
 
 
 def test_masked_fast_path_skips_dead_inputs_and_matches_dense():
-    from bench.prune import MaskedSource
+    from bench.pruning import MaskedSource
     from bench.sources import EdgeSource
 
     torch.manual_seed(0)

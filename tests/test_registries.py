@@ -26,12 +26,12 @@ from bench.data import DATASETS, get_dataset
 from bench.errors import UserError
 from bench.kan import KAN, kan_layers
 from bench.models import MODELS, from_config
-from bench.prune import MaskedSource
+from bench.pruning import MaskedSource
 from bench.quant import FakeQuantSource, LayerGrid, QFormat, QuantSource
 from bench.registry import REPO_ROOT, defining_file, load_plugins
 from bench.sources import SOURCES
 from bench.storage import export_model, header_bytes, load_model, storage_report
-from bench.tucker import LoTRASource, TuckerSource
+from bench.tucker_factors import LoTRASource, TuckerSource
 
 load_plugins()
 

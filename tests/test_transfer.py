@@ -26,7 +26,7 @@ from bench.transfer import (
     task_splits,
     update_bits,
 )
-from bench.tucker import tucker_param_groups
+from bench.tucker_factors import tucker_param_groups
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

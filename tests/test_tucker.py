@@ -14,7 +14,7 @@ from bench.kan import KAN, kan_layers
 from bench.methods import METHODS, CompressContext
 from bench.storage import export_model, load_model, storage_report
 from bench.train import Trainer
-from bench.tucker import ORDERS, TuckerSource, component_lrs, requested_coef_ratio, resolve_ranks
+from bench.tucker_factors import ORDERS, TuckerSource, component_lrs, requested_coef_ratio, resolve_ranks
 
 HEADER_SLACK_BYTES = 4096
 
