@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bars (for CI)")
     r.add_argument("--no-report", action="store_true", help="do not write the leaderboard at the end")
     r.add_argument("--strict", action="store_true", help="exit 1 if any run failed or diverged")
+    r.add_argument("--dry-run", action="store_true",
+                   help="validate and print the plan (runs to do, models to train, epochs) without training")
     ex = r.add_argument_group("executors (where the runs execute)")
     ex.add_argument("--executor", choices=["local", "ray", "slurm"], default="local",
                     help="local: this process (default); ray: one Ray task per run; slurm: a submitit job array")
@@ -153,6 +155,8 @@ def cmd_run(args) -> int:
 
         resolve_device(args.device or sweep.device)
     out = Path(args.out) if args.out else default_out(args, sweep.name)
+    if args.dry_run:
+        return dry_run(sweep, out)
     command = "python -m bench " + " ".join(sys.argv[1:])
     with results_writer(out, command):
         t0 = time.perf_counter()
@@ -185,6 +189,29 @@ def cmd_run(args) -> int:
               f"leaderboard: not written (--no-report); write it with: python -m bench report {out}")
     if args.strict and (counts["failed"] or counts["diverged"]):
         return 1
+    return 0
+
+
+def dry_run(sweep, out: Path) -> int:
+    """Print what ``bench run`` would do in ``out``: runs to do per dataset and method, the cached
+    models it would train first (with their epochs), what is already finished. Trains nothing."""
+    from collections import Counter
+
+    from .methods import get_method_class
+    from .plan import plan_sweep, stage_epochs
+
+    plan = plan_sweep(sweep, out)
+    plan.announce("(dry run: nothing is trained)", print, quiet=False)
+    for (dataset, method), n in sorted(Counter((r.dataset, r.method) for r in plan.runs).items()):
+        print(f"  {dataset:16s} {method:12s} {n:4d} runs")
+    epochs = Counter()
+    for stage in plan.stages.values():
+        method = get_method_class(stage.spec.method)(**stage.spec.method_config) if stage.own else None
+        epochs[(stage.spec.dataset, stage.what, stage_epochs(stage.spec, method).epochs)] += 1
+    print(f"models to train first: {len(plan.stages)}")
+    for (dataset, what, n_epochs), n in sorted(epochs.items()):
+        print(f"  {dataset:16s} {n:3d} x {what} ({n_epochs} epochs"
+              + (", with its dense_ft control)" if what == "dense base model" else ")"))
     return 0
 
 

@@ -37,7 +37,7 @@ from .methods import CompressContext, control_finetune, get_method_class
 from .plan import Plan, control_cache, plan_sweep, stage_cache, stage_epochs
 from .provenance import git_sha
 from .results import ResultsStore, atomic_write_bytes
-from .storage import count_params, export_model, header_bytes, load_model, storage_report
+from .storage import count_params, export_model, header_bytes, load_model, storage_report, zstd_bytes
 from .sweep import RunSpec, Sweep
 from .train import Diverged, Trainer
 
@@ -290,6 +290,7 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
     path = env.out / "models" / f"{spec.run_id}.kanb"
     row["file_bytes"] = export_model(model.cpu(), path)
     row["header_bytes"] = header_bytes(path)
+    row["zstd_file_bytes"] = zstd_bytes(path)
     row["dense_file_bytes"] = dense_file_bytes
     row["file_compression_ratio"] = dense_file_bytes / row["file_bytes"]
     reloaded = load_model(path)

@@ -158,3 +158,21 @@ def test_run_with_no_report_says_how_to_write_it(capsys, tmp_path):
         f"results: {out}/ (runs.parquet, runs.csv, rows/)",
         f"leaderboard: not written (--no-report); write it with: python -m bench report {out}"]
     assert not (out / "LEADERBOARD.md").exists()
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(capsys, tmp_path):
+    out = tmp_path / "dry"
+    argv = ["run", *TINY[:-1], "--bases", "bspline", "--methods", "dense,kmeans,metakan", "--out", str(out)]
+    argv.remove("--quiet")
+    assert main([*argv, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "3 runs, 0 already finished, 3 to run (dry run: nothing is trained)" in text
+    assert "tiny_images      kmeans          1 runs" in text
+    assert "1 x dense base model (1 epochs, with its dense_ft control)" in text
+    assert "1 x stage-1 model (1 epochs)" in text  # metakan trains its own model
+    assert not out.exists()
+    assert main([*argv, "--quiet"]) == 0  # after the real run, the plan has nothing left
+    capsys.readouterr()
+    assert main([*argv, "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "3 already finished, 0 to run" in text and "models to train first: 0" in text

@@ -12,7 +12,7 @@ from bench.kan import kan_layers
 from bench.methods import METHODS
 from bench.registry import load_plugins
 from bench.runner import RunEnv, run_one
-from bench.storage import header_bytes, load_model, storage_report
+from bench.storage import header_bytes, load_model, storage_report, zstd_bytes
 from bench.sweep import build_sweep
 
 load_plugins()
@@ -49,6 +49,7 @@ def test_method_runs_counts_and_reloads(env, method, basis, model):
     on_disk = header_bytes(path) + sum(math.ceil(it.bits / 8) for _, it in items)
     assert row["file_bytes"] == path.stat().st_size == on_disk
     assert row["stored_bits"] == sum(it.bits for _, it in items)
+    assert row["zstd_file_bytes"] == zstd_bytes(path) > 0  # the general-purpose compressor check
     if method in ("dense", "dense_ft"):
         assert row["stored_bits"] == row["dense_bits"]
     else:  # a compression method stores fewer bits than the dense model ...

@@ -118,3 +118,16 @@ def test_file_is_counted_bits_plus_header(tmp_path):
         assert not any("knots" in n or "centers" in n for n, _ in rep.items)
         x = torch.randn(16, 6)
         assert torch.equal(load_model(path)(x), m.eval()(x))
+
+
+def test_zstd_check_measures_redundancy_in_the_file(tmp_path):
+    from bench.report.tables import zstd_note
+    from bench.storage import zstd_bytes
+
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(torch.randint(0, 256, (50_000,), dtype=torch.uint8).numpy().tobytes())
+    assert zstd_bytes(noise) >= 0.99 * 50_000  # incompressible: no waste to report
+    zeros = tmp_path / "zeros.bin"
+    zeros.write_bytes(bytes(50_000))
+    assert zstd_bytes(zeros) < 100  # all redundancy
+    assert zstd_note(1000, 990) == "" and zstd_note(1000, 880) == "; zstd −12%" and zstd_note(1000, float("nan")) == ""

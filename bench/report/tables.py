@@ -129,6 +129,17 @@ def _tolerance_mark(row: dict) -> str:
     return "✓" if row["within_tol"] else "✗"
 
 
+ZSTD_WASTE = 0.03  # a file zstandard shrinks by more than this stores redundancy; the table says by how much
+
+
+def zstd_note(file_bytes, zstd_bytes) -> str:
+    """``; zstd -12%`` when zstandard shrinks the model file by more than :data:`ZSTD_WASTE`."""
+    if _isnan(file_bytes) or _isnan(zstd_bytes) or not file_bytes:
+        return ""
+    saved = 1 - zstd_bytes / file_bytes
+    return f"; zstd −{saved:.0%}" if saved > ZSTD_WASTE else ""
+
+
 def point_table(points: pd.DataFrame, group_arch) -> pd.DataFrame:
     """The display table of one group, rows already ranked (control first)."""
     name, up = _first(points["metric_name"]), bool(points["higher_better"].iloc[0])
@@ -147,8 +158,8 @@ def point_table(points: pd.DataFrame, group_arch) -> pd.DataFrame:
                                       zip(points["metric"], points["metric_std"], points["n_seeds"])],
         "test Δ vs control": [fmt_delta(d, c, name, dec, up) for d, c in
                               zip(points["metric_delta"], points["control_metric"])],
-        "stored KiB (file)": [f"{fmt_kib(b / 8)} ({fmt_kib(f)})" for b, f in
-                              zip(points["stored_bits"], points["file_bytes"])],
+        "stored KiB (file)": [f"{fmt_kib(b / 8)} ({fmt_kib(f)}{zstd_note(f, z)})" for b, f, z in
+                              zip(points["stored_bits"], points["file_bytes"], points["zstd_file_bytes"])],
         "ratio (file, coef)": [f"{fmt_ratio(r)} ({fmt_ratio(f)}, {fmt_ratio(c)})" for r, f, c in
                                zip(points["compression_ratio"], points["file_compression_ratio"],
                                    points["coef_compression_ratio"])],
