@@ -182,6 +182,88 @@ def codebook_bits(model: nn.Module) -> int:
     return sum(it.bits for _, layer in kan_layers(model) for it in layer.source.storage())
 
 
+# ----------------------------------------------------------------------------- entropy-coded indices
+def ans_encode(symbols: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """ANS-code ``symbols`` (ints in ``0..K-1``) under the categorical distribution ``counts / sum``
+    with constriction (a kept entropy-coding library); returns the stream's 32-bit words."""
+    import constriction
+
+    model = constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(np.ascontiguousarray(symbols, dtype=np.int32), model)
+    return coder.get_compressed()
+
+
+def ans_decode(words: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` symbols :func:`ans_encode` coded into ``words`` (the same ``counts``: the code table)."""
+    import constriction
+
+    model = constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
+    return constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, dtype=np.uint32)).decode(model, n)
+
+
+def empirical_entropy_bits(counts: np.ndarray) -> float:
+    """``n * H(counts / n)``: the fewest bits any code of these symbols, one at a time, can reach."""
+    c = np.asarray(counts, dtype=np.float64)
+    p = c[c > 0] / c.sum()
+    return float(-(c[c > 0] * np.log2(p)).sum())
+
+
+@register_source
+class EntropyCodedCodebookSource(CodebookSource):
+    """A per-layer codebook whose edge indices are stored entropy-coded instead of at
+    ``ceil(log2 K)`` bits each: an ANS stream (constriction) under the layer's own index
+    histogram. Stored and counted: the float32 centroids, the code table (the ``K`` symbol counts
+    at ``ceil(log2(edges + 1))`` bits each) and the stream's 32-bit words. The forward, and
+    everything but storage, is the codebook's; the indices come back exactly on reload."""
+
+    def __init__(self, centroids: torch.Tensor, index: torch.Tensor, words: torch.Tensor | None = None):
+        super().__init__(centroids, index)
+        flat = self.index.detach().cpu().reshape(-1).numpy()
+        counts = np.bincount(flat, minlength=self.k)
+        self.register_buffer("counts", torch.from_numpy(counts.astype(np.int64)))
+        if words is None:
+            words = torch.from_numpy(ans_encode(flat, counts).astype(np.int64))
+        self.register_buffer("words", words.detach().cpu().long().reshape(-1))
+
+    def count_bits(self) -> int:
+        return max(1, int(self.index.numel()).bit_length())
+
+    def storage(self) -> list[StorageItem]:
+        b = self.count_bits()
+        return [float_item("centroids", self.centroids),
+                StorageItem("counts", self.k, b, f"uint{b}", self.counts),
+                StorageItem("words", self.words.numel(), 32, "uint32", self.words)]
+
+    def export_config(self) -> dict:
+        return {"shape": list(self.shape), "k": self.k, "words": int(self.words.numel())}
+
+    @classmethod
+    def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> EntropyCodedCodebookSource:
+        out_f, in_f = config["shape"][:2]
+        counts, words = tensors["counts"].reshape(-1).numpy(), tensors["words"].reshape(-1)
+        index = ans_decode(words.numpy(), counts.astype(np.float64), out_f * in_f)
+        return cls(tensors["centroids"].reshape(config["k"], -1), torch.from_numpy(index.astype(np.int64))
+                   .reshape(out_f, in_f), words)
+
+
+def entropy_code_indices(model: nn.Module) -> dict:
+    """Store every per-layer codebook's indices ANS-coded (:class:`EntropyCodedCodebookSource`): the
+    model computes the same; only its storage changes. Returns, per layer, the index bits at
+    ``ceil(log2 K)`` each, the coded bits (stream + code table) and the empirical entropy."""
+    out = {"index_plain_bits": {}, "index_coded_bits": {}, "index_entropy_bits": {}}
+    for name, layer in kan_layers(model):
+        src = layer.source
+        if type(src) is not CodebookSource:
+            raise UserError("entropy_coding needs per-layer codebooks (scope = 'layer')")
+        coded = to_layer_device(EntropyCodedCodebookSource(src.centroids.detach(), src.index), layer)
+        layer.set_source(coded)
+        out["index_plain_bits"][name] = src.index.numel() * index_bits(src.k)
+        out["index_coded_bits"][name] = sum(it.bits for it in coded.storage() if it.name != "centroids")
+        out["index_entropy_bits"][name] = empirical_entropy_bits(coded.counts.cpu().numpy())
+    return out
+
+
 def cluster_and_finetune(model: nn.Module, ctx, options, desc: str) -> dict:
     """The compress step of ``kmeans`` and ``metacluster`` (``options``: a :class:`ClusterOptions`):
     K-means codebooks of the model's current edge vectors (``K=None``: :func:`paper_k`), then the
@@ -194,6 +276,8 @@ def cluster_and_finetune(model: nn.Module, ctx, options, desc: str) -> dict:
     fit = ctx.finetune(model, codebook_param_groups(model, tune_rest=c.tune_rest), lr=c.finetune_lr,
                        epochs=c.finetune_epochs, desc=desc)
     details.update(val_finetuned=fit.best_val, finetune_best_epoch=fit.best_epoch)
+    if c.entropy_coding:  # the indices are final: store them ANS-coded (the forward does not change)
+        details.update(entropy_code_indices(model))
     return details
 
 
@@ -211,7 +295,12 @@ class ClusterOptions:
     finetune_lr: float | None = field(default=None, metadata={
         "help": "peak lr of the centroid fine-tune; default (None) the shared rule, finetune_lr_scale x lr"})
     tune_rest: bool = field(default=False, metadata={"help": "also fine-tune biases and norms"})
+    entropy_coding: bool = field(default=False, metadata={
+        "help": "store the indices ANS-coded under each layer's index histogram (scope layer)"})
 
     def validate(self):
         if self.finetune_lr is not None:
             positive("finetune_lr", self.finetune_lr)
+        if self.entropy_coding and self.scope != "layer":
+            raise UserError("entropy_coding codes each layer's indices under its own histogram: it needs "
+                            "scope = 'layer'")

@@ -40,7 +40,8 @@ class MetaCluster(Method):
         ``meta_lr``, ``joint_epochs`` (as ``metakan``). Clustering and fine-tune,
         :class:`bench.codebook.ClusterOptions`: ``K`` (None: 16 for KANs, 256 for ConvKANs),
         ``scope`` (``layer`` | ``global``), ``n_init`` (K-means restarts), ``finetune_epochs`` and
-        ``finetune_lr`` (None: the shared budget and rule), ``tune_rest`` (also biases and norms)."""
+        ``finetune_lr`` (None: the shared budget and rule), ``tune_rest`` (also biases and norms),
+        ``entropy_coding`` (store the indices ANS-coded under each layer's histogram)."""
 
         def validate(self):
             generated.GeneratorOptions.validate(self)

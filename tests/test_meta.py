@@ -274,3 +274,32 @@ def test_default_k_and_h_follow_the_model_kind():
 def test_bad_hyperparameters_are_user_errors(name, cfg):
     with pytest.raises(UserError):
         method(name, **cfg)
+
+
+def test_entropy_coded_indices_reach_the_entropy_and_reload_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = KAN([64, 16, 4], "bspline")
+    for _, layer in kan_layers(model):  # a skewed index histogram: most edges share centroid 0
+        n = layer.out_features * layer.in_features
+        probs = torch.tensor([0.7, 0.1, 0.1, 0.05, 0.05])
+        index = torch.multinomial(probs, n, replacement=True, generator=torch.Generator().manual_seed(1))
+        layer.set_source(CodebookSource(torch.randn(5, layer.edge_dim), index.reshape(layer.out_features, -1)))
+    x = torch.randn(7, 64)
+    with torch.no_grad():
+        before = model(x)
+    details = codebook.entropy_code_indices(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), before)  # only the storage changed
+    for name in details["index_plain_bits"]:
+        plain, coded, entropy = (details[f"index_{k}_bits"][name] for k in ("plain", "coded", "entropy"))
+        assert entropy < coded < plain  # 3 bits per index plainly, ~1.5 bits of entropy
+        assert coded <= entropy * 1.02 + 5 * 11 + 64  # the stream within 2 % of the entropy, plus the code table
+    path = tmp_path / "ec.kanb"
+    export_model(model, path)
+    back = load_model(path)
+    for (_, a), (_, b) in zip(kan_layers(model), kan_layers(back)):
+        assert torch.equal(a.source.index, b.source.index)
+    with torch.no_grad():
+        assert torch.allclose(back(x), before, atol=1e-6)
+    with pytest.raises(UserError, match="scope"):
+        METHODS["kmeans"](K=4, scope="global", entropy_coding=True)

@@ -123,6 +123,7 @@ def _branch_quant(w, _):  # branch-aware codes: coefficients and base weights on
 EXAMPLES = {
     "DenseSource": lambda m: None,
     "CodebookSource": lambda m: codebook.cluster_model(m, 4, "layer"),
+    "EntropyCodedCodebookSource": lambda m: (codebook.cluster_model(m, 4, "layer"), codebook.entropy_code_indices(m)),
     "SharedCodebookSource": lambda m: codebook.cluster_model(m, 4, "global"),
     "GeneratedSource": lambda m: generated.generate_model(m, 2, 8, shared=True),  # an owner and a borrower
     "MaskedSource": lambda m: _each_layer(m, _masked),
