@@ -162,7 +162,7 @@ def test_run_with_no_report_says_how_to_write_it(capsys, tmp_path):
 
 def test_dry_run_prints_the_plan_and_trains_nothing(capsys, tmp_path):
     out = tmp_path / "dry"
-    argv = ["run", *TINY[:-1], "--bases", "bspline", "--methods", "dense,kmeans,metakan", "--out", str(out)]
+    argv = ["run", *TINY, "--bases", "bspline", "--methods", "dense,kmeans,metakan", "--out", str(out)]
     argv.remove("--quiet")
     assert main([*argv, "--dry-run"]) == 0
     text = capsys.readouterr().out
