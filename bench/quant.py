@@ -176,8 +176,26 @@ class QuantSource(EdgeSource):
         return cls(tensors["q"].reshape(shape), scale, zero, bits, config["granularity"], config["symmetric"])
 
 
+class QATSource(EdgeSource):
+    """A quantisation-aware training form (STE, LSQ): trained in float, stored, counted and exported
+    as the :class:`QuantSource` its ``freeze()`` gives (a reloaded file is that frozen source)."""
+
+    def freeze(self) -> QuantSource:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def storage(self) -> list[StorageItem]:
+        return self.freeze().storage()
+
+    def export_config(self) -> dict:
+        return self.freeze().export_config()
+
+    @classmethod
+    def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> QuantSource:
+        return QuantSource.from_export(config, tensors)
+
+
 @register_source
-class FakeQuantSource(EdgeSource):
+class FakeQuantSource(QATSource):
     """QAT form: a float32 weight trained through quantise-dequantise with a straight-through
     estimator. Scales follow the weight (recomputed each forward from its current range times
     the fixed ``clip``), so ``freeze()`` reproduces the forward exactly. Its storage and export
@@ -199,16 +217,6 @@ class FakeQuantSource(EdgeSource):
     def freeze(self) -> QuantSource:
         return QuantSource.from_float(self.weight.detach(), self.bits, self.granularity, self.symmetric,
                                       self.scale_dtype, self.clip)
-
-    def storage(self) -> list[StorageItem]:
-        return self.freeze().storage()
-
-    def export_config(self) -> dict:
-        return self.freeze().export_config()
-
-    @classmethod
-    def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> QuantSource:
-        return QuantSource.from_export(config, tensors)
 
 
 # ----------------------------------------------------------------------------- branches and grids
@@ -383,7 +391,7 @@ class _LSQQuantize(torch.autograd.Function):
 
 
 @register_source
-class LSQSource(EdgeSource):
+class LSQSource(QATSource):
     """LSQ training form (Esser et al., "Learned Step Size Quantization", ICLR 2020): the float
     weights and the per-group step sizes are both parameters. Forward:
     ``w_q = (clamp(round_ste(w / s) + z, qmin, qmax) - z) * s`` with ``s``'s gradient scaled by
@@ -419,13 +427,3 @@ class LSQSource(EdgeSource):
         s = self.stored_scale().detach().to(SCALE_DTYPES[self.fmt.scale_dtype])
         q = quantize(self.weight, s, self.zero, self.fmt.bits, self.fmt.symmetric)
         return QuantSource(q, s, self.zero, self.fmt.bits, self.fmt.granularity, self.fmt.symmetric)
-
-    def storage(self) -> list[StorageItem]:
-        return self.freeze().storage()
-
-    def export_config(self) -> dict:
-        return self.freeze().export_config()
-
-    @classmethod
-    def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> QuantSource:
-        return QuantSource.from_export(config, tensors)
