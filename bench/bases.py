@@ -11,8 +11,10 @@ Every default basis has 8 functions, so edge vectors are comparable (9 values) a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
@@ -50,6 +52,12 @@ class Basis(nn.Module):
         """Constructor keyword arguments that rebuild this basis (used by export/load)."""
         return {}
 
+    def kernel(self) -> tuple[Callable, tuple] | None:
+        """``(fn, args)``: ``fn(x, *args)`` is this basis's values followed by ``silu(x)`` (a KAN layer's
+        features) as one pure function of ``x`` and constant Python numbers, for the fused features
+        (:func:`fused_features`); None where the basis has none (it then always runs eagerly)."""
+        return None
+
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
@@ -83,6 +91,9 @@ class BSplineBasis(Basis):
         if self.order == 3:
             return _UniformCubic.apply(x, self.lo, self.hi, self.grid_size)
         return self.reference(x)
+
+    def kernel(self):
+        return (_bspline_features, (self.lo, self.hi, self.grid_size)) if self.order == 3 else None
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """Cox-de Boor recursion on the knot vector (any order; the cubic fast path is tested
@@ -145,6 +156,20 @@ class _UniformCubic(torch.autograd.Function):
         return gx * inside, None, None, None
 
 
+def _cubic_formula(x: torch.Tensor, lo: float, hi: float, grid: int) -> torch.Tensor:
+    """:class:`_UniformCubic` as one differentiable expression (for the fused features)."""
+    h = (hi - lo) / grid
+    u = (x.clamp(lo, hi - 1e-6 * (hi - lo)) - lo) * (1.0 / h) + 3.0
+    a = (u.unsqueeze(-1) - (torch.arange(grid + 3, dtype=x.dtype, device=x.device) + 2.0)).abs()
+    return ((2.0 - a).clamp(min=0.0) ** 3 - 4.0 * (1.0 - a).clamp(min=0.0) ** 3) * (1.0 / 6.0)
+
+
+def _gaussian_formula(x: torch.Tensor, lo: float, hi: float, centers: int) -> torch.Tensor:
+    inv_width = (centers - 1) / (hi - lo)
+    z = (x.unsqueeze(-1) - torch.linspace(lo, hi, centers, dtype=x.dtype, device=x.device)) * inv_width
+    return torch.exp(-z * z)
+
+
 class _Gaussian(torch.autograd.Function):
     """``exp(-((x - c_k) w)^2)`` with in-place ops; backward recomputes from ``x`` (only
     ``[B, in]`` is saved instead of three ``[B, in, K]`` intermediates)."""
@@ -201,10 +226,35 @@ class RBFBasis(Basis):
         z = (self.norm(x).unsqueeze(-1) - self.centers) * self.inv_width
         return torch.exp(-z * z)
 
+    def kernel(self):
+        return None if self.use_norm else (_rbf_features, (self.lo, self.hi, self.n_basis))
+
 
 def _squash(x: torch.Tensor, margin: float) -> torch.Tensor:
     """tanh into (-1, 1), clamped with a margin so polynomials and their gradients stay finite."""
     return torch.tanh(x).clamp(-1.0 + margin, 1.0 - margin)
+
+
+def _chebyshev_formula(x: torch.Tensor, degree: int, margin: float) -> torch.Tensor:
+    x = _squash(x, margin)
+    polys = [torch.ones_like(x), x]
+    for _ in range(2, degree + 1):
+        polys.append(2 * x * polys[-1] - polys[-2])
+    return torch.stack(polys, dim=-1)
+
+
+def _gram_formula(x: torch.Tensor, degree: int, margin: float) -> torch.Tensor:
+    x = _squash(x, margin)
+    m = degree + 1
+    polys = [torch.ones_like(x), x]
+    for n in range(1, degree):
+        polys.append(x * polys[-1] - (n * n * (m * m - n * n) / (m * m * (4 * n * n - 1))) * polys[-2])
+    return torch.stack(polys, dim=-1)
+
+
+def _fourier_formula(x: torch.Tensor, frequencies: int) -> torch.Tensor:
+    a = (math.pi * torch.tanh(x)).unsqueeze(-1) * torch.arange(1, frequencies + 1, dtype=x.dtype, device=x.device)
+    return torch.cat([torch.cos(a), torch.sin(a)], dim=-1)
 
 
 @register_basis("chebyshev")
@@ -222,11 +272,10 @@ class ChebyshevBasis(Basis):
         return {"degree": self.degree, "margin": self.margin}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _squash(x, self.margin)
-        polys = [torch.ones_like(x), x]
-        for _ in range(2, self.degree + 1):
-            polys.append(2 * x * polys[-1] - polys[-2])
-        return torch.stack(polys, dim=-1)
+        return _chebyshev_formula(x, self.degree, self.margin)
+
+    def kernel(self):
+        return _chebyshev_features, (self.degree, self.margin)
 
 
 @register_basis("gram")
@@ -256,6 +305,9 @@ class GramBasis(Basis):
             polys.append(x * polys[-1] - self.betas[n] * polys[-2])
         return torch.stack(polys, dim=-1)
 
+    def kernel(self):
+        return _gram_features, (self.degree, self.margin)
+
 
 @register_basis("fourier")
 class FourierBasis(Basis):
@@ -274,3 +326,59 @@ class FourierBasis(Basis):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = (math.pi * torch.tanh(x)).unsqueeze(-1) * self.k
         return torch.cat([torch.cos(a), torch.sin(a)], dim=-1)
+
+    def kernel(self):
+        return _fourier_features, (self.frequencies,)
+
+
+# -- fused features (opt-in, the sweep's ``train.compile``) ------------------------------------------
+# A KAN layer's features, the basis values and silu(x), are a chain of elementwise passes over an
+# [N, in, n_basis + 1] tensor; on a CPU they, not the matrix product, dominate a KAN convolution's
+# step. torch.compile (inductor) fuses each basis's expression, forward and backward, into one
+# loop. Compiled once per basis kind with dynamic shapes (every layer and batch size reuses it);
+# the first call pays the compilation (tens of seconds on 2 cores; cached on disk after that).
+_FUSED: dict = {"on": False, "compiled": {}}
+
+
+def _silu_column(x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x).unsqueeze(-1)
+
+
+# One function per basis kind (torch.compile caches per code object): basis values, then silu(x).
+def _bspline_features(x, lo, hi, grid):
+    return torch.cat([_cubic_formula(x, lo, hi, grid), _silu_column(x)], dim=-1)
+
+
+def _rbf_features(x, lo, hi, centers):
+    return torch.cat([_gaussian_formula(x, lo, hi, centers), _silu_column(x)], dim=-1)
+
+
+def _chebyshev_features(x, degree, margin):
+    return torch.cat([_chebyshev_formula(x, degree, margin), _silu_column(x)], dim=-1)
+
+
+def _gram_features(x, degree, margin):
+    return torch.cat([_gram_formula(x, degree, margin), _silu_column(x)], dim=-1)
+
+
+def _fourier_features(x, frequencies):
+    return torch.cat([_fourier_formula(x, frequencies), _silu_column(x)], dim=-1)
+
+
+def use_fused_features(on: bool) -> None:
+    """Turn the fused (compiled) features on or off for every KAN layer in this process."""
+    _FUSED["on"] = bool(on)
+
+
+def fused_features(basis: Basis, x: torch.Tensor) -> torch.Tensor | None:
+    """``[B, in] -> [B, in, n_basis + 1]`` through the compiled expression of ``basis``, or None when
+    fused features are off or the basis has no kernel (the caller then runs eagerly)."""
+    if not _FUSED["on"]:
+        return None
+    kernel = basis.kernel()
+    if kernel is None:
+        return None
+    fn, args = kernel
+    if fn not in _FUSED["compiled"]:
+        _FUSED["compiled"][fn] = torch.compile(fn)
+    return _FUSED["compiled"][fn](x, *args)

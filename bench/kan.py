@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bases import make_basis
+from .bases import fused_features, make_basis
 from .errors import UserError
 from .sources import DenseSource, EdgeSource
 
@@ -67,7 +67,11 @@ class KANLayer(nn.Module):
         self.source = source
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, in] -> [B, in, n_basis + 1]``: the basis values, then silu(x)."""
+        """``[B, in] -> [B, in, n_basis + 1]``: the basis values, then silu(x) (fused by torch.compile
+        when :func:`bench.bases.use_fused_features` is on)."""
+        fused = fused_features(self.basis, x)
+        if fused is not None:
+            return fused
         return torch.cat([self.basis(x), F.silu(x).unsqueeze(-1)], dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

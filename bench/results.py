@@ -41,7 +41,7 @@ COLUMNS = [
     "requested_ratio", "theoretical_speedup", "file_bytes", "header_bytes", "dense_file_bytes",
     "file_compression_ratio", "zstd_file_bytes", "epochs", "finetune_epochs", "lr", "batch_size",
     "finetune_lr_scale", "schedule",
-    "patience", "weight_decay", "threads", "dataset_options", "model_options", "basis_options",
+    "patience", "weight_decay", "threads", "compile", "dataset_options", "model_options", "basis_options",
     "train_seconds", "compress_seconds", "peak_memory_bytes", "peak_memory_kind", "device",
     "host", "torch_version", "git_sha", "started_at", "finished_at",
 ]

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from . import models as model_specs
+from .bases import use_fused_features
 from .data import Splits, get_dataset
 from .errors import Infeasible, UserError
 from .lock import results_writer
@@ -90,6 +91,7 @@ class RunEnv:
 
     def trainer(self, spec: RunSpec, ds, splits: Splits) -> Trainer:
         t = spec.train
+        use_fused_features(bool(t.get("compile", False)))  # every run of this process, as its budget says
         return Trainer(splits, ds.task, self.device, batch_size=t["batch_size"], lr=t["lr"],
                        weight_decay=t["weight_decay"], seed=derive_seed(spec.seed, spec.dataset, spec.model,
                                                                          spec.basis, "shuffle"),
@@ -174,7 +176,7 @@ class RunEnv:
         return model, info
 
 
-BUDGET_COLUMNS = ("lr", "batch_size", "finetune_lr_scale", "schedule", "patience", "weight_decay", "threads")
+BUDGET_COLUMNS = ("lr", "batch_size", "finetune_lr_scale", "schedule", "patience", "weight_decay", "threads", "compile")
 
 
 def budget_columns(spec: RunSpec) -> dict:

@@ -96,3 +96,48 @@ def test_rbf_fast_path_matches_reference_values_and_gradients():
     ref = torch.autograd.grad(b.reference(x), [x, *b.norm.parameters()], g)
     assert all(torch.allclose(a, r) for a, r in zip(fast, ref))
     assert torch.autograd.gradcheck(b, (x[:2, :].detach().clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("name,kwargs", [("bspline", {}), ("rbf", {"norm": False}), ("chebyshev", {}),
+                                         ("gram", {}), ("fourier", {}), ("bspline", {"grid": 3, "lo": -1.0})])
+def test_kernel_expression_matches_the_basis_values_and_gradients(name, kwargs):
+    """What the fused features compile is the basis (values, then silu) in values and gradients."""
+    b = make_basis(name, 5, **kwargs)
+    fn, args = b.kernel()
+    x = (3 * torch.randn(64, 5, dtype=torch.float64)).requires_grad_()
+    g = torch.randn(64, 5, b.n_basis + 1, dtype=torch.float64)
+    want = torch.cat([b(x), torch.nn.functional.silu(x).unsqueeze(-1)], dim=-1)
+    got = fn(x, *args)
+    assert torch.allclose(got, want, atol=1e-10)
+    assert torch.allclose(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0], atol=1e-6)
+
+
+def test_bases_without_a_pointwise_kernel_run_eagerly():
+    assert make_basis("rbf", 8).kernel() is None  # LayerNorm mixes a row's inputs
+    assert make_basis("bspline", 4, order=2).kernel() is None  # only the cubic has a closed form here
+
+
+def test_fused_features_give_the_eager_convkan_outputs_and_gradients():
+    """With train.compile on, a ConvKAN's step runs the compiled features and matches eager."""
+    from bench.bases import _FUSED, use_fused_features
+    from bench.kan import ConvKAN
+
+    torch.manual_seed(0)
+    model = ConvKAN((1, 12, 12), 3, [4, 6], 3, 1, "bspline")
+    x = torch.randn(8, 1, 12, 12)
+
+    def step():
+        model.zero_grad()
+        y = model(x)
+        y.square().sum().backward()
+        return y.detach(), [p.grad.clone() for p in model.parameters()]
+
+    y_eager, g_eager = step()
+    use_fused_features(True)
+    try:
+        y_fused, g_fused = step()
+    finally:
+        use_fused_features(False)
+    assert _FUSED["compiled"], "the compiled path was not taken"
+    assert torch.allclose(y_fused, y_eager, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(g_fused, g_eager))
