@@ -54,7 +54,7 @@ class Basis(nn.Module):
 
     def kernel(self) -> tuple[Callable, tuple] | None:
         """``(fn, args)``: ``fn(x, *args)`` is this basis's values followed by ``silu(x)`` (a KAN layer's
-        features) as one pure function of ``x`` and constant Python numbers, for the fused features
+        features) as one pure function of ``x`` and constants (numbers, fixed buffers), for the fused features
         (:func:`fused_features`); None where the basis has none (it then always runs eagerly)."""
         return None
 
@@ -82,6 +82,7 @@ class BSplineBasis(Basis):
         h = (hi - lo) / grid
         knots = lo + h * torch.arange(-order, grid + order + 1, dtype=torch.float32)
         self.register_buffer("knots", knots, persistent=False)  # [G + 2k + 1], derived from the config
+        self.register_buffer("offsets", torch.arange(grid + 3, dtype=torch.float32) + 2.0, persistent=False)
         self.n_basis = grid + order
 
     def config(self) -> dict:
@@ -93,7 +94,7 @@ class BSplineBasis(Basis):
         return self.reference(x)
 
     def kernel(self):
-        return (_bspline_features, (self.lo, self.hi, self.grid_size)) if self.order == 3 else None
+        return (_bspline_features, (self.lo, self.hi, self.grid_size, self.offsets)) if self.order == 3 else None
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """Cox-de Boor recursion on the knot vector (any order; the cubic fast path is tested
@@ -156,17 +157,18 @@ class _UniformCubic(torch.autograd.Function):
         return gx * inside, None, None, None
 
 
-def _cubic_formula(x: torch.Tensor, lo: float, hi: float, grid: int) -> torch.Tensor:
-    """:class:`_UniformCubic` as one differentiable expression (for the fused features)."""
+# The pure expressions the fused features compile. Constant vectors come in as tensors: built inside
+# a compiled graph (arange, linspace) they are recomputed on every call and cost more than they save.
+def _cubic_formula(x: torch.Tensor, lo: float, hi: float, grid: int, offsets: torch.Tensor) -> torch.Tensor:
+    """:class:`_UniformCubic` as one differentiable expression; ``offsets`` is ``arange(grid + 3) + 2``."""
     h = (hi - lo) / grid
     u = (x.clamp(lo, hi - 1e-6 * (hi - lo)) - lo) * (1.0 / h) + 3.0
-    a = (u.unsqueeze(-1) - (torch.arange(grid + 3, dtype=x.dtype, device=x.device) + 2.0)).abs()
+    a = (u.unsqueeze(-1) - offsets.to(x.dtype)).abs()
     return ((2.0 - a).clamp(min=0.0) ** 3 - 4.0 * (1.0 - a).clamp(min=0.0) ** 3) * (1.0 / 6.0)
 
 
-def _gaussian_formula(x: torch.Tensor, lo: float, hi: float, centers: int) -> torch.Tensor:
-    inv_width = (centers - 1) / (hi - lo)
-    z = (x.unsqueeze(-1) - torch.linspace(lo, hi, centers, dtype=x.dtype, device=x.device)) * inv_width
+def _gaussian_formula(x: torch.Tensor, centers: torch.Tensor, inv_width: float) -> torch.Tensor:
+    z = (x.unsqueeze(-1) - centers.to(x.dtype)) * inv_width
     return torch.exp(-z * z)
 
 
@@ -227,7 +229,7 @@ class RBFBasis(Basis):
         return torch.exp(-z * z)
 
     def kernel(self):
-        return None if self.use_norm else (_rbf_features, (self.lo, self.hi, self.n_basis))
+        return None if self.use_norm else (_rbf_features, (self.centers, self.inv_width))
 
 
 def _squash(x: torch.Tensor, margin: float) -> torch.Tensor:
@@ -252,8 +254,8 @@ def _gram_formula(x: torch.Tensor, degree: int, margin: float) -> torch.Tensor:
     return torch.stack(polys, dim=-1)
 
 
-def _fourier_formula(x: torch.Tensor, frequencies: int) -> torch.Tensor:
-    a = (math.pi * torch.tanh(x)).unsqueeze(-1) * torch.arange(1, frequencies + 1, dtype=x.dtype, device=x.device)
+def _fourier_formula(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    a = (math.pi * torch.tanh(x)).unsqueeze(-1) * k.to(x.dtype)
     return torch.cat([torch.cos(a), torch.sin(a)], dim=-1)
 
 
@@ -328,7 +330,7 @@ class FourierBasis(Basis):
         return torch.cat([torch.cos(a), torch.sin(a)], dim=-1)
 
     def kernel(self):
-        return _fourier_features, (self.frequencies,)
+        return _fourier_features, (self.k,)
 
 
 # -- fused features (opt-in, the sweep's ``train.compile``) ------------------------------------------
@@ -345,12 +347,12 @@ def _silu_column(x: torch.Tensor) -> torch.Tensor:
 
 
 # One function per basis kind (torch.compile caches per code object): basis values, then silu(x).
-def _bspline_features(x, lo, hi, grid):
-    return torch.cat([_cubic_formula(x, lo, hi, grid), _silu_column(x)], dim=-1)
+def _bspline_features(x, lo, hi, grid, offsets):
+    return torch.cat([_cubic_formula(x, lo, hi, grid, offsets), _silu_column(x)], dim=-1)
 
 
-def _rbf_features(x, lo, hi, centers):
-    return torch.cat([_gaussian_formula(x, lo, hi, centers), _silu_column(x)], dim=-1)
+def _rbf_features(x, centers, inv_width):
+    return torch.cat([_gaussian_formula(x, centers, inv_width), _silu_column(x)], dim=-1)
 
 
 def _chebyshev_features(x, degree, margin):
@@ -361,13 +363,17 @@ def _gram_features(x, degree, margin):
     return torch.cat([_gram_formula(x, degree, margin), _silu_column(x)], dim=-1)
 
 
-def _fourier_features(x, frequencies):
-    return torch.cat([_fourier_formula(x, frequencies), _silu_column(x)], dim=-1)
+def _fourier_features(x, k):
+    return torch.cat([_fourier_formula(x, k), _silu_column(x)], dim=-1)
 
 
 def use_fused_features(on: bool) -> None:
     """Turn the fused (compiled) features on or off for every KAN layer in this process."""
     _FUSED["on"] = bool(on)
+    if on:  # inductor's CPU build looks for CUDA headers and warns on every CPU-only machine
+        import logging
+
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def fused_features(basis: Basis, x: torch.Tensor) -> torch.Tensor | None:

@@ -211,13 +211,15 @@ def _method_points(cls, fixed: dict, use_grid: bool) -> list[dict]:
     return list(unique.values())
 
 
-def _dataset_points(cls, general: dict, per_dataset: dict | list[dict], use_grid: bool) -> list[dict]:
-    """A method's configs on one dataset: ``[method.M]`` updated by ``[dataset.D.method.M]``, or by
-    each table of an array ``[[dataset.D.method.M]]`` (the union of their grids)."""
+def _dataset_points(cls, general: dict | list[dict], per_dataset: dict | list[dict], use_grid: bool) -> list[dict]:
+    """A method's configs on one dataset: ``[method.M]`` updated by ``[dataset.D.method.M]``; either may
+    be an array of tables (``[[method.M]]``, ``[[dataset.D.method.M]]``): the union of their grids,
+    every general table updated by every per-dataset one."""
     unique = {}
-    for table in per_dataset if isinstance(per_dataset, list) else [per_dataset]:
-        for p in _method_points(cls, {**general, **table}, use_grid):
-            unique[json.dumps(p, sort_keys=True)] = p
+    for base in general if isinstance(general, list) else [general]:
+        for table in per_dataset if isinstance(per_dataset, list) else [per_dataset]:
+            for p in _method_points(cls, {**base, **table}, use_grid):
+                unique[json.dumps(p, sort_keys=True)] = p
     return list(unique.values())
 
 
@@ -269,6 +271,10 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
         for key in tables:
             if key not in reg:
                 raise unknown(kind, key, reg)
+    for key, value in meth_tables.items():
+        if not isinstance(value, dict) and not (isinstance(value, list) and value
+                                                and all(isinstance(v, dict) for v in value)):
+            raise UserError(f"sweep key 'method.{key}' must be a table or an array of tables")
 
     ds_objs, ds_opts, ds_train, ds_hidden, ds_methods = {}, {}, {}, {}, {}
     for d in datasets:

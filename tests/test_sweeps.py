@@ -72,3 +72,17 @@ def test_per_dataset_method_settings_are_validated():
     with pytest.raises(UserError, match="must be a table or an array of tables"):
         build_sweep({"datasets": ["digits"], "methods": ["prune"],
                      "dataset": {"digits": {"method": {"prune": [{"ratio": 2}, 3]}}}})
+
+
+def test_an_array_of_general_method_tables_unites_their_grids_and_each_takes_the_dataset_settings():
+    from bench.errors import UserError
+
+    data = {"datasets": ["digits"], "bases": ["bspline"], "methods": ["quantize"],
+            "method": {"quantize": [{"bits": [8, 2], "algorithm": "rtn"}, {"bits": 2, "algorithm": "ste"}]},
+            "dataset": {"digits": {"method": {"quantize": {"granularity": "edge"}}}}}
+    runs = build_sweep(data).runs
+    assert sorted((r.method_config["bits"], r.method_config["algorithm"]) for r in runs) == [
+        (2, "rtn"), (2, "ste"), (8, "rtn")]
+    assert all(r.method_config["granularity"] == "edge" for r in runs)
+    with pytest.raises(UserError, match="sweep key 'method.quantize' must be a table or an array of tables"):
+        build_sweep({"datasets": ["digits"], "methods": ["quantize"], "method": {"quantize": [{"bits": 2}, 3]}})
