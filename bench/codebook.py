@@ -32,7 +32,8 @@ from .config import positive
 from .errors import Infeasible, UserError
 from .kan import kan_layers, to_layer_device
 from .models import kind_of
-from .sources import CodebookSource, StorageItem, float_item, index_bits, register_source
+from .pruning import MaskedSource, pattern_bits
+from .sources import CodebookSource, EdgeSource, StorageItem, float_item, index_bits, register_source
 
 # Codebooks shared across layers, published by their owner while a file loads.
 _SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -79,6 +80,79 @@ class SharedCodebookSource(CodebookSource):
         return cls(cent, index, config["owns_centroids"], token)
 
 
+@register_source
+class MaskedCodebookSource(CodebookSource):
+    """A codebook over the surviving edges of a pruned layer (``prune>kmeans``): ``centroids [K, n+1]``
+    (float32, trainable), one ``ceil(log2 K)``-bit index per *surviving* edge, and the sparsity
+    pattern at whichever is cheaper, exactly as :class:`bench.pruning.MaskedSource` stores it (a
+    1-bit mask over ``out * in`` edges, or the sorted flat positions at ``ceil(log2(out * in))``
+    bits each). Pruned edges are exactly zero and stay zero (no centroid reaches them)."""
+
+    def __init__(self, out_features: int, in_features: int, centroids: torch.Tensor, index: torch.Tensor,
+                 flat_index: torch.Tensor):
+        EdgeSource.__init__(self)
+        self.out_features, self.in_features = int(out_features), int(in_features)
+        self.edge_dim = centroids.shape[1]
+        self.centroids = nn.Parameter(centroids.detach().clone().float())
+        self.register_buffer("index", index.detach().reshape(-1).clone().long())
+        self.register_buffer("flat_index", flat_index.detach().reshape(-1).clone().long())
+        if self.index.numel() != self.flat_index.numel():
+            raise ValueError("one index per surviving edge")
+
+    @property
+    def kept(self) -> int:
+        return self.flat_index.numel()
+
+    @property
+    def pattern(self) -> str:
+        return pattern_bits(self.out_features, self.in_features, self.kept)[1]
+
+    def edge_tensor(self) -> torch.Tensor:
+        w = self.centroids.new_zeros(self.out_features * self.in_features, self.edge_dim)
+        w = w.index_copy(0, self.flat_index, self.centroids[self.index])
+        return w.reshape(self.out_features, self.in_features, self.edge_dim)
+
+    def contract(self, features: torch.Tensor) -> torch.Tensor:
+        return EdgeSource.contract(self, features)  # one matmul over the decompressed tensor
+
+    def pattern_item(self) -> StorageItem:
+        if self.pattern == "mask":
+            m = torch.zeros(self.out_features * self.in_features, dtype=torch.uint8, device=self.flat_index.device)
+            m[self.flat_index] = 1
+            return StorageItem("mask", m.numel(), 1, "uint1", m)
+        b = index_bits(self.out_features * self.in_features)
+        return StorageItem("positions", self.kept, b, f"uint{b}", self.flat_index)
+
+    def storage(self) -> list[StorageItem]:
+        b = index_bits(self.k)
+        return [float_item("centroids", self.centroids), StorageItem("index", self.kept, b, f"uint{b}", self.index),
+                self.pattern_item()]
+
+    def export_config(self) -> dict:
+        return {"shape": list(self.shape), "k": self.k, "kept": self.kept, "pattern": self.pattern}
+
+    @classmethod
+    def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> MaskedCodebookSource:
+        out, inp, _ = config["shape"]
+        if config["pattern"] == "mask":
+            flat = torch.nonzero(tensors["mask"].reshape(-1) != 0, as_tuple=False).reshape(-1)
+        else:
+            flat = tensors["positions"].reshape(-1).long()
+        return cls(out, inp, tensors["centroids"].reshape(config["k"], -1), tensors["index"].reshape(-1), flat)
+
+
+def _layer_vectors(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The edge vectors to cluster: a pruned layer's survivors only (with their flat positions),
+    otherwise every edge vector (positions None)."""
+    src = layer.source
+    with torch.no_grad():
+        if isinstance(src, (MaskedSource, MaskedCodebookSource)):
+            w = src.edge_tensor().detach().float().cpu().reshape(-1, layer.edge_dim)
+            flat = src.flat_index.detach().cpu()
+            return w[flat], flat
+        return layer.edge_tensor().detach().float().cpu().reshape(-1, layer.edge_dim), None
+
+
 def kmeans_vectors(vectors: np.ndarray, k: int, n_init: int, seed: int):
     """K-means of the rows of ``vectors [N, D]`` (scikit-learn, k-means++ init).
 
@@ -116,22 +190,32 @@ def cluster_model(model: nn.Module, k: int, scope: str = "layer", n_init: int = 
     if k < 2:
         raise UserError(f"codebook size K must be >= 2, got {k}")
     layers = kan_layers(model)
-    with torch.no_grad():
-        vecs = [layer.edge_tensor().detach().float().cpu() for _, layer in layers]
+    picked = [_layer_vectors(layer) for _, layer in layers]
+    vecs = [v for v, _ in picked]
+    pruned = any(flat is not None for _, flat in picked)
     info = {"k_requested": int(k), "scope": scope}
     if scope == "layer":
-        for name, layer in layers:
-            n = layer.out_features * layer.in_features
+        for (name, _), (v, flat) in zip(layers, picked):
+            n = v.shape[0]
             if k > n:
-                raise Infeasible(f"K={k} exceeds the {n} edges of layer {name}; at most {n}")
+                what = "surviving edges" if flat is not None else "edges"
+                raise Infeasible(f"K={k} exceeds the {n} {what} of layer {name}; at most {n}")
         info["k_used"], info["inertia"], info["index_bits"] = {}, {}, {}
-        for (name, layer), v in zip(layers, vecs):
-            cent, labels, inertia, k_used = kmeans_vectors(v.reshape(-1, layer.edge_dim).numpy(), k, n_init, seed)
-            layer.set_source(to_layer_device(CodebookSource(torch.from_numpy(cent),
-                                                torch.from_numpy(labels).reshape(layer.out_features,
-                                                                                 layer.in_features)), layer))
+        for (name, layer), (v, flat) in zip(layers, picked):
+            cent, labels, inertia, k_used = kmeans_vectors(v.numpy(), k, n_init, seed)
+            if flat is None:
+                src = CodebookSource(torch.from_numpy(cent),
+                                     torch.from_numpy(labels).reshape(layer.out_features, layer.in_features))
+            else:  # a pruned layer: a codebook of its survivors, the pattern kept
+                src = MaskedCodebookSource(layer.out_features, layer.in_features, torch.from_numpy(cent),
+                                           torch.from_numpy(labels), flat)
+            layer.set_source(to_layer_device(src, layer))
             info["k_used"][name], info["inertia"][name], info["index_bits"][name] = k_used, inertia, index_bits(k_used)
+        if pruned:
+            info["kept_edges"] = {name: int(v.shape[0]) for (name, _), v in zip(layers, vecs)}
         return info
+    if pruned:
+        raise UserError("a global codebook on a pruned model is not supported; use scope = 'layer'")
     dims = {layer.edge_dim for _, layer in layers}
     if len(dims) > 1:
         raise UserError(f"a global codebook needs one edge size across layers, got {sorted(dims)}")
