@@ -33,7 +33,7 @@ from .errors import Infeasible, UserError
 from .kan import kan_layers, to_layer_device
 from .models import kind_of
 from .pruning import MaskedSource, pattern_bits
-from .sources import CodebookSource, EdgeSource, StorageItem, float_item, index_bits, register_source
+from .sources import CodebookSource, EdgeSource, StorageItem, index_bits, register_source
 
 # Codebooks shared across layers, published by their owner while a file loads.
 _SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -60,24 +60,28 @@ class SharedCodebookSource(CodebookSource):
     def storage(self) -> list[StorageItem]:
         b = index_bits(self.k)
         items = [StorageItem("index", self.index.numel(), b, f"uint{b}", self.index)]
-        return ([float_item("centroids", self.centroids)] if self.owns_centroids else []) + items
+        return (self.centroid_items() if self.owns_centroids else []) + items
 
     def export_config(self) -> dict:
         return {"shape": list(self.shape), "k": self.k, "owns_centroids": self.owns_centroids,
-                "share_token": self.share_token}
+                "share_token": self.share_token, **self.centroid_config()}
 
     @classmethod
     def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> SharedCodebookSource:
         token = config["share_token"]
         index = tensors["index"].reshape(config["shape"][:2])
         if config["owns_centroids"]:
-            cent = nn.Parameter(tensors["centroids"].reshape(config["k"], -1).float().clone())
+            values, fmt = cls.centroids_from_export(config, tensors)
+            cent = nn.Parameter(values.clone())
             _SHARED[token] = cent
         else:
             cent = _SHARED.get(token)
             if cent is None:
                 raise ValueError(f"shared codebook {token!r} was not loaded before the layers that use it")
-        return cls(cent, index, config["owns_centroids"], token)
+            fmt = {"bits": int(config.get("centroid_bits", 32))}  # 32 or 16 (no scale): global needs >= 16
+        src = cls(cent, index, config["owns_centroids"], token)
+        src.set_centroid_format(**fmt)
+        return src
 
 
 @register_source
@@ -109,7 +113,7 @@ class MaskedCodebookSource(CodebookSource):
 
     def edge_tensor(self) -> torch.Tensor:
         w = self.centroids.new_zeros(self.out_features * self.in_features, self.edge_dim)
-        w = w.index_copy(0, self.flat_index, self.centroids[self.index])
+        w = w.index_copy(0, self.flat_index, self.codebook()[self.index])
         return w.reshape(self.out_features, self.in_features, self.edge_dim)
 
     def contract(self, features: torch.Tensor) -> torch.Tensor:
@@ -125,11 +129,12 @@ class MaskedCodebookSource(CodebookSource):
 
     def storage(self) -> list[StorageItem]:
         b = index_bits(self.k)
-        return [float_item("centroids", self.centroids), StorageItem("index", self.kept, b, f"uint{b}", self.index),
+        return [*self.centroid_items(), StorageItem("index", self.kept, b, f"uint{b}", self.index),
                 self.pattern_item()]
 
     def export_config(self) -> dict:
-        return {"shape": list(self.shape), "k": self.k, "kept": self.kept, "pattern": self.pattern}
+        return {"shape": list(self.shape), "k": self.k, "kept": self.kept, "pattern": self.pattern,
+                **self.centroid_config()}
 
     @classmethod
     def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> MaskedCodebookSource:
@@ -138,7 +143,10 @@ class MaskedCodebookSource(CodebookSource):
             flat = torch.nonzero(tensors["mask"].reshape(-1) != 0, as_tuple=False).reshape(-1)
         else:
             flat = tensors["positions"].reshape(-1).long()
-        return cls(out, inp, tensors["centroids"].reshape(config["k"], -1), tensors["index"].reshape(-1), flat)
+        cent, fmt = cls.centroids_from_export(config, tensors)
+        src = cls(out, inp, cent, tensors["index"].reshape(-1), flat)
+        src.set_centroid_format(**fmt)
+        return src
 
 
 def _layer_vectors(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -315,20 +323,22 @@ class EntropyCodedCodebookSource(CodebookSource):
 
     def storage(self) -> list[StorageItem]:
         b = self.count_bits()
-        return [float_item("centroids", self.centroids),
+        return [*self.centroid_items(),
                 StorageItem("counts", self.k, b, f"uint{b}", self.counts),
                 StorageItem("words", self.words.numel(), 32, "uint32", self.words)]
 
     def export_config(self) -> dict:
-        return {"shape": list(self.shape), "k": self.k, "words": int(self.words.numel())}
+        return {"shape": list(self.shape), "k": self.k, "words": int(self.words.numel()), **self.centroid_config()}
 
     @classmethod
     def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> EntropyCodedCodebookSource:
         out_f, in_f = config["shape"][:2]
         counts, words = tensors["counts"].reshape(-1).numpy(), tensors["words"].reshape(-1)
         index = ans_decode(words.numpy(), counts.astype(np.float64), out_f * in_f)
-        return cls(tensors["centroids"].reshape(config["k"], -1), torch.from_numpy(index.astype(np.int64))
-                   .reshape(out_f, in_f), words)
+        cent, fmt = cls.centroids_from_export(config, tensors)
+        src = cls(cent, torch.from_numpy(index.astype(np.int64)).reshape(out_f, in_f), words)
+        src.set_centroid_format(**fmt)
+        return src
 
 
 def entropy_code_indices(model: nn.Module) -> dict:
@@ -340,10 +350,12 @@ def entropy_code_indices(model: nn.Module) -> dict:
         src = layer.source
         if type(src) is not CodebookSource:
             raise UserError("entropy_coding needs per-layer codebooks (scope = 'layer')")
-        coded = to_layer_device(EntropyCodedCodebookSource(src.centroids.detach(), src.index), layer)
+        coded = EntropyCodedCodebookSource(src.centroids.detach(), src.index)
+        coded.set_centroid_format(src.centroid_bits, scale=getattr(src, "centroid_scale", None))
+        coded = to_layer_device(coded, layer)
         layer.set_source(coded)
         out["index_plain_bits"][name] = src.index.numel() * index_bits(src.k)
-        out["index_coded_bits"][name] = sum(it.bits for it in coded.storage() if it.name != "centroids")
+        out["index_coded_bits"][name] = sum(it.bits for it in coded.storage() if not it.name.startswith("centroid"))
         out["index_entropy_bits"][name] = empirical_entropy_bits(coded.counts.cpu().numpy())
     return out
 
@@ -357,12 +369,34 @@ def cluster_and_finetune(model: nn.Module, ctx, options, desc: str) -> dict:
     c = options
     details = cluster_model(model, c.K if c.K is not None else paper_k(model), c.scope, c.n_init, ctx.seed)
     details["val_clustered"] = ctx.trainer.evaluate(model, "val")
+    if c.centroid_bits < 32:  # quantised centroids, fine-tuned through the straight-through estimator
+        details.update(quantize_centroids(model, c.centroid_bits, c.centroid_scale))
+        details["val_quantized"] = ctx.trainer.evaluate(model, "val")
     fit = ctx.finetune(model, codebook_param_groups(model, tune_rest=c.tune_rest), lr=c.finetune_lr,
                        epochs=c.finetune_epochs, desc=desc)
     details.update(val_finetuned=fit.best_val, finetune_best_epoch=fit.best_epoch)
     if c.entropy_coding:  # the indices are final: store them ANS-coded (the forward does not change)
         details.update(entropy_code_indices(model))
     return details
+
+
+def quantize_centroids(model: nn.Module, bits: int, per: str = "centroid") -> dict:
+    """Store every codebook's centroids at ``bits`` (16: float16; below: symmetric integers with a
+    float32 scale per centroid or per codebook, :meth:`bench.sources.CodebookSource.set_centroid_format`);
+    the forward then sees the quantised values and a fine-tune trains the float centroids through
+    them (straight-through). Returns the bits of the centroids before and after."""
+    before = after = 0
+    for _, layer in kan_layers(model):
+        src = layer.source
+        if not isinstance(src, CodebookSource):
+            raise ValueError(f"layer source {type(src).__name__} has no codebook")
+        owner = getattr(src, "owns_centroids", True)
+        if owner:
+            before += sum(it.bits for it in src.centroid_items())
+        src.set_centroid_format(bits, per)
+        if owner:
+            after += sum(it.bits for it in src.centroid_items())
+    return {"centroid_bits_before": before, "centroid_bits_after": after}
 
 
 @dataclass
@@ -381,10 +415,17 @@ class ClusterOptions:
     tune_rest: bool = field(default=False, metadata={"help": "also fine-tune biases and norms"})
     entropy_coding: bool = field(default=False, metadata={
         "help": "store the indices ANS-coded under each layer's index histogram (scope layer)"})
+    centroid_bits: int = field(default=32, metadata={
+        "choices": [32, 16, 8, 6, 5, 4, 3, 2],
+        "help": "centroid precision: 32 float32, 16 float16, below b-bit integers x scales (STE fine-tune)"})
+    centroid_scale: str = field(default="centroid", metadata={
+        "choices": ["centroid", "codebook"], "help": "one float32 scale per centroid or per codebook (bits < 16)"})
 
     def validate(self):
         if self.finetune_lr is not None:
             positive("finetune_lr", self.finetune_lr)
+        if self.centroid_bits < 16 and self.scope != "layer":
+            raise UserError(f"centroid_bits={self.centroid_bits} (integer centroids) needs scope = 'layer'")
         if self.entropy_coding and self.scope != "layer":
             raise UserError("entropy_coding codes each layer's indices under its own histogram: it needs "
                             "scope = 'layer'")

@@ -142,3 +142,14 @@ def test_kmeans_after_prune_stores_fewer_bits_than_kmeans_alone(env):
     a, b = run_one(chain, env), run_one(single, env)
     assert a["stored_bits"] < b["stored_bits"], (a["stored_bits"], b["stored_bits"])
     assert a["method_config_nondefault"] == '{"prune.ratio": 2.0, "kmeans.K": 4}'
+
+
+def test_deep_chain_with_quantised_centroids_runs_counts_and_reloads(env):
+    (spec,) = sweep(["prune(ratio=2.0)>kmeans(K=4,centroid_bits=4)"]).runs
+    (plain,) = sweep(["prune(ratio=2.0)>kmeans(K=4)"]).runs
+    row, ref = run_one(spec, env), run_one(plain, env)
+    assert row["status"] == "ok" and row["reload_max_abs_diff"] == 0.0
+    assert row["stored_bits"] < ref["stored_bits"]
+    path = env.out / "models" / f"{spec.run_id}.kanb"
+    assert row["file_bytes"] == path.stat().st_size == header_bytes(path) + sum(
+        math.ceil(it.bits / 8) for _, it in storage_report(load_model(path)).items)
