@@ -35,6 +35,8 @@ reuses ``metacluster``'s cached trained model.
 method gets, the sweep's ``finetune_epochs``: it is split evenly over the stages, the remainder going
 to the last stages (2 epochs over 2 stages: 1 each; 2 over 3 stages: 0, 1, 1). A stage whose own
 config fixes its fine-tune epochs (``kmeans``' ``finetune_epochs``) uses them, as it would alone.
+A stage that never fine-tunes (``uses_finetune = False``: ``small_dtype``) takes no share, and a
+stage marked ``last_stage_only`` (``small_dtype``: nothing may train after it) must end the chain.
 
 **Storage** is counted once, on the final model (the runner's usual storage report and export).
 The row's ``info`` keeps each stage's details under ``stages``; ``requested_ratio`` is the first
@@ -108,8 +110,15 @@ class Pipeline(Method):
         base, extra = divmod(int(epochs), n)
         return [base + (1 if j >= n - extra else 0) for j in range(n)]
 
+    def shares(self, epochs: int) -> list[int]:
+        """Each stage's fine-tune epochs: the budget split over the stages that fine-tune (a stage
+        with ``uses_finetune = False``, such as ``small_dtype``, gets none)."""
+        tuning = [s for s in self.stages if s.uses_finetune]
+        split = iter(self.budget_split(epochs, max(len(tuning), 1)))
+        return [next(split) if s.uses_finetune else 0 for s in self.stages]
+
     def compress(self, model, ctx: CompressContext) -> None:
-        shares = self.budget_split(ctx.finetune_epochs, len(self.stages))
+        shares = self.shares(ctx.finetune_epochs)
         details, speedup = [], 1.0
         for stage, epochs in zip(self.stages, shares):
             sub = dataclasses.replace(ctx, finetune_epochs=epochs, result=CompressResult(), finetunes=ctx.finetunes)
@@ -144,6 +153,10 @@ def method_class(name: str) -> type[Method]:
         return classes[0]
     if len(set(names)) != len(names):
         raise UserError(f"pipeline {name!r} names a stage twice; each method may appear once in a chain")
+    for cls in classes[:-1]:
+        if cls.last_stage_only:
+            raise UserError(f"pipeline {name!r}: method {cls.name!r} must be the last stage (nothing may train "
+                            "after it)")
     for cls in classes[1:]:
         if cls.trains_own_model():
             raise UserError(f"pipeline {name!r}: method {cls.name!r} trains its own model, so it can only be the "

@@ -79,3 +79,44 @@ def test_integer_centroids_need_layer_scope():
     with pytest.raises(UserError, match="needs scope = 'layer'"):
         METHODS["kmeans"](centroid_bits=4, scope="global")
     METHODS["kmeans"](centroid_bits=16, scope="global")
+
+
+@pytest.mark.parametrize("basis", ["rbf", "bspline"])
+def test_small_tensors_at_float16_change_bits_by_the_expected_amount(tmp_path, basis):
+    from bench.storage import other_tensors, set_small_dtype
+
+    torch.manual_seed(0)
+    model = KAN([6, 5, 3], basis=basis).eval()
+    with torch.no_grad():
+        for t in other_tensors(model).values():
+            t.add_(torch.randn_like(t) * 0.3)  # values that float16 must round
+    x = torch.randn(32, 6)
+    with torch.no_grad():
+        before_out = model(x)
+    before = storage_report(model).stored_bits
+    small = sum(t.numel() for t in other_tensors(model).values() if t.is_floating_point())
+    assert small > 0
+    info = set_small_dtype(model, "float16")
+    assert info == {"small_bits_before": 32 * small, "small_bits_after": 16 * small}
+    assert storage_report(model).stored_bits == before - 16 * small  # exactly 16 bits fewer per small value
+    with torch.no_grad():
+        assert not torch.equal(model(x), before_out)  # evaluated with the rounded values
+        for t in other_tensors(model).values():
+            assert torch.equal(t, t.half().float())
+    path = tmp_path / "m.kanb"
+    size = export_model(model, path)
+    assert size == header_bytes(path) + sum(math.ceil(it.bits / 8) for _, it in storage_report(model).items)
+    back = load_model(path)
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+    assert storage_report(back).stored_bits == storage_report(model).stored_bits
+
+
+def test_small_dtype_must_end_a_pipeline_and_takes_no_budget_share():
+    from bench.errors import UserError
+    from bench.pipeline import method_class
+
+    with pytest.raises(UserError, match="must be the last stage"):
+        method_class("small_dtype>kmeans")
+    chain = method_class("prune>kmeans>small_dtype")()
+    assert chain.shares(2) == [1, 1, 0] and chain.shares(3) == [1, 2, 0]

@@ -3,6 +3,7 @@ the method itself, illegal chains are one-line user errors, the stage-1 cache is
 and clustering a pruned model keeps the pruned edges at exactly zero and counts the pattern."""
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -153,3 +154,13 @@ def test_deep_chain_with_quantised_centroids_runs_counts_and_reloads(env):
     path = env.out / "models" / f"{spec.run_id}.kanb"
     assert row["file_bytes"] == path.stat().st_size == header_bytes(path) + sum(
         math.ceil(it.bits / 8) for _, it in storage_report(load_model(path)).items)
+
+
+def test_small_dtype_as_the_last_stage_saves_16_bits_per_small_value(env):
+    (spec,) = sweep(["prune(ratio=2.0)>kmeans(K=4)>small_dtype"]).runs
+    (plain,) = sweep(["prune(ratio=2.0)>kmeans(K=4)"]).runs
+    row, ref = run_one(spec, env), run_one(plain, env)
+    assert row["status"] == "ok" and row["reload_max_abs_diff"] == 0.0
+    info = json.loads(row["info"])["stages"][-1]
+    assert info["method"] == "small_dtype" and info["finetune_epochs"] == 0
+    assert ref["stored_bits"] - row["stored_bits"] == info["small_bits_before"] - info["small_bits_after"] > 0
