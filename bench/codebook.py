@@ -341,6 +341,46 @@ class EntropyCodedCodebookSource(CodebookSource):
         return src
 
 
+@register_source
+class EntropyCodedMaskedCodebookSource(MaskedCodebookSource):
+    """A pruned layer's codebook (:class:`MaskedCodebookSource`) whose survivors' indices are stored
+    ANS-coded under the layer's own index histogram, as :class:`EntropyCodedCodebookSource` stores a
+    full layer's: the centroids, the code table (``K`` counts at ``ceil(log2(kept + 1))`` bits), the
+    stream's 32-bit words, and the sparsity pattern as before."""
+
+    def __init__(self, out_features: int, in_features: int, centroids: torch.Tensor, index: torch.Tensor,
+                 flat_index: torch.Tensor, words: torch.Tensor | None = None):
+        super().__init__(out_features, in_features, centroids, index, flat_index)
+        flat = self.index.detach().cpu().numpy()
+        counts = np.bincount(flat, minlength=self.k)
+        self.register_buffer("counts", torch.from_numpy(counts.astype(np.int64)))
+        if words is None:
+            words = torch.from_numpy(ans_encode(flat, counts).astype(np.int64))
+        self.register_buffer("words", words.detach().cpu().long().reshape(-1))
+
+    def storage(self) -> list[StorageItem]:
+        b = max(1, int(self.kept).bit_length())
+        return [*self.centroid_items(), StorageItem("counts", self.k, b, f"uint{b}", self.counts),
+                StorageItem("words", self.words.numel(), 32, "uint32", self.words), self.pattern_item()]
+
+    def export_config(self) -> dict:
+        return {**super().export_config(), "words": int(self.words.numel())}
+
+    @classmethod
+    def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> EntropyCodedMaskedCodebookSource:
+        out, inp, _ = config["shape"]
+        if config["pattern"] == "mask":
+            flat = torch.nonzero(tensors["mask"].reshape(-1) != 0, as_tuple=False).reshape(-1)
+        else:
+            flat = tensors["positions"].reshape(-1).long()
+        counts, words = tensors["counts"].reshape(-1).numpy(), tensors["words"].reshape(-1)
+        index = ans_decode(words.numpy(), counts.astype(np.float64), config["kept"])
+        cent, fmt = cls.centroids_from_export(config, tensors)
+        src = cls(out, inp, cent, torch.from_numpy(index.astype(np.int64)), flat, words)
+        src.set_centroid_format(**fmt)
+        return src
+
+
 def entropy_code_indices(model: nn.Module) -> dict:
     """Store every per-layer codebook's indices ANS-coded (:class:`EntropyCodedCodebookSource`): the
     model computes the same; only its storage changes. Returns, per layer, the index bits at
@@ -348,14 +388,18 @@ def entropy_code_indices(model: nn.Module) -> dict:
     out = {"index_plain_bits": {}, "index_coded_bits": {}, "index_entropy_bits": {}}
     for name, layer in kan_layers(model):
         src = layer.source
-        if type(src) is not CodebookSource:
+        if type(src) is MaskedCodebookSource:  # a pruned layer: its survivors' indices
+            coded = EntropyCodedMaskedCodebookSource(src.out_features, src.in_features, src.centroids.detach(),
+                                                     src.index, src.flat_index)
+        elif type(src) is CodebookSource:
+            coded = EntropyCodedCodebookSource(src.centroids.detach(), src.index)
+        else:
             raise UserError("entropy_coding needs per-layer codebooks (scope = 'layer')")
-        coded = EntropyCodedCodebookSource(src.centroids.detach(), src.index)
         coded.set_centroid_format(src.centroid_bits, scale=getattr(src, "centroid_scale", None))
         coded = to_layer_device(coded, layer)
         layer.set_source(coded)
         out["index_plain_bits"][name] = src.index.numel() * index_bits(src.k)
-        out["index_coded_bits"][name] = sum(it.bits for it in coded.storage() if not it.name.startswith("centroid"))
+        out["index_coded_bits"][name] = sum(it.bits for it in coded.storage() if it.name in ("counts", "words"))
         out["index_entropy_bits"][name] = empirical_entropy_bits(coded.counts.cpu().numpy())
     return out
 

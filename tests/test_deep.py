@@ -32,11 +32,12 @@ def _centroid_bits(model):
 
 
 @pytest.mark.parametrize("bits,per", [(16, "centroid"), (8, "centroid"), (4, "codebook"), (3, "centroid")])
-@pytest.mark.parametrize("kind", ["plain", "masked", "entropy", "global"])
+@pytest.mark.parametrize("kind", ["plain", "masked", "entropy", "masked_entropy", "global"])
 def test_quantised_centroids_count_export_and_reload_exactly(tmp_path, bits, per, kind):
     if kind == "global" and bits < 16:
         pytest.skip("integer centroids need scope layer (a UserError, tested below)")
-    make = dict(scope="global" if kind == "global" else "layer", masked=kind == "masked", entropy=kind == "entropy")
+    make = dict(scope="global" if kind == "global" else "layer", masked=kind.startswith("masked"),
+                entropy=kind.endswith("entropy"))
     ref, model = _clustered(**make), _clustered(bits, per, **make)
     x = torch.randn(32, 6)
     with torch.no_grad():
@@ -120,3 +121,15 @@ def test_small_dtype_must_end_a_pipeline_and_takes_no_budget_share():
         method_class("small_dtype>kmeans")
     chain = method_class("prune>kmeans>small_dtype")()
     assert chain.shares(2) == [1, 1, 0] and chain.shares(3) == [1, 2, 0]
+
+
+def test_entropy_coded_pruned_codebook_records_entropy_next_to_coded_size():
+    model = _clustered(masked=True)
+    info = codebook.entropy_code_indices(model)
+    for name, _ in kan_layers(model):
+        src = dict(kan_layers(model))[name].source
+        assert type(src).__name__ == "EntropyCodedMaskedCodebookSource"
+        assert info["index_plain_bits"][name] == src.kept * 2  # K=4: 2 bits per surviving edge
+        # the coded size is the stream plus the code table, never below the empirical entropy
+        assert info["index_coded_bits"][name] >= info["index_entropy_bits"][name]
+        assert info["index_coded_bits"][name] == sum(it.bits for it in src.storage() if it.name in ("counts", "words"))
