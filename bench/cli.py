@@ -24,6 +24,12 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _methods(value: str) -> list[str]:
+    from .pipeline import split_methods
+
+    return split_methods(value)
+
+
 def _seeds(value: str) -> list[int]:
     try:
         return [int(v) for v in _csv(value)]
@@ -46,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--datasets", type=_csv, help="comma-separated dataset names")
     r.add_argument("--models", type=_csv, help="comma-separated model names (kan, convkan)")
     r.add_argument("--bases", type=_csv, help="comma-separated basis names")
-    r.add_argument("--methods", type=_csv, help="comma-separated method names, or 'all'")
+    r.add_argument("--methods", type=_methods,
+                   help="comma-separated method names, pipelines (\"prune(ratio=2)>kmeans(K=16)\"), or 'all'")
     r.add_argument("--seeds", type=_seeds, help="comma-separated seeds, e.g. 0,1,2")
     r.add_argument("--epochs", type=int, help="training epochs (overrides the sweep)")
     r.add_argument("--finetune-epochs", type=int, dest="finetune_epochs", help="fine-tune budget in epochs")
@@ -197,7 +204,7 @@ def dry_run(sweep, out: Path) -> int:
     models it would train first (with their epochs), what is already finished. Trains nothing."""
     from collections import Counter
 
-    from .methods import get_method_class
+    from .pipeline import method_class
     from .plan import plan_sweep, stage_epochs
 
     plan = plan_sweep(sweep, out)
@@ -206,7 +213,7 @@ def dry_run(sweep, out: Path) -> int:
         print(f"  {dataset:16s} {method:12s} {n:4d} runs")
     epochs = Counter()
     for stage in plan.stages.values():
-        method = get_method_class(stage.spec.method)(**stage.spec.method_config) if stage.own else None
+        method = method_class(stage.spec.method)(**stage.spec.method_config) if stage.own else None
         epochs[(stage.spec.dataset, stage.what, stage_epochs(stage.spec, method).epochs)] += 1
     print(f"models to train first: {len(plan.stages)}")
     for (dataset, what, n_epochs), n in sorted(epochs.items()):
@@ -350,6 +357,9 @@ def cmd_list(args) -> int:
         for opt, tp, default, help_ in describe(cls.Config):
             grid = f"  grid: {cls.grid[opt]}" if opt in cls.grid else ""
             print(f"      {opt} ({tp}) = {default!r}{'  ' + help_ if help_ else ''}{grid}")
+    from .pipeline import SYNTAX
+
+    print(f"  {SYNTAX}")
     print("datasets:")
     for name in sorted(DATASETS):
         cls = DATASETS[name]

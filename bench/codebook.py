@@ -32,7 +32,8 @@ from .config import positive
 from .errors import Infeasible, UserError
 from .kan import kan_layers, to_layer_device
 from .models import kind_of
-from .sources import CodebookSource, StorageItem, float_item, index_bits, register_source
+from .pruning import MaskedSource, pattern_bits
+from .sources import CodebookSource, EdgeSource, StorageItem, index_bits, register_source
 
 # Codebooks shared across layers, published by their owner while a file loads.
 _SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -59,24 +60,105 @@ class SharedCodebookSource(CodebookSource):
     def storage(self) -> list[StorageItem]:
         b = index_bits(self.k)
         items = [StorageItem("index", self.index.numel(), b, f"uint{b}", self.index)]
-        return ([float_item("centroids", self.centroids)] if self.owns_centroids else []) + items
+        return (self.centroid_items() if self.owns_centroids else []) + items
 
     def export_config(self) -> dict:
         return {"shape": list(self.shape), "k": self.k, "owns_centroids": self.owns_centroids,
-                "share_token": self.share_token}
+                "share_token": self.share_token, **self.centroid_config()}
 
     @classmethod
     def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> SharedCodebookSource:
         token = config["share_token"]
         index = tensors["index"].reshape(config["shape"][:2])
         if config["owns_centroids"]:
-            cent = nn.Parameter(tensors["centroids"].reshape(config["k"], -1).float().clone())
+            values, fmt = cls.centroids_from_export(config, tensors)
+            cent = nn.Parameter(values.clone())
             _SHARED[token] = cent
         else:
             cent = _SHARED.get(token)
             if cent is None:
                 raise ValueError(f"shared codebook {token!r} was not loaded before the layers that use it")
-        return cls(cent, index, config["owns_centroids"], token)
+            fmt = {"bits": int(config.get("centroid_bits", 32))}  # 32 or 16 (no scale): global needs >= 16
+        src = cls(cent, index, config["owns_centroids"], token)
+        src.set_centroid_format(**fmt)
+        return src
+
+
+@register_source
+class MaskedCodebookSource(CodebookSource):
+    """A codebook over the surviving edges of a pruned layer (``prune>kmeans``): ``centroids [K, n+1]``
+    (float32, trainable), one ``ceil(log2 K)``-bit index per *surviving* edge, and the sparsity
+    pattern at whichever is cheaper, exactly as :class:`bench.pruning.MaskedSource` stores it (a
+    1-bit mask over ``out * in`` edges, or the sorted flat positions at ``ceil(log2(out * in))``
+    bits each). Pruned edges are exactly zero and stay zero (no centroid reaches them)."""
+
+    def __init__(self, out_features: int, in_features: int, centroids: torch.Tensor, index: torch.Tensor,
+                 flat_index: torch.Tensor):
+        EdgeSource.__init__(self)
+        self.out_features, self.in_features = int(out_features), int(in_features)
+        self.edge_dim = centroids.shape[1]
+        self.centroids = nn.Parameter(centroids.detach().clone().float())
+        self.register_buffer("index", index.detach().reshape(-1).clone().long())
+        self.register_buffer("flat_index", flat_index.detach().reshape(-1).clone().long())
+        if self.index.numel() != self.flat_index.numel():
+            raise ValueError("one index per surviving edge")
+
+    @property
+    def kept(self) -> int:
+        return self.flat_index.numel()
+
+    @property
+    def pattern(self) -> str:
+        return pattern_bits(self.out_features, self.in_features, self.kept)[1]
+
+    def edge_tensor(self) -> torch.Tensor:
+        w = self.centroids.new_zeros(self.out_features * self.in_features, self.edge_dim)
+        w = w.index_copy(0, self.flat_index, self.codebook()[self.index])
+        return w.reshape(self.out_features, self.in_features, self.edge_dim)
+
+    def contract(self, features: torch.Tensor) -> torch.Tensor:
+        return EdgeSource.contract(self, features)  # one matmul over the decompressed tensor
+
+    def pattern_item(self) -> StorageItem:
+        if self.pattern == "mask":
+            m = torch.zeros(self.out_features * self.in_features, dtype=torch.uint8, device=self.flat_index.device)
+            m[self.flat_index] = 1
+            return StorageItem("mask", m.numel(), 1, "uint1", m)
+        b = index_bits(self.out_features * self.in_features)
+        return StorageItem("positions", self.kept, b, f"uint{b}", self.flat_index)
+
+    def storage(self) -> list[StorageItem]:
+        b = index_bits(self.k)
+        return [*self.centroid_items(), StorageItem("index", self.kept, b, f"uint{b}", self.index),
+                self.pattern_item()]
+
+    def export_config(self) -> dict:
+        return {"shape": list(self.shape), "k": self.k, "kept": self.kept, "pattern": self.pattern,
+                **self.centroid_config()}
+
+    @classmethod
+    def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> MaskedCodebookSource:
+        out, inp, _ = config["shape"]
+        if config["pattern"] == "mask":
+            flat = torch.nonzero(tensors["mask"].reshape(-1) != 0, as_tuple=False).reshape(-1)
+        else:
+            flat = tensors["positions"].reshape(-1).long()
+        cent, fmt = cls.centroids_from_export(config, tensors)
+        src = cls(out, inp, cent, tensors["index"].reshape(-1), flat)
+        src.set_centroid_format(**fmt)
+        return src
+
+
+def _layer_vectors(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The edge vectors to cluster: a pruned layer's survivors only (with their flat positions),
+    otherwise every edge vector (positions None)."""
+    src = layer.source
+    with torch.no_grad():
+        if isinstance(src, (MaskedSource, MaskedCodebookSource)):
+            w = src.edge_tensor().detach().float().cpu().reshape(-1, layer.edge_dim)
+            flat = src.flat_index.detach().cpu()
+            return w[flat], flat
+        return layer.edge_tensor().detach().float().cpu().reshape(-1, layer.edge_dim), None
 
 
 def kmeans_vectors(vectors: np.ndarray, k: int, n_init: int, seed: int):
@@ -116,22 +198,32 @@ def cluster_model(model: nn.Module, k: int, scope: str = "layer", n_init: int = 
     if k < 2:
         raise UserError(f"codebook size K must be >= 2, got {k}")
     layers = kan_layers(model)
-    with torch.no_grad():
-        vecs = [layer.edge_tensor().detach().float().cpu() for _, layer in layers]
+    picked = [_layer_vectors(layer) for _, layer in layers]
+    vecs = [v for v, _ in picked]
+    pruned = any(flat is not None for _, flat in picked)
     info = {"k_requested": int(k), "scope": scope}
     if scope == "layer":
-        for name, layer in layers:
-            n = layer.out_features * layer.in_features
+        for (name, _), (v, flat) in zip(layers, picked):
+            n = v.shape[0]
             if k > n:
-                raise Infeasible(f"K={k} exceeds the {n} edges of layer {name}; at most {n}")
+                what = "surviving edges" if flat is not None else "edges"
+                raise Infeasible(f"K={k} exceeds the {n} {what} of layer {name}; at most {n}")
         info["k_used"], info["inertia"], info["index_bits"] = {}, {}, {}
-        for (name, layer), v in zip(layers, vecs):
-            cent, labels, inertia, k_used = kmeans_vectors(v.reshape(-1, layer.edge_dim).numpy(), k, n_init, seed)
-            layer.set_source(to_layer_device(CodebookSource(torch.from_numpy(cent),
-                                                torch.from_numpy(labels).reshape(layer.out_features,
-                                                                                 layer.in_features)), layer))
+        for (name, layer), (v, flat) in zip(layers, picked):
+            cent, labels, inertia, k_used = kmeans_vectors(v.numpy(), k, n_init, seed)
+            if flat is None:
+                src = CodebookSource(torch.from_numpy(cent),
+                                     torch.from_numpy(labels).reshape(layer.out_features, layer.in_features))
+            else:  # a pruned layer: a codebook of its survivors, the pattern kept
+                src = MaskedCodebookSource(layer.out_features, layer.in_features, torch.from_numpy(cent),
+                                           torch.from_numpy(labels), flat)
+            layer.set_source(to_layer_device(src, layer))
             info["k_used"][name], info["inertia"][name], info["index_bits"][name] = k_used, inertia, index_bits(k_used)
+        if pruned:
+            info["kept_edges"] = {name: int(v.shape[0]) for (name, _), v in zip(layers, vecs)}
         return info
+    if pruned:
+        raise UserError("a global codebook on a pruned model is not supported; use scope = 'layer'")
     dims = {layer.edge_dim for _, layer in layers}
     if len(dims) > 1:
         raise UserError(f"a global codebook needs one edge size across layers, got {sorted(dims)}")
@@ -231,20 +323,62 @@ class EntropyCodedCodebookSource(CodebookSource):
 
     def storage(self) -> list[StorageItem]:
         b = self.count_bits()
-        return [float_item("centroids", self.centroids),
+        return [*self.centroid_items(),
                 StorageItem("counts", self.k, b, f"uint{b}", self.counts),
                 StorageItem("words", self.words.numel(), 32, "uint32", self.words)]
 
     def export_config(self) -> dict:
-        return {"shape": list(self.shape), "k": self.k, "words": int(self.words.numel())}
+        return {"shape": list(self.shape), "k": self.k, "words": int(self.words.numel()), **self.centroid_config()}
 
     @classmethod
     def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> EntropyCodedCodebookSource:
         out_f, in_f = config["shape"][:2]
         counts, words = tensors["counts"].reshape(-1).numpy(), tensors["words"].reshape(-1)
         index = ans_decode(words.numpy(), counts.astype(np.float64), out_f * in_f)
-        return cls(tensors["centroids"].reshape(config["k"], -1), torch.from_numpy(index.astype(np.int64))
-                   .reshape(out_f, in_f), words)
+        cent, fmt = cls.centroids_from_export(config, tensors)
+        src = cls(cent, torch.from_numpy(index.astype(np.int64)).reshape(out_f, in_f), words)
+        src.set_centroid_format(**fmt)
+        return src
+
+
+@register_source
+class EntropyCodedMaskedCodebookSource(MaskedCodebookSource):
+    """A pruned layer's codebook (:class:`MaskedCodebookSource`) whose survivors' indices are stored
+    ANS-coded under the layer's own index histogram, as :class:`EntropyCodedCodebookSource` stores a
+    full layer's: the centroids, the code table (``K`` counts at ``ceil(log2(kept + 1))`` bits), the
+    stream's 32-bit words, and the sparsity pattern as before."""
+
+    def __init__(self, out_features: int, in_features: int, centroids: torch.Tensor, index: torch.Tensor,
+                 flat_index: torch.Tensor, words: torch.Tensor | None = None):
+        super().__init__(out_features, in_features, centroids, index, flat_index)
+        flat = self.index.detach().cpu().numpy()
+        counts = np.bincount(flat, minlength=self.k)
+        self.register_buffer("counts", torch.from_numpy(counts.astype(np.int64)))
+        if words is None:
+            words = torch.from_numpy(ans_encode(flat, counts).astype(np.int64))
+        self.register_buffer("words", words.detach().cpu().long().reshape(-1))
+
+    def storage(self) -> list[StorageItem]:
+        b = max(1, int(self.kept).bit_length())
+        return [*self.centroid_items(), StorageItem("counts", self.k, b, f"uint{b}", self.counts),
+                StorageItem("words", self.words.numel(), 32, "uint32", self.words), self.pattern_item()]
+
+    def export_config(self) -> dict:
+        return {**super().export_config(), "words": int(self.words.numel())}
+
+    @classmethod
+    def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> EntropyCodedMaskedCodebookSource:
+        out, inp, _ = config["shape"]
+        if config["pattern"] == "mask":
+            flat = torch.nonzero(tensors["mask"].reshape(-1) != 0, as_tuple=False).reshape(-1)
+        else:
+            flat = tensors["positions"].reshape(-1).long()
+        counts, words = tensors["counts"].reshape(-1).numpy(), tensors["words"].reshape(-1)
+        index = ans_decode(words.numpy(), counts.astype(np.float64), config["kept"])
+        cent, fmt = cls.centroids_from_export(config, tensors)
+        src = cls(out, inp, cent, torch.from_numpy(index.astype(np.int64)), flat, words)
+        src.set_centroid_format(**fmt)
+        return src
 
 
 def entropy_code_indices(model: nn.Module) -> dict:
@@ -254,12 +388,18 @@ def entropy_code_indices(model: nn.Module) -> dict:
     out = {"index_plain_bits": {}, "index_coded_bits": {}, "index_entropy_bits": {}}
     for name, layer in kan_layers(model):
         src = layer.source
-        if type(src) is not CodebookSource:
+        if type(src) is MaskedCodebookSource:  # a pruned layer: its survivors' indices
+            coded = EntropyCodedMaskedCodebookSource(src.out_features, src.in_features, src.centroids.detach(),
+                                                     src.index, src.flat_index)
+        elif type(src) is CodebookSource:
+            coded = EntropyCodedCodebookSource(src.centroids.detach(), src.index)
+        else:
             raise UserError("entropy_coding needs per-layer codebooks (scope = 'layer')")
-        coded = to_layer_device(EntropyCodedCodebookSource(src.centroids.detach(), src.index), layer)
+        coded.set_centroid_format(src.centroid_bits, scale=getattr(src, "centroid_scale", None))
+        coded = to_layer_device(coded, layer)
         layer.set_source(coded)
         out["index_plain_bits"][name] = src.index.numel() * index_bits(src.k)
-        out["index_coded_bits"][name] = sum(it.bits for it in coded.storage() if it.name != "centroids")
+        out["index_coded_bits"][name] = sum(it.bits for it in coded.storage() if it.name in ("counts", "words"))
         out["index_entropy_bits"][name] = empirical_entropy_bits(coded.counts.cpu().numpy())
     return out
 
@@ -273,12 +413,34 @@ def cluster_and_finetune(model: nn.Module, ctx, options, desc: str) -> dict:
     c = options
     details = cluster_model(model, c.K if c.K is not None else paper_k(model), c.scope, c.n_init, ctx.seed)
     details["val_clustered"] = ctx.trainer.evaluate(model, "val")
+    if c.centroid_bits < 32:  # quantised centroids, fine-tuned through the straight-through estimator
+        details.update(quantize_centroids(model, c.centroid_bits, c.centroid_scale))
+        details["val_quantized"] = ctx.trainer.evaluate(model, "val")
     fit = ctx.finetune(model, codebook_param_groups(model, tune_rest=c.tune_rest), lr=c.finetune_lr,
                        epochs=c.finetune_epochs, desc=desc)
     details.update(val_finetuned=fit.best_val, finetune_best_epoch=fit.best_epoch)
     if c.entropy_coding:  # the indices are final: store them ANS-coded (the forward does not change)
         details.update(entropy_code_indices(model))
     return details
+
+
+def quantize_centroids(model: nn.Module, bits: int, per: str = "centroid") -> dict:
+    """Store every codebook's centroids at ``bits`` (16: float16; below: symmetric integers with a
+    float32 scale per centroid or per codebook, :meth:`bench.sources.CodebookSource.set_centroid_format`);
+    the forward then sees the quantised values and a fine-tune trains the float centroids through
+    them (straight-through). Returns the bits of the centroids before and after."""
+    before = after = 0
+    for _, layer in kan_layers(model):
+        src = layer.source
+        if not isinstance(src, CodebookSource):
+            raise ValueError(f"layer source {type(src).__name__} has no codebook")
+        owner = getattr(src, "owns_centroids", True)
+        if owner:
+            before += sum(it.bits for it in src.centroid_items())
+        src.set_centroid_format(bits, per)
+        if owner:
+            after += sum(it.bits for it in src.centroid_items())
+    return {"centroid_bits_before": before, "centroid_bits_after": after}
 
 
 @dataclass
@@ -297,10 +459,17 @@ class ClusterOptions:
     tune_rest: bool = field(default=False, metadata={"help": "also fine-tune biases and norms"})
     entropy_coding: bool = field(default=False, metadata={
         "help": "store the indices ANS-coded under each layer's index histogram (scope layer)"})
+    centroid_bits: int = field(default=32, metadata={
+        "choices": [32, 16, 8, 6, 5, 4, 3, 2],
+        "help": "centroid precision: 32 float32, 16 float16, below b-bit integers x scales (STE fine-tune)"})
+    centroid_scale: str = field(default="centroid", metadata={
+        "choices": ["centroid", "codebook"], "help": "one float32 scale per centroid or per codebook (bits < 16)"})
 
     def validate(self):
         if self.finetune_lr is not None:
             positive("finetune_lr", self.finetune_lr)
+        if self.centroid_bits < 16 and self.scope != "layer":
+            raise UserError(f"centroid_bits={self.centroid_bits} (integer centroids) needs scope = 'layer'")
         if self.entropy_coding and self.scope != "layer":
             raise UserError("entropy_coding codes each layer's indices under its own histogram: it needs "
                             "scope = 'layer'")

@@ -95,7 +95,7 @@ def _worker_env(out: str, data_dir: str, device: str, plugins: list[str], thread
 def prepare_stage(spec: dict, own_model: bool, out: str, data_dir: str, device: str, plugins: list[str],
                   threads: int = 1) -> dict:
     """Phase 1 task: train (or find cached) the dense base, or the method's own stage-1 model."""
-    from .methods import get_method_class
+    from .pipeline import method_class
     from .runner import error_text
     from .sweep import RunSpec
     from .train import Diverged
@@ -106,7 +106,7 @@ def prepare_stage(spec: dict, own_model: bool, out: str, data_dir: str, device: 
         run = RunSpec(**spec)
         ds, splits = env.splits(run)
         trainer = env.trainer(run, ds, splits)
-        method = get_method_class(run.method)(**run.method_config) if own_model else None
+        method = method_class(run.method)(**run.method_config) if own_model else None
         model, _ = env.trained(run, ds, trainer, method)
         if method is None:  # the base's fine-tuned control, which every run of this base reads
             env.control(run, trainer, model)

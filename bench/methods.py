@@ -122,6 +122,8 @@ class Method:
     grid: ClassVar[dict[str, list]] = {}
     test_config: ClassVar[dict] = {}
     stage_fields: ClassVar[tuple[str, ...]] = ()
+    uses_finetune: ClassVar[bool] = True  # False: never fine-tunes (a pipeline gives it no share of the budget)
+    last_stage_only: ClassVar[bool] = False  # True: nothing may train after it (only a pipeline's last stage)
 
     def __init__(self, **hyperparameters):
         self.config = build_config(self.Config, hyperparameters, f"method {self.name!r}")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .methods import get_method_class
+from .pipeline import method_class
 from .results import ResultsStore
 from .sweep import RunSpec, Sweep
 
@@ -91,7 +91,7 @@ def stages_of(spec: RunSpec) -> list[Stage]:
     _, base = stage_cache(spec)
     control_key, control = control_cache(spec)
     out = [Stage(json.dumps(control_key, sort_keys=True, default=str), spec, False, (base, control))]
-    cls = get_method_class(spec.method)
+    cls = method_class(spec.method)
     if cls.trains_own_model():
         key, name = stage_cache(spec, cls(**spec.method_config))
         out.append(Stage(json.dumps(key, sort_keys=True, default=str), spec, True, (name,)))

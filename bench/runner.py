@@ -34,7 +34,8 @@ from .bases import use_fused_features
 from .data import Splits, get_dataset
 from .errors import Infeasible, UserError
 from .lock import results_writer
-from .methods import CompressContext, control_finetune, get_method_class
+from .methods import CompressContext, control_finetune
+from .pipeline import is_pipeline_class, method_class
 from .plan import Plan, control_cache, plan_sweep, stage_cache, stage_epochs
 from .provenance import git_sha
 from .results import ResultsStore, atomic_write_bytes
@@ -193,7 +194,14 @@ def nondefault_config(method: str, config: dict) -> str | None:
     import dataclasses
 
     try:
-        fields = dataclasses.fields(get_method_class(method).Config)
+        cls = method_class(method)
+        if is_pipeline_class(cls):  # per stage, flattened as stage.option (prune.ratio=2)
+            flat = {}
+            for c in cls.stage_classes:
+                sub = nondefault_config(c.name, config.get(c.name, {}))
+                flat.update({f"{c.name}.{k}": v for k, v in json.loads(sub).items()})
+            return json.dumps(flat, default=str)
+        fields = dataclasses.fields(cls.Config)
     except Exception:
         return None
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -218,7 +226,7 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
     the un-fine-tuned base."""
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     torch.set_num_threads(int(spec.train.get("threads", torch.get_num_threads())))
-    method = get_method_class(spec.method)(**spec.method_config)
+    method = method_class(spec.method)(**spec.method_config)
     ds, splits = env.splits(spec)
     trainer = env.trainer(spec, ds, splits)
     row = {"run_id": spec.run_id, "sweep": spec.sweep, "dataset": spec.dataset, "task": ds.task,

@@ -162,13 +162,65 @@ class CodebookSource(EdgeSource):
     def k(self) -> int:
         return self.centroids.shape[0]
 
+    # -- quantised centroids (``centroid_bits``) ----------------------------------------------
+    centroid_bits: int = 32  # 32: float32; 16: float16; below: symmetric b-bit integers x a float32 scale
+
+    def set_centroid_format(self, bits: int, per: str = "centroid", scale: torch.Tensor | None = None) -> None:
+        """Store the centroids at ``bits``: 16 is float16; below 16, symmetric integers in
+        ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` times a float32 scale per centroid (``per="centroid"``) or one
+        per codebook (``"codebook"``), fixed now from the centroids' largest magnitude (values beyond
+        it clamp). The forward uses the quantised centroids; gradients pass straight through (STE)."""
+        self.centroid_bits = int(bits)
+        if self.centroid_bits < 16:
+            if scale is None:
+                c = self.centroids.detach()
+                amax = c.abs().amax(dim=1) if per == "centroid" else c.abs().amax().reshape(1)
+                scale = (amax / centroid_qmax(self.centroid_bits)).clamp_min(1e-12)
+            self.register_buffer("centroid_scale", scale.detach().float().reshape(-1).clone())
+
+    def centroid_codes(self) -> torch.Tensor:
+        m = centroid_qmax(self.centroid_bits)
+        return torch.clamp(torch.round(self.centroids / self.centroid_scale.reshape(-1, 1)), -m, m)
+
+    def codebook(self) -> torch.Tensor:
+        """The centroids the forward uses: at their stored precision, straight-through for gradients."""
+        c = self.centroids
+        if self.centroid_bits >= 32:
+            return c
+        if self.centroid_bits == 16:
+            q = c.detach().half().float()
+        else:
+            q = self.centroid_codes().detach() * self.centroid_scale.reshape(-1, 1)
+        return q + (c - c.detach())  # exactly q in value; the gradient of c
+
+    def centroid_items(self) -> list[StorageItem]:
+        b = self.centroid_bits
+        if b >= 32:
+            return [float_item("centroids", self.centroids)]
+        if b == 16:
+            return [float_item("centroids", self.centroids.detach().half())]
+        return [StorageItem("centroids", self.centroids.numel(), b, f"int{b}", self.centroid_codes().detach().long()),
+                float_item("centroid_scale", self.centroid_scale)]
+
+    def centroid_config(self) -> dict:
+        return {} if self.centroid_bits >= 32 else {"centroid_bits": self.centroid_bits}
+
+    @staticmethod
+    def centroids_from_export(config: dict, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        """(float centroids ``[K, n+1]``, keyword arguments of :meth:`set_centroid_format`) from a file."""
+        bits, k = int(config.get("centroid_bits", 32)), config["k"]
+        c = tensors["centroids"].reshape(k, -1)
+        if bits >= 16:
+            return c.float(), {"bits": bits}
+        scale = tensors["centroid_scale"].reshape(-1).float()
+        return c.float() * scale.reshape(-1, 1), {"bits": bits, "scale": scale}
+
     def edge_tensor(self) -> torch.Tensor:
-        return self.centroids[self.index]
+        return self.codebook()[self.index]
 
     def storage(self) -> list[StorageItem]:
         b = index_bits(self.k)
-        return [float_item("centroids", self.centroids),
-                StorageItem("index", self.index.numel(), b, f"uint{b}", self.index)]
+        return [*self.centroid_items(), StorageItem("index", self.index.numel(), b, f"uint{b}", self.index)]
 
     # One gathered add costs about as much as this many BLAS multiply-adds on a CPU (measured
     # with `python -m bench perf`: the embedding-bag sum is memory-bound, the matmul is not).
@@ -191,13 +243,21 @@ class CodebookSource(EdgeSource):
         index[o, i]]`` as an embedding-bag sum over the rows of ``P^T``: never builds
         ``[B, out, in]`` nor the full edge tensor."""
         b = features.shape[0]
-        p = (features @ self.centroids.t()).reshape(b, -1)  # [B, in*K]
+        p = (features @ self.codebook().t()).reshape(b, -1)  # [B, in*K]
         offsets = self.index + self.k * torch.arange(self.in_features, device=self.index.device)
         return F.embedding_bag(offsets, p.t().contiguous(), mode="sum").t()
 
     def export_config(self) -> dict:
-        return {"shape": list(self.shape), "k": self.k}
+        return {"shape": list(self.shape), "k": self.k, **self.centroid_config()}
 
     @classmethod
     def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> CodebookSource:
-        return cls(tensors["centroids"].reshape(config["k"], -1), tensors["index"].reshape(config["shape"][:2]))
+        cent, fmt = cls.centroids_from_export(config, tensors)
+        src = cls(cent, tensors["index"].reshape(config["shape"][:2]))
+        src.set_centroid_format(**fmt)
+        return src
+
+
+def centroid_qmax(bits: int) -> int:
+    """The largest code of a symmetric ``bits``-bit integer centroid: ``2^(bits-1) - 1``."""
+    return 2 ** (int(bits) - 1) - 1

@@ -78,15 +78,45 @@ def other_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if _outside(k, prefixes) and k.rsplit(".", 1)[-1] not in TRAINING_ONLY}
 
 
+SMALL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def set_small_dtype(model: nn.Module, dtype: str) -> dict:
+    """Store every floating tensor outside the edge sources (biases, norm weights and statistics) at
+    ``dtype`` (float16 | bfloat16): the values are rounded to it now, in place, so the model is
+    evaluated with exactly what the file keeps; they are counted at 16 bits and exported at that
+    width. Returns the bits of those tensors before and after. Nothing may train the model after
+    this (the ``small_dtype`` method is a pipeline's last stage)."""
+    if dtype not in SMALL_DTYPES:
+        raise ValueError(f"small dtype must be one of {sorted(SMALL_DTYPES)}, got {dtype!r}")
+    before = after = 0
+    with torch.no_grad():
+        for t in other_tensors(model).values():
+            if t.is_floating_point():
+                before += t.numel() * t.element_size() * 8
+                t.copy_(t.to(SMALL_DTYPES[dtype]).to(t.dtype))
+                after += t.numel() * 16
+    model.small_dtype = dtype
+    return {"small_bits_before": before, "small_bits_after": after}
+
+
+def _small_item(model: nn.Module, name: str, t: torch.Tensor) -> StorageItem:
+    dtype = getattr(model, "small_dtype", None)
+    if dtype is None or t.dtype != torch.float32:
+        return float_item(name, t)
+    return StorageItem(name, t.numel(), 16, dtype, t.detach())
+
+
 def storage_items(model: nn.Module) -> list[tuple[str, StorageItem]]:
-    """``(qualified name, item)`` for everything the deployed model stores."""
+    """``(qualified name, item)`` for everything the deployed model stores (with ``small_dtype`` set,
+    :func:`set_small_dtype`, the float32 tensors outside the sources at 16 bits)."""
     items = []
     for lname, layer in kan_layers(model):
         for it in layer.source.storage():
             items.append((f"{lname}.source.{it.name}", it))
     for name, t in other_tensors(model).items():
         if t.is_floating_point():
-            items.append((name, float_item(name, t)))
+            items.append((name, _small_item(model, name, t)))
         else:
             items.append((name, StorageItem(name, t.numel(), t.element_size() * 8, f"raw:{t.dtype}", t.detach())))
     return items
@@ -179,8 +209,10 @@ def export_model(model: nn.Module, path: str | Path) -> int:
         blobs.append(blob)
     sources = {lname: {"type": type(layer.source).__name__, "config": layer.source.export_config()}
                for lname, layer in kan_layers(model)}
-    header = zlib.compress(json.dumps({"model": model.config(), "sources": sources, "tensors": entries},
-                                      separators=(",", ":")).encode(), 9)
+    head = {"model": model.config(), "sources": sources, "tensors": entries}
+    if getattr(model, "small_dtype", None) is not None:
+        head["small_dtype"] = model.small_dtype
+    header = zlib.compress(json.dumps(head, separators=(",", ":")).encode(), 9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as fh:
@@ -232,6 +264,8 @@ def load_model(path: str | Path) -> nn.Module:
         tensors[e["name"]] = _decode(raw[pos:pos + e["bytes"]], e["encoding"], e["shape"], e["count"])
         pos += e["bytes"]
     model = from_config(header["model"])
+    if "small_dtype" in header:
+        model.small_dtype = header["small_dtype"]
     layers = dict(kan_layers(model))
     for lname, spec in header["sources"].items():
         prefix = f"{lname}.source."

@@ -58,8 +58,9 @@ from .bases import BASES, make_basis
 from .config import build_config
 from .data import DATASETS, get_dataset
 from .errors import UserError, unknown
-from .methods import DEFAULT_FINETUNE_LR_SCALE, METHODS, get_method_class
+from .methods import DEFAULT_FINETUNE_LR_SCALE, METHODS
 from .models import MODELS, compatible, incompatibility, model_options
+from .pipeline import is_pipeline_class, method_class, parse_entry, split_methods
 
 SWEEPS_DIR = Path(__file__).resolve().parent / "sweeps"
 TOP_KEYS = {"name", "description", "datasets", "models", "bases", "methods", "seeds", "grid", "device",
@@ -186,7 +187,15 @@ def _table(data: dict, key: str) -> dict:
 
 
 def _method_points(cls, fixed: dict, use_grid: bool) -> list[dict]:
-    """Expand a method's grid (declared and/or given as lists in the sweep) into configs."""
+    """Expand a method's grid (declared and/or given as lists in the sweep) into configs; a
+    pipeline's points are the product of its stages' points (``fixed``: one table per stage)."""
+    if is_pipeline_class(cls):
+        cls(**{k: {} for k in fixed})  # checks the stage names
+        for k, v in fixed.items():
+            if not isinstance(v, dict):
+                raise UserError(f"pipeline {cls.name!r}: the options of stage {k!r} must be a table, got {v!r}")
+        per_stage = [_method_points(c, fixed.get(c.name, {}), use_grid) for c in cls.stage_classes]
+        return [{c.name: p for c, p in zip(cls.stage_classes, combo)} for combo in itertools.product(*per_stage)]
     hints = typing.get_type_hints(cls.Config)
     names = {f.name for f in dataclasses.fields(cls.Config)}
     axes: dict[str, list] = dict(cls.grid) if use_grid else {}
@@ -218,9 +227,44 @@ def _dataset_points(cls, general: dict | list[dict], per_dataset: dict | list[di
     unique = {}
     for base in general if isinstance(general, list) else [general]:
         for table in per_dataset if isinstance(per_dataset, list) else [per_dataset]:
-            for p in _method_points(cls, {**base, **table}, use_grid):
+            if is_pipeline_class(cls):  # merge stage by stage
+                merged = {k: {**base.get(k, {}), **table.get(k, {})} for k in {*base, *table}}
+            else:
+                merged = {**base, **table}
+            for p in _method_points(cls, merged, use_grid):
                 unique[json.dumps(p, sort_keys=True)] = p
     return list(unique.values())
+
+
+def _method_entries(value) -> dict[str, tuple[str, dict]]:
+    """The sweep's ``methods``: entry text -> (method or pipeline name, inline options), in order
+    (``all``: every registered method; an entry may be ``kmeans(K=8)`` or ``prune(ratio=2)>kmeans``,
+    see :mod:`bench.pipeline`)."""
+    if isinstance(value, str):
+        value = split_methods(value)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"sweep key 'methods' must be a list of names, got {value!r}")
+    if not value:
+        raise UserError("no methods given (--methods or the sweep's 'methods' is empty); valid: "
+                        + ", ".join(sorted(METHODS)) + ", or pipelines a>b of them")
+    if value == ["all"]:
+        value = sorted(METHODS)
+    return {v.replace(" ", ""): parse_entry(v) for v in value}
+
+
+def _entry_points(name: str, inline: dict, general: dict, per_dataset, use_grid: bool) -> list[dict]:
+    """The configs of one ``methods`` entry: its method table(s), then its inline options on top."""
+    cls = method_class(name)
+    if inline:
+        if is_pipeline_class(cls):
+            general = {k: {**general.get(k, {}), **inline.get(k, {})} for k in {*general, *inline}}
+            tables = per_dataset if isinstance(per_dataset, list) else [per_dataset]
+            per_dataset = [{k: {**t.get(k, {}), **inline.get(k, {})} for k in {*t, *inline}} for t in tables]
+        else:
+            general = {**general, **inline}
+            tables = per_dataset if isinstance(per_dataset, list) else [per_dataset]
+            per_dataset = [{**t, **inline} for t in tables]
+    return _dataset_points(cls, general, per_dataset, use_grid)
 
 
 def _check_pairs(datasets: list[str], models: list[str], ds_objs: dict) -> None:
@@ -247,7 +291,7 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
     datasets = _names(data.get("datasets", ["digits"]), "datasets", DATASETS, "dataset")
     models = _names(data.get("models", ["kan"]), "models", MODELS, "model")
     bases = _names(data.get("bases", ["bspline"]), "bases", BASES, "basis")
-    methods = _names(data.get("methods", ["all"]), "methods", METHODS, "method")
+    methods = _method_entries(data.get("methods", ["all"]))
     seeds = data.get("seeds", [0])
     if isinstance(seeds, int):
         seeds = [seeds]
@@ -267,11 +311,12 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
     dtables, mtables = _table(data, "dataset"), _table(data, "model")
     btables, meth_tables = _table(data, "basis"), _table(data, "method")
     for kind, tables, reg in (("dataset", dtables, DATASETS), ("model", mtables, MODELS),
-                              ("basis", btables, BASES), ("method", meth_tables, METHODS)):
+                              ("basis", btables, BASES)):
         for key in tables:
             if key not in reg:
                 raise unknown(kind, key, reg)
     for key, value in meth_tables.items():
+        method_class(key)  # a method or a pipeline (UserError otherwise)
         if not isinstance(value, dict) and not (isinstance(value, list) and value
                                                 and all(isinstance(v, dict) for v in value)):
             raise UserError(f"sweep key 'method.{key}' must be a table or an array of tables")
@@ -286,8 +331,7 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
         if not isinstance(ds_methods[d], dict):
             raise UserError(f"sweep key 'dataset.{d}.method' must be a table of method tables")
         for key, value in ds_methods[d].items():
-            if key not in METHODS:
-                raise unknown("method", key, METHODS)
+            method_class(key)
             if not isinstance(value, dict) and not (isinstance(value, list) and value
                                                     and all(isinstance(v, dict) for v in value)):
                 raise UserError(f"sweep key 'dataset.{d}.method.{key}' must be a table or an array of tables")
@@ -304,8 +348,9 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
         opts = btables.get(b, {})
         make_basis(b, 2, **opts)  # validates the options
         bo[b] = dict(opts)
-    points = {(d, m): _dataset_points(get_method_class(m), meth_tables.get(m, {}), ds_methods[d].get(m, {}), use_grid)
-              for d in datasets for m in methods}
+    points = {(d, entry): _entry_points(name, inline, meth_tables.get(name, {}), ds_methods[d].get(name, {}),
+                                        use_grid)
+              for d in datasets for entry, (name, inline) in methods.items()}
 
     _check_pairs(datasets, models, ds_objs)
     runs, skipped = [], []
@@ -317,5 +362,5 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
         if d in ds_hidden and MODELS[m].takes_hidden():
             m_opts = dataclasses.asdict(model_options(m, {**mtables.get(m, {}), "hidden": ds_hidden[d]}))
         for cfg in points[(d, meth)]:
-            runs.append(RunSpec(name, d, ds_opts[d], m, m_opts, b, bo[b], meth, cfg, seed, ds_train[d]))
+            runs.append(RunSpec(name, d, ds_opts[d], m, m_opts, b, bo[b], methods[meth][0], cfg, seed, ds_train[d]))
     return Sweep(name, runs, device, sorted(set(skipped)), ds_opts)

@@ -27,7 +27,8 @@ class KMeansSharing(Method):
         """:class:`bench.codebook.ClusterOptions`: ``K`` (None: 16 for KANs, 256 for ConvKANs),
         ``scope`` (``layer`` | ``global``), ``n_init`` (K-means restarts), ``finetune_epochs`` and
         ``finetune_lr`` (None: the shared budget and rule), ``tune_rest`` (also biases and norms),
-        ``entropy_coding`` (store the indices ANS-coded)."""
+        ``centroid_bits`` (32 | 16 float16 | 8 … 2 integers with ``centroid_scale`` per centroid or per
+        codebook, fine-tuned straight-through), ``entropy_coding`` (store the indices ANS-coded)."""
 
     grid = {"K": [4, 8, 16, 32, 64]}
     test_config = {"K": 4}

@@ -41,7 +41,9 @@ class MetaCluster(Method):
         :class:`bench.codebook.ClusterOptions`: ``K`` (None: 16 for KANs, 256 for ConvKANs),
         ``scope`` (``layer`` | ``global``), ``n_init`` (K-means restarts), ``finetune_epochs`` and
         ``finetune_lr`` (None: the shared budget and rule), ``tune_rest`` (also biases and norms),
-        ``entropy_coding`` (store the indices ANS-coded under each layer's histogram)."""
+        ``centroid_bits`` (32 | 16 float16 | 8 … 2 integers with ``centroid_scale`` per centroid or per
+        codebook, fine-tuned straight-through), ``entropy_coding`` (store the indices ANS-coded under each
+        layer's histogram)."""
 
         def validate(self):
             generated.GeneratorOptions.validate(self)
