@@ -124,6 +124,7 @@ class Method:
     stage_fields: ClassVar[tuple[str, ...]] = ()
     uses_finetune: ClassVar[bool] = True  # False: never fine-tunes (a pipeline gives it no share of the budget)
     last_stage_only: ClassVar[bool] = False  # True: nothing may train after it (only a pipeline's last stage)
+    in_all: ClassVar[bool] = True  # False: a sweep's methods = ["all"] leaves it out (a stage meant for pipelines)
 
     def __init__(self, **hyperparameters):
         self.config = build_config(self.Config, hyperparameters, f"method {self.name!r}")

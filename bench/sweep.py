@@ -6,7 +6,7 @@ A sweep names what to cross (every key optional; the CLI overrides any of them):
     datasets = ["digits", "eq_exp_sin"]
     models   = ["kan"]
     bases    = ["bspline", "rbf"]
-    methods  = ["all"]          # "all" = every registered method
+    methods  = ["all"]          # "all" = every registered method (but those only meant as a pipeline stage)
     seeds    = [0]
     grid     = false            # true: expand each method's declared grid
     device   = "auto"
@@ -247,8 +247,8 @@ def _method_entries(value) -> dict[str, tuple[str, dict]]:
     if not value:
         raise UserError("no methods given (--methods or the sweep's 'methods' is empty); valid: "
                         + ", ".join(sorted(METHODS)) + ", or pipelines a>b of them")
-    if value == ["all"]:
-        value = sorted(METHODS)
+    if value == ["all"]:  # every registered method meant to stand alone (not small_dtype, a pipeline's last stage)
+        value = sorted(name for name, cls in METHODS.items() if cls.in_all)
     return {v.replace(" ", ""): parse_entry(v) for v in value}
 
 

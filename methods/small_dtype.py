@@ -26,6 +26,7 @@ class SmallDtype(Method):
 
     uses_finetune = False
     last_stage_only = True
+    in_all = False  # a pipeline's last stage: methods = ["all"] leaves it out
 
     def compress(self, model, ctx):
         ctx.result.details.update(set_small_dtype(model, self.config.dtype))

@@ -18,14 +18,14 @@ def test_bundled_sweep_builds(name):
 
 
 def test_expected_sweeps_are_bundled():
-    assert {"quick", "cpu", "paper"} <= set(bundled_sweeps())
+    assert {"quick", "cpu", "conv", "paper"} <= set(bundled_sweeps())
 
 
 def test_quick_sweep_covers_every_method_once_per_cell():
     from bench.methods import METHODS
 
     sweep = build_sweep(read_sweep_file(name="quick"))
-    real = {n for n, c in METHODS.items() if not getattr(c, "test_only", False)}
+    real = {n for n, c in METHODS.items() if not getattr(c, "test_only", False) and c.in_all}
     assert {r.method for r in sweep.runs} >= real
     cells = {(r.dataset, r.basis) for r in sweep.runs}
     assert cells == {(d, b) for d in ("digits", "eq_exp_sin") for b in ("bspline", "rbf")}
@@ -86,3 +86,8 @@ def test_an_array_of_general_method_tables_unites_their_grids_and_each_takes_the
     assert all(r.method_config["granularity"] == "edge" for r in runs)
     with pytest.raises(UserError, match="sweep key 'method.quantize' must be a table or an array of tables"):
         build_sweep({"datasets": ["digits"], "methods": ["quantize"], "method": {"quantize": [{"bits": 2}, 3]}})
+
+
+def test_all_methods_leaves_out_the_pipeline_only_stages():
+    names = {r.method for r in build_sweep({"datasets": ["digits"], "bases": ["bspline"], "methods": ["all"]}).runs}
+    assert "small_dtype" not in names and {"dense", "dense_ft", "metacluster", "quantize"} <= names
