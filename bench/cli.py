@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--conv-channels", type=lambda v: [int(w) for w in _csv(v)] if v else [], default=[16, 32, 64],
                     help="ConvKAN channels for the conv rows (default 16,32,64; empty string: no conv rows)")
     pf.add_argument("--conv-batch", type=int, default=64, help="batch of the ConvKAN rows (default 64)")
+    pf.add_argument("--fused", action="store_true",
+                    help="also time the ConvKAN step with fused (torch.compile) basis features against eager")
     pf.add_argument("--out", default="results/perf.csv", help="CSV to write (default results/perf.csv)")
 
     from .transfer import DEFAULT_FINETUNE_EPOCHS, DEFAULT_PRETRAIN_EPOCHS, DEFAULT_RANKS, DEFAULT_SEEDS, TARGETS

@@ -171,7 +171,7 @@ def _compress(dense: nn.Module, method: str, hyper: dict, x: torch.Tensor, y: to
 
 
 def run_perf(device: str = "auto", batch: int = 256, widths=(784, 64, 10), bases=None, repeats: int = 20,
-             compressed: bool = True, log=print, conv_channels=(16, 32, 64), conv_batch: int = 64,
+             compressed: bool = True, log=print, conv_channels=(16, 32, 64), conv_batch: int = 64, fused: bool = False,
              conv_shape=(1, 28, 28)) -> pd.DataFrame:
     from .bases import BASES
     from .registry import load_plugins
@@ -235,11 +235,12 @@ def run_perf(device: str = "auto", batch: int = 256, widths=(784, 64, 10), bases
                 t, t_dense = timer.compare(lambda m=small: m(x), lambda m=kan: m(x))
             add("compressed_inference", basis, f"{name} / dense", t * 1e3, t_dense * 1e3, target)
     if conv_channels:
-        _conv_rows(add, timer, dev, bases, list(conv_channels), conv_batch, tuple(conv_shape), widths[-1], log)
+        _conv_rows(add, timer, dev, bases, list(conv_channels), conv_batch, tuple(conv_shape), widths[-1], log, fused)
     return pd.DataFrame(rows)
 
 
-def _conv_rows(add, timer, dev, bases, channels, batch, shape, n_out, log) -> None:
+def _conv_rows(add, timer, dev, bases, channels, batch, shape, n_out, log, fused: bool = False) -> None:
+    from .bases import use_fused_features
     from .kan import ConvKAN, KANConv2d
 
     x = torch.randn(batch, *shape, device=dev)
@@ -255,6 +256,21 @@ def _conv_rows(add, timer, dev, bases, channels, batch, shape, n_out, log) -> No
         cnn_step, _ = train_step(cnn, x, y)
         t_kan, t_cnn = timer.compare(kan_step, cnn_step)
         add("conv_train_step", basis, f"{arch} / same-layout cnn{widths}", t_kan * 1e3, t_cnn * 1e3, CONV_TRAIN_TARGET)
+        if fused:  # the sweep option train.compile: the same step with the compiled basis features
+
+            def switched(on, f=kan_step):
+                def g():
+                    use_fused_features(on)
+                    f()
+                return g
+
+            try:
+                switched(True)()  # compile outside the timing
+                t_fused, t_eager = timer.compare(switched(True), switched(False))
+            finally:
+                use_fused_features(False)
+            add("conv_fused_features", basis, f"{arch} train step: fused (train.compile) / eager",
+                t_fused * 1e3, t_eager * 1e3)
         kan.eval()
         cnn.eval()
         with torch.no_grad():
@@ -288,7 +304,7 @@ def main(args) -> int:
     import platform
 
     df = run_perf(args.device, args.batch, args.widths, args.bases, args.repeats, not args.no_compressed,
-                  conv_channels=args.conv_channels, conv_batch=args.conv_batch)
+                  conv_channels=args.conv_channels, conv_batch=args.conv_batch, fused=args.fused)
     print(f"machine: {platform.machine()} {platform.processor()}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device {args.device}")
     print(format_table(df))

@@ -55,3 +55,13 @@ def test_perf_cli_writes_csv_and_rejects_bad_input(tmp_path, capsys):
     assert main(["perf", "--bases", "nope", "--out", str(out)]) == 2
     assert "unknown basis 'nope'" in capsys.readouterr().err
     assert main(["perf", "--batch", "0"]) == 2
+
+
+def test_run_perf_fused_rows_time_the_compiled_features_against_eager():
+    df = run_perf("cpu", batch=16, widths=[20, 8, 4], bases=["bspline"], repeats=1, log=lambda *a: None,
+                  compressed=False, conv_channels=[4, 6], conv_batch=4, conv_shape=(1, 8, 8), fused=True)
+    row = df[df.kind == "conv_fused_features"]
+    assert len(row) == 1 and (row["value"] > 0).all() and (row["reference"] > 0).all()
+    from bench.bases import _FUSED
+
+    assert not _FUSED["on"]  # switched back off
