@@ -67,3 +67,17 @@ def test_dry_run_with_missing_data_warns_estimates_and_trains_nothing(tmp_path, 
     assert "estimated wall time on this machine (CPU" in text
     assert "at an assumed 100 TFLOP/s sustained (H100-class, bf16)" in text and "not measured" in text
     assert not out.exists() and not data.exists()  # no cache, no rows, no download
+
+
+@pytest.mark.parametrize("name", ["digits", "eq_exp_sin"])
+def test_split_sizes_are_the_sizes_load_returns(name, tmp_path):
+    ds = est.get_dataset(name)
+    s = ds.load(tmp_path, 0)
+    assert ds.split_sizes() == (len(s.y_train), len(s.y_val), len(s.y_test))
+
+
+def test_image_split_sizes_follow_val_fraction_and_caps():
+    assert est.get_dataset("mnist").split_sizes() == (54000, 6000, 10000)
+    assert est.get_dataset("fashion_mnist", n_train=1000, n_test=500).split_sizes() == (1000, 6000, 500)
+    assert est.get_dataset("cifar10").split_sizes() == (45000, 5000, 10000)
+    assert est.get_dataset("cifar100", val_fraction=0.2).split_sizes() == (40000, 10000, 10000)
