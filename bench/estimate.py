@@ -273,7 +273,7 @@ def report(est: dict, log=print) -> None:
     for s in setups:
         per = f"{s.seconds_per_sample * 1e3:.3g} ms/sample" if s.seconds_per_sample else "no timing"
         log(f"  {s.label:44s} {s.train_samples:11.3g} train samples {s.flops_per_sample:9.3g} FLOPs/sample "
-            f"{per} (probe batch {s.probe_batch}) -> {human(s.seconds())}"
+            f"{per}" + (f" (probe batch {s.probe_batch})" if s.probe_batch else "") + f" -> {human(s.seconds())}"
             + (f"  [{'; '.join(s.notes)}]" if s.notes else ""))
     where = (f"{est['device']}" if est["device_type"] == "cuda"
              else f"this machine ({est['device']}, {est['threads']} threads)")
