@@ -151,7 +151,7 @@ def cmd_run(args) -> int:
     options = _executor_options(args)
     out = Path(args.out) if args.out else default_out(args, sweep.name)
     if args.dry_run:  # no data, no GPU needed: it says what is missing and estimates on what is here
-        return dry_run(sweep, out, data_dir)
+        return dry_run(sweep, out, data_dir, args.device or sweep.device)
     check_data(sweep, data_dir)
     if args.executor == "local":
         from .runner import resolve_device
@@ -192,7 +192,7 @@ def cmd_run(args) -> int:
     return 0
 
 
-def dry_run(sweep, out: Path, data_dir: Path | None = None) -> int:
+def dry_run(sweep, out: Path, data_dir: Path | None = None, device: str = "auto") -> int:
     """Print what ``bench run`` would do in ``out``: runs to do per dataset and method, the cached
     models it would train first (with their epochs), what is already finished, and the estimated
     wall time (:mod:`bench.estimate`). Trains nothing, downloads nothing; missing data is one line."""
@@ -223,7 +223,8 @@ def dry_run(sweep, out: Path, data_dir: Path | None = None) -> int:
     for (dataset, what, n_epochs), n in sorted(epochs.items()):
         print(f"  {dataset:16s} {n:3d} x {what} ({n_epochs} epochs"
               + (", with its dense_ft control)" if what == "dense base model" else ")"))
-    report(estimate(plan, data_dir, "cuda" if torch.cuda.is_available() else "cpu"))
+    # timed where the runs would go: the GPU if the sweep may use one and there is one, else the CPU
+    report(estimate(plan, data_dir, "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"))
     return 0
 
 

@@ -8,8 +8,10 @@ built on synthetic inputs of the dataset's shape and
   are counted per sample;
 - a few real training steps (AdamW) are timed on this machine, on a probe batch small enough to keep
   the step short (the paper's 8-layer ConvKAN on CPU gets a batch of one or two), and the step time
-  is scaled to seconds per sample. The whole probe is bounded (:data:`PROBE_BUDGET_S`); setups left
-  when it is spent are timed at the FLOP rate the probed ones reached.
+  is scaled to seconds per sample (the fastest timed step counts: the least disturbed by other work).
+  The whole probe is bounded (:data:`PROBE_BUDGET_S`): first one setup per (model kind, basis), the
+  smallest first, then the others while time is left; setups left unprobed take the FLOP rate of a
+  probed setup of the same model and basis (else the same model kind).
 
 The samples each setup processes come from the plan: every stage trains ``stage_epochs`` epochs
 (the dense base also its ``dense_ft`` control, ``finetune_epochs``), every run fine-tunes as its
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -227,15 +230,20 @@ def estimate(plan: Plan, data_dir, device: str = "cpu", budget_s: float = PROBE_
     setups.sort(key=lambda s: -s.flops)  # the biggest first
     threads = torch.get_num_threads()
     deadline = time.perf_counter() + budget_s
-    # one probe per (model kind, basis), the biggest setup of each; the others are timed at its FLOP rate
+    # first one probe per (model kind, basis), the biggest setup of each
     groups: dict[tuple, Setup] = {}
     for s in setups:
         groups.setdefault((s.spec.model, s.spec.basis), s)
     reps = sorted(groups.values(), key=lambda s: s.flops_per_sample)  # quick probes first, big ones share the rest
+    rest = sorted((s for s in setups if s not in reps), key=lambda s: s.flops_per_sample)
     for i, s in enumerate(reps):
         now = time.perf_counter()
         if now < deadline:  # each probe gets its share of what is left
             probe(s, dev, now + (deadline - now) / (len(reps) - i))
+    for i, s in enumerate(rest):  # then, with what time is left, the others too
+        now = time.perf_counter()
+        if now < deadline:
+            probe(s, dev, now + (deadline - now) / (len(rest) - i))
     timed = [s for s in setups if s.seconds_per_sample is not None]
 
     def rate(group: list[Setup]) -> float | None:
@@ -277,8 +285,11 @@ def report(est: dict, log=print) -> None:
             + (f"  [{'; '.join(s.notes)}]" if s.notes else ""))
     where = (f"{est['device']}" if est["device_type"] == "cuda"
              else f"this machine ({est['device']}, {est['threads']} threads)")
+    load = ""
+    if est["device_type"] != "cuda" and hasattr(os, "getloadavg"):
+        load = f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other work slows the probe"
     log(f"estimated wall time on {where}: {human(est['seconds'])} "
-        f"(measured step times, scaled by samples)")
+        f"(measured step times, scaled by samples{load})")
     if est["device_type"] != "cuda":
         log(f"estimated wall time on one GPU: {human(est['gpu_assumed_seconds'])} at an assumed "
             f"{ASSUMED_GPU_FLOPS / 1e12:.0f} TFLOP/s sustained (H100-class, bf16) and at least "
