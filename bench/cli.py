@@ -157,15 +157,15 @@ def cmd_run(args) -> int:
                  "finetune_epochs": args.finetune_epochs}
     sweep = build_sweep(data, overrides)
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    check_data(sweep, data_dir)
     options = _executor_options(args)
+    out = Path(args.out) if args.out else default_out(args, sweep.name)
+    if args.dry_run:  # no data, no GPU needed: it says what is missing and estimates on what is here
+        return dry_run(sweep, out, data_dir, args.device or sweep.device)
+    check_data(sweep, data_dir)
     if args.executor == "local":
         from .runner import resolve_device
 
         resolve_device(args.device or sweep.device)
-    out = Path(args.out) if args.out else default_out(args, sweep.name)
-    if args.dry_run:
-        return dry_run(sweep, out)
     command = "python -m bench " + " ".join(sys.argv[1:])
     with results_writer(out, command):
         t0 = time.perf_counter()
@@ -201,14 +201,25 @@ def cmd_run(args) -> int:
     return 0
 
 
-def dry_run(sweep, out: Path) -> int:
+def dry_run(sweep, out: Path, data_dir: Path | None = None, device: str = "auto") -> int:
     """Print what ``bench run`` would do in ``out``: runs to do per dataset and method, the cached
-    models it would train first (with their epochs), what is already finished. Trains nothing."""
+    models it would train first (with their epochs), what is already finished, and the estimated
+    wall time (:mod:`bench.estimate`). Trains nothing, downloads nothing; missing data is one line."""
     from collections import Counter
 
+    import torch
+
+    from .data import get_dataset
+    from .estimate import estimate, report
     from .pipeline import method_class
     from .plan import plan_sweep, stage_epochs
 
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    missing = [name for name, opts in sweep.datasets.items()
+               if not get_dataset(name, **opts).available(data_dir)]
+    if missing:
+        print(f"warning: data not in {data_dir} for {', '.join(missing)} (`bench run` would download it or "
+              f"say where to place it); the dry run goes on without it")
     plan = plan_sweep(sweep, out)
     plan.announce("(dry run: nothing is trained)", print, quiet=False)
     for (dataset, method), n in sorted(Counter((r.dataset, r.method) for r in plan.runs).items()):
@@ -221,6 +232,8 @@ def dry_run(sweep, out: Path) -> int:
     for (dataset, what, n_epochs), n in sorted(epochs.items()):
         print(f"  {dataset:16s} {n:3d} x {what} ({n_epochs} epochs"
               + (", with its dense_ft control)" if what == "dense base model" else ")"))
+    # timed where the runs would go: the GPU if the sweep may use one and there is one, else the CPU
+    report(estimate(plan, data_dir, "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"))
     return 0
 
 

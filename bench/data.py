@@ -86,8 +86,17 @@ class Dataset:
     def is_image(self) -> bool:
         return len(self.input_shape) == 3
 
+    def available(self, data_dir: Path) -> bool:
+        """Whether the data is here (or generated) without downloading anything."""
+        return True
+
     def check_available(self, data_dir: Path) -> None:
         """Raise UserError (one line: what to place where) if the data cannot be had offline."""
+
+    def split_sizes(self) -> tuple[int, int, int] | None:
+        """(train, validation, test) sizes ``load`` returns, without reading data (None: unknown;
+        the dry run's estimate then loads the data to count)."""
+        return None
 
     def load(self, data_dir: Path, seed: int) -> Splits:  # pragma: no cover - abstract
         raise NotImplementedError

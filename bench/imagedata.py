@@ -125,6 +125,23 @@ class TorchvisionImageDataset(Dataset):
         """Local copies of the raw files (name -> path, ``.gz`` is gunzipped), or None."""
         return None
 
+    official_sizes: ClassVar[tuple[int, int]] = (0, 0)  # (official train, official test) images
+
+    def split_sizes(self) -> tuple[int, int, int] | None:
+        """The split ``load`` makes, counted: ``round(val_fraction * train)`` validation images, the
+        rest training, the official test set; each capped by n_train / n_val / n_test."""
+        n_full, n_test = self.official_sizes
+        if not n_full:
+            return None
+        cfg = self.config
+        n_val = int(round(cfg.val_fraction * n_full))
+        n_train = n_full - n_val
+
+        def cap(n, c):
+            return n if c is None else min(n, c)
+
+        return cap(n_train, cfg.n_train), cap(n_val, cfg.n_val), cap(n_test, cfg.n_test)
+
     # ------------------------------------------------------------ availability
     def tv_class(self):
         import torchvision.datasets
@@ -156,6 +173,9 @@ class TorchvisionImageDataset(Dataset):
         except Exception as exc:
             raise self._no_data(data_dir, f"download failed (offline? {type(exc).__name__}: {one_line(exc, 100)})"
                                 ) from exc
+
+    def available(self, data_dir: Path) -> bool:
+        return not self._missing(Path(data_dir)) or self._local_ready() is not None
 
     def check_available(self, data_dir: Path) -> None:
         """OK if the raw files or their local copies are there; else download (if allowed) or raise."""
@@ -240,6 +260,7 @@ class IdxImageDataset(TorchvisionImageDataset):
 
     input_shape = (1, 28, 28)
     n_outputs = 10
+    official_sizes = (60000, 10000)
 
     def raw_folder(self, data_dir: Path) -> Path:
         # torchvision.datasets.MNIST.raw_folder: os.path.join(root, self.__class__.__name__, "raw")

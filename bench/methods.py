@@ -147,6 +147,11 @@ class Method:
         """Epochs for training the prepared model (None: the sweep's ``epochs``)."""
         return None
 
+    def finetune_epochs(self, budget: int) -> int:
+        """Epochs this method fine-tunes in ``compress`` out of the sweep's ``budget`` (at most; for the
+        dry run's estimate, :mod:`bench.estimate`): the whole budget unless the method says less."""
+        return budget
+
     # -- hooks ----------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
         """Before training: re-parameterise the model (swap in trainable sources)."""

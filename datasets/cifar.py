@@ -17,6 +17,7 @@ from bench.imagedata import TorchvisionImageDataset
 
 class _Cifar(TorchvisionImageDataset):
     input_shape = (3, 32, 32)
+    official_sizes = (50000, 10000)
 
     def raw_folder(self, data_dir: Path) -> Path:
         return Path(data_dir) / self.tv_class().base_folder

@@ -29,6 +29,15 @@ class Digits(Dataset):
         test_fraction: float = field(default=0.2, metadata={"min": 0.05, "max": 0.45})  # train keeps >= 10%
         stratify: bool = field(default=True, metadata={"help": "keep class proportions equal across splits"})
 
+    def split_sizes(self) -> tuple[int, int, int]:
+        """As ``train_test_split`` makes them (a fractional test size rounds up)."""
+        import math
+
+        n, cfg = 1797, self.config
+        n_test = math.ceil(cfg.test_fraction * n)
+        n_val = math.ceil(cfg.val_fraction / (1 - cfg.test_fraction) * (n - n_test))
+        return n - n_test - n_val, n_val, n_test
+
     def load(self, data_dir: Path, seed: int) -> Splits:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split

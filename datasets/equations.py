@@ -40,6 +40,9 @@ class EquationDataset(Dataset):
         noise: float = field(default=0.0, metadata={"min": 0.0, "help": "train/val target noise, in units of "
                                                                           "the clean train targets' std"})
 
+    def split_sizes(self) -> tuple[int, int, int]:
+        return self.config.n_train, self.config.n_val, self.config.n_test
+
     def to_physical(self, x: np.ndarray) -> np.ndarray:
         """Model inputs in ``[-1, 1]`` -> physical variables in their ranges."""
         lo, hi = np.array(self.ranges, dtype=np.float64).T

@@ -107,6 +107,9 @@ class Quantize(Method):
     grid = {"bits": [8, 4, 3, 2], "algorithm": list(ALGORITHMS)}
     test_config = {"bits": 4, "algorithm": "lsq", "branch_aware": True}
 
+    def finetune_epochs(self, budget: int) -> int:
+        return budget if self.config.algorithm in QAT else 0  # post-training algorithms do not fine-tune
+
     def fmt(self, bits: int) -> QFormat:
         c = self.config
         return QFormat(bits, c.granularity, c.symmetric, c.scale_dtype)
