@@ -384,7 +384,13 @@ def fused_features(basis: Basis, x: torch.Tensor) -> torch.Tensor | None:
     kernel = basis.kernel()
     if kernel is None:
         return None
+    if x.shape[0] < 2:  # size 0 and 1 are specialised by the compiler: one more graph each, not worth it
+        return None
     fn, args = kernel
     if fn not in _FUSED["compiled"]:
         _FUSED["compiled"][fn] = torch.compile(fn)
+    # rows and inputs vary from layer to layer and batch to batch: dynamic from the first call, so one
+    # graph serves them all (otherwise each new size compiles once more, up to dynamo's recompile limit)
+    torch._dynamo.maybe_mark_dynamic(x, 0)
+    torch._dynamo.maybe_mark_dynamic(x, 1)
     return _FUSED["compiled"][fn](x, *args)

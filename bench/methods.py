@@ -150,7 +150,7 @@ class Method:
     def finetune_epochs(self, budget: int) -> int:
         """Epochs this method fine-tunes in ``compress`` out of the sweep's ``budget`` (at most; for the
         dry run's estimate, :mod:`bench.estimate`): the whole budget unless the method says less."""
-        return budget
+        return budget if self.uses_finetune else 0
 
     # -- hooks ----------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> None:
