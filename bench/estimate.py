@@ -286,7 +286,7 @@ def report(est: dict, log=print) -> None:
     where = (f"{est['device']}" if est["device_type"] == "cuda"
              else f"this machine ({est['device']}, {est['threads']} threads)")
     load = ""
-    if est["device_type"] != "cuda" and hasattr(os, "getloadavg"):
+    if est["device_type"] != "cuda" and hasattr(os, "getloadavg") and os.getloadavg()[0] >= 1.0:
         load = f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: other work slows the probe"
     log(f"estimated wall time on {where}: {human(est['seconds'])} "
         f"(measured step times, scaled by samples{load})")
