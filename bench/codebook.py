@@ -32,7 +32,7 @@ from .config import positive
 from .errors import Infeasible, UserError
 from .kan import kan_layers, to_layer_device
 from .models import kind_of
-from .pruning import MaskedSource, pattern_bits
+from .pruning import MaskedSource, SparsePattern
 from .sources import CodebookSource, EdgeSource, StorageItem, index_bits, register_source
 
 # Codebooks shared across layers, published by their owner while a file loads.
@@ -85,7 +85,7 @@ class SharedCodebookSource(CodebookSource):
 
 
 @register_source
-class MaskedCodebookSource(CodebookSource):
+class MaskedCodebookSource(SparsePattern, CodebookSource):
     """A codebook over the surviving edges of a pruned layer (``prune>kmeans``): ``centroids [K, n+1]``
     (float32, trainable), one ``ceil(log2 K)``-bit index per *surviving* edge, and the sparsity
     pattern at whichever is cheaper, exactly as :class:`bench.pruning.MaskedSource` stores it (a
@@ -103,13 +103,7 @@ class MaskedCodebookSource(CodebookSource):
         if self.index.numel() != self.flat_index.numel():
             raise ValueError("one index per surviving edge")
 
-    @property
-    def kept(self) -> int:
-        return self.flat_index.numel()
-
-    @property
-    def pattern(self) -> str:
-        return pattern_bits(self.out_features, self.in_features, self.kept)[1]
+    positions_name = "positions"  # "index" is the codebook index
 
     def edge_tensor(self) -> torch.Tensor:
         w = self.centroids.new_zeros(self.out_features * self.in_features, self.edge_dim)
@@ -118,14 +112,6 @@ class MaskedCodebookSource(CodebookSource):
 
     def contract(self, features: torch.Tensor) -> torch.Tensor:
         return EdgeSource.contract(self, features)  # one matmul over the decompressed tensor
-
-    def pattern_item(self) -> StorageItem:
-        if self.pattern == "mask":
-            m = torch.zeros(self.out_features * self.in_features, dtype=torch.uint8, device=self.flat_index.device)
-            m[self.flat_index] = 1
-            return StorageItem("mask", m.numel(), 1, "uint1", m)
-        b = index_bits(self.out_features * self.in_features)
-        return StorageItem("positions", self.kept, b, f"uint{b}", self.flat_index)
 
     def storage(self) -> list[StorageItem]:
         b = index_bits(self.k)
@@ -139,10 +125,7 @@ class MaskedCodebookSource(CodebookSource):
     @classmethod
     def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> MaskedCodebookSource:
         out, inp, _ = config["shape"]
-        if config["pattern"] == "mask":
-            flat = torch.nonzero(tensors["mask"].reshape(-1) != 0, as_tuple=False).reshape(-1)
-        else:
-            flat = tensors["positions"].reshape(-1).long()
+        flat = cls.positions_from_export(config, tensors)
         cent, fmt = cls.centroids_from_export(config, tensors)
         src = cls(out, inp, cent, tensors["index"].reshape(-1), flat)
         src.set_centroid_format(**fmt)
@@ -369,10 +352,7 @@ class EntropyCodedMaskedCodebookSource(MaskedCodebookSource):
     @classmethod
     def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> EntropyCodedMaskedCodebookSource:
         out, inp, _ = config["shape"]
-        if config["pattern"] == "mask":
-            flat = torch.nonzero(tensors["mask"].reshape(-1) != 0, as_tuple=False).reshape(-1)
-        else:
-            flat = tensors["positions"].reshape(-1).long()
+        flat = cls.positions_from_export(config, tensors)
         counts, words = tensors["counts"].reshape(-1).numpy(), tensors["words"].reshape(-1)
         index = ans_decode(words.numpy(), counts.astype(np.float64), config["kept"])
         cent, fmt = cls.centroids_from_export(config, tensors)

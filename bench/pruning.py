@@ -54,8 +54,39 @@ def masked_layer_bits(out_features: int, in_features: int, edge_dim: int, kept: 
     return kept * edge_dim * FLOAT_BITS + pattern_bits(out_features, in_features, kept)[0]
 
 
+class SparsePattern:
+    """The sparsity pattern of a pruned edge source (``flat_index``: the surviving edges' sorted flat
+    positions ``o * in + i``), stored as a 1-bit mask or as the positions at ``ceil(log2(out * in))``
+    bits, whichever is smaller (:func:`pattern_bits`). Shared by :class:`MaskedSource` and the
+    codebook over a pruned model (:class:`bench.codebook.MaskedCodebookSource`)."""
+
+    positions_name = "index"  # the stored tensor's name when the pattern is the position list
+
+    @property
+    def kept(self) -> int:
+        return self.flat_index.numel()
+
+    @property
+    def pattern(self) -> str:
+        return pattern_bits(self.out_features, self.in_features, self.kept)[1]
+
+    def pattern_item(self) -> StorageItem:
+        if self.pattern == "mask":
+            m = torch.zeros(self.out_features * self.in_features, dtype=torch.uint8, device=self.flat_index.device)
+            m[self.flat_index] = 1
+            return StorageItem("mask", m.numel(), 1, "uint1", m)
+        b = index_bits(self.out_features * self.in_features)
+        return StorageItem(self.positions_name, self.kept, b, f"uint{b}", self.flat_index)
+
+    @classmethod
+    def positions_from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        if config["pattern"] == "mask":
+            return torch.nonzero(tensors["mask"].reshape(-1) != 0, as_tuple=False).reshape(-1)
+        return tensors[cls.positions_name].reshape(-1).long()
+
+
 @register_source
-class MaskedSource(EdgeSource):
+class MaskedSource(SparsePattern, EdgeSource):
     """Surviving edge vectors ``values [kept, n+1]`` (float32, trainable) at the sorted flat
     positions ``flat_index`` (``o * in + i``); pruned edges are zero and stay zero.
 
@@ -81,14 +112,6 @@ class MaskedSource(EdgeSource):
         out, inp, e = weight.shape
         idx = torch.nonzero(mask.reshape(-1), as_tuple=False).reshape(-1)
         return cls(out, inp, e, idx, weight.detach().reshape(out * inp, e)[idx])
-
-    @property
-    def kept(self) -> int:
-        return self.flat_index.numel()
-
-    @property
-    def pattern(self) -> str:
-        return pattern_bits(self.out_features, self.in_features, self.kept)[1]
 
     def mask(self) -> torch.Tensor:
         m = torch.zeros(self.out_features * self.in_features, dtype=torch.bool, device=self.flat_index.device)
@@ -118,14 +141,7 @@ class MaskedSource(EdgeSource):
         return features[:, cols, :].reshape(features.shape[0], -1) @ w.t()
 
     def storage(self) -> list[StorageItem]:
-        items = [float_item("values", self.values)]
-        if self.pattern == "mask":
-            m = self.mask().reshape(-1).to(torch.uint8)
-            items.append(StorageItem("mask", m.numel(), 1, "uint1", m))
-        else:
-            b = index_bits(self.out_features * self.in_features)
-            items.append(StorageItem("index", self.kept, b, f"uint{b}", self.flat_index))
-        return items
+        return [float_item("values", self.values), self.pattern_item()]
 
     def export_config(self) -> dict:
         return {"shape": list(self.shape), "kept": self.kept, "pattern": self.pattern}
@@ -133,11 +149,8 @@ class MaskedSource(EdgeSource):
     @classmethod
     def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> MaskedSource:
         out, inp, e = config["shape"]
-        if config["pattern"] == "mask":
-            idx = torch.nonzero(tensors["mask"].reshape(-1) != 0, as_tuple=False).reshape(-1)
-        else:
-            idx = tensors["index"].reshape(-1).long()
-        return cls(out, inp, e, idx, tensors["values"].reshape(config["kept"], e))
+        values = tensors["values"].reshape(config["kept"], e)
+        return cls(out, inp, e, cls.positions_from_export(config, tensors), values)
 
 
 # ----------------------------------------------------------------------------- scoring
