@@ -225,8 +225,7 @@ class RBFBasis(Basis):
         return _Gaussian.apply(self.norm(x), self.centers, self.inv_width)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        z = (self.norm(x).unsqueeze(-1) - self.centers) * self.inv_width
-        return torch.exp(-z * z)
+        return _gaussian_formula(self.norm(x), self.centers, self.inv_width)
 
     def kernel(self):
         return None if self.use_norm else (_rbf_features, (self.centers, self.inv_width))
@@ -293,19 +292,13 @@ class GramBasis(Basis):
         super().__init__(in_features)
         _check(degree >= 1, f"gram degree must be >= 1, got {degree}")
         self.degree, self.margin = degree, margin
-        m = degree + 1
-        self.betas = [n * n * (m * m - n * n) / (m * m * (4 * n * n - 1)) for n in range(degree + 1)]
         self.n_basis = degree + 1
 
     def config(self) -> dict:
         return {"degree": self.degree, "margin": self.margin}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _squash(x, self.margin)
-        polys = [torch.ones_like(x), x]
-        for n in range(1, self.degree):
-            polys.append(x * polys[-1] - self.betas[n] * polys[-2])
-        return torch.stack(polys, dim=-1)
+        return _gram_formula(x, self.degree, self.margin)
 
     def kernel(self):
         return _gram_features, (self.degree, self.margin)
@@ -326,8 +319,7 @@ class FourierBasis(Basis):
         return {"frequencies": self.frequencies}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = (math.pi * torch.tanh(x)).unsqueeze(-1) * self.k
-        return torch.cat([torch.cos(a), torch.sin(a)], dim=-1)
+        return _fourier_formula(x, self.k)
 
     def kernel(self):
         return _fourier_features, (self.k,)
