@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .config import positive
+from .entropy import empirical_entropy_bits, entropy_code_model
 from .errors import Infeasible, UserError
 from .kan import kan_layers, to_layer_device
 from .models import kind_of
@@ -258,129 +259,24 @@ def codebook_bits(model: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------- entropy-coded indices
-def ans_encode(symbols: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """ANS-code ``symbols`` (ints in ``0..K-1``) under the categorical distribution ``counts / sum``
-    with constriction (a kept entropy-coding library); returns the stream's 32-bit words."""
-    import constriction
-
-    model = constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
-    coder = constriction.stream.stack.AnsCoder()
-    coder.encode_reverse(np.ascontiguousarray(symbols, dtype=np.int32), model)
-    return coder.get_compressed()
-
-
-def ans_decode(words: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
-    """The ``n`` symbols :func:`ans_encode` coded into ``words`` (the same ``counts``: the code table)."""
-    import constriction
-
-    model = constriction.stream.model.Categorical(counts / counts.sum(), perfect=False)
-    return constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, dtype=np.uint32)).decode(model, n)
-
-
-def empirical_entropy_bits(counts: np.ndarray) -> float:
-    """``n * H(counts / n)``: the fewest bits any code of these symbols, one at a time, can reach."""
-    c = np.asarray(counts, dtype=np.float64)
-    p = c[c > 0] / c.sum()
-    return float(-(c[c > 0] * np.log2(p)).sum())
-
-
-@register_source
-class EntropyCodedCodebookSource(CodebookSource):
-    """A per-layer codebook whose edge indices are stored entropy-coded instead of at
-    ``ceil(log2 K)`` bits each: an ANS stream (constriction) under the layer's own index
-    histogram. Stored and counted: the float32 centroids, the code table (the ``K`` symbol counts
-    at ``ceil(log2(edges + 1))`` bits each) and the stream's 32-bit words. The forward, and
-    everything but storage, is the codebook's; the indices come back exactly on reload."""
-
-    def __init__(self, centroids: torch.Tensor, index: torch.Tensor, words: torch.Tensor | None = None):
-        super().__init__(centroids, index)
-        flat = self.index.detach().cpu().reshape(-1).numpy()
-        counts = np.bincount(flat, minlength=self.k)
-        self.register_buffer("counts", torch.from_numpy(counts.astype(np.int64)))
-        if words is None:
-            words = torch.from_numpy(ans_encode(flat, counts).astype(np.int64))
-        self.register_buffer("words", words.detach().cpu().long().reshape(-1))
-
-    def count_bits(self) -> int:
-        return max(1, int(self.index.numel()).bit_length())
-
-    def storage(self) -> list[StorageItem]:
-        b = self.count_bits()
-        return [*self.centroid_items(),
-                StorageItem("counts", self.k, b, f"uint{b}", self.counts),
-                StorageItem("words", self.words.numel(), 32, "uint32", self.words)]
-
-    def export_config(self) -> dict:
-        return {"shape": list(self.shape), "k": self.k, "words": int(self.words.numel()), **self.centroid_config()}
-
-    @classmethod
-    def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> EntropyCodedCodebookSource:
-        out_f, in_f = config["shape"][:2]
-        counts, words = tensors["counts"].reshape(-1).numpy(), tensors["words"].reshape(-1)
-        index = ans_decode(words.numpy(), counts.astype(np.float64), out_f * in_f)
-        cent, fmt = cls.centroids_from_export(config, tensors)
-        src = cls(cent, torch.from_numpy(index.astype(np.int64)).reshape(out_f, in_f), words)
-        src.set_centroid_format(**fmt)
-        return src
-
-
-@register_source
-class EntropyCodedMaskedCodebookSource(MaskedCodebookSource):
-    """A pruned layer's codebook (:class:`MaskedCodebookSource`) whose survivors' indices are stored
-    ANS-coded under the layer's own index histogram, as :class:`EntropyCodedCodebookSource` stores a
-    full layer's: the centroids, the code table (``K`` counts at ``ceil(log2(kept + 1))`` bits), the
-    stream's 32-bit words, and the sparsity pattern as before."""
-
-    def __init__(self, out_features: int, in_features: int, centroids: torch.Tensor, index: torch.Tensor,
-                 flat_index: torch.Tensor, words: torch.Tensor | None = None):
-        super().__init__(out_features, in_features, centroids, index, flat_index)
-        flat = self.index.detach().cpu().numpy()
-        counts = np.bincount(flat, minlength=self.k)
-        self.register_buffer("counts", torch.from_numpy(counts.astype(np.int64)))
-        if words is None:
-            words = torch.from_numpy(ans_encode(flat, counts).astype(np.int64))
-        self.register_buffer("words", words.detach().cpu().long().reshape(-1))
-
-    def storage(self) -> list[StorageItem]:
-        b = max(1, int(self.kept).bit_length())
-        return [*self.centroid_items(), StorageItem("counts", self.k, b, f"uint{b}", self.counts),
-                StorageItem("words", self.words.numel(), 32, "uint32", self.words), self.pattern_item()]
-
-    def export_config(self) -> dict:
-        return {**super().export_config(), "words": int(self.words.numel())}
-
-    @classmethod
-    def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> EntropyCodedMaskedCodebookSource:
-        out, inp, _ = config["shape"]
-        flat = cls.positions_from_export(config, tensors)
-        counts, words = tensors["counts"].reshape(-1).numpy(), tensors["words"].reshape(-1)
-        index = ans_decode(words.numpy(), counts.astype(np.float64), config["kept"])
-        cent, fmt = cls.centroids_from_export(config, tensors)
-        src = cls(out, inp, cent, torch.from_numpy(index.astype(np.int64)), flat, words)
-        src.set_centroid_format(**fmt)
-        return src
-
-
 def entropy_code_indices(model: nn.Module) -> dict:
-    """Store every per-layer codebook's indices ANS-coded (:class:`EntropyCodedCodebookSource`): the
-    model computes the same; only its storage changes. Returns, per layer, the index bits at
-    ``ceil(log2 K)`` each, the coded bits (stream + code table) and the empirical entropy."""
+    """Store every codebook's indices ANS-coded under each layer's own index histogram
+    (:func:`bench.entropy.entropy_code_model` with only the ``index`` streams): the model computes
+    the same; only its storage changes. Returns, per layer, the index bits at ``ceil(log2 K)`` each,
+    the coded bits (stream + code table) and the empirical entropy."""
+    for _, layer in kan_layers(model):
+        if not isinstance(layer.source, CodebookSource):
+            raise UserError(f"entropy_coding needs codebooks; layer source {type(layer.source).__name__} has none")
+    coded = entropy_code_model(model, only=("index",))["entropy_coded"]
     out = {"index_plain_bits": {}, "index_coded_bits": {}, "index_entropy_bits": {}}
-    for name, layer in kan_layers(model):
-        src = layer.source
-        if type(src) is MaskedCodebookSource:  # a pruned layer: its survivors' indices
-            coded = EntropyCodedMaskedCodebookSource(src.out_features, src.in_features, src.centroids.detach(),
-                                                     src.index, src.flat_index)
-        elif type(src) is CodebookSource:
-            coded = EntropyCodedCodebookSource(src.centroids.detach(), src.index)
-        else:
-            raise UserError("entropy_coding needs per-layer codebooks (scope = 'layer')")
-        coded.set_centroid_format(src.centroid_bits, scale=getattr(src, "centroid_scale", None))
-        coded = to_layer_device(coded, layer)
-        layer.set_source(coded)
-        out["index_plain_bits"][name] = src.index.numel() * index_bits(src.k)
-        out["index_coded_bits"][name] = sum(it.bits for it in coded.storage() if it.name in ("counts", "words"))
-        out["index_entropy_bits"][name] = empirical_entropy_bits(coded.counts.cpu().numpy())
+    for name, streams in coded.items():
+        r = streams.get("index")
+        src = dict(kan_layers(model))[name].source
+        plain = src.index.numel() * index_bits(src.k)
+        out["index_plain_bits"][name] = plain
+        out["index_coded_bits"][name] = r["coded_bits"] if r else plain
+        out["index_entropy_bits"][name] = r["entropy_bits"] if r else empirical_entropy_bits(
+            np.bincount(src.index.detach().cpu().reshape(-1).numpy()))
     return out
 
 

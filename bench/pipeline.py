@@ -13,9 +13,9 @@ then clusters the surviving edges. Each stage has its own config:
       K = 16
 
 - inline, in a sweep's ``methods`` list or on the command line, options in parentheses after each
-  stage (scalars only; TOML literals)::
+  stage (TOML literals; a list is a grid axis, as in a table)::
 
-      python -m bench run --methods "dense_ft,prune(ratio=2)>kmeans(K=16,entropy_coding=true)"
+      python -m bench run --methods "dense_ft,prune(ratio=[2,4])>kmeans(K=16)>entropy_code"
 
   ``kmeans(K=8)`` (one stage) is the method ``kmeans`` with ``K = 8``.
 
@@ -35,8 +35,11 @@ reuses ``metacluster``'s cached trained model.
 method gets, the sweep's ``finetune_epochs``: it is split evenly over the stages, the remainder going
 to the last stages (2 epochs over 2 stages: 1 each; 2 over 3 stages: 0, 1, 1). A stage whose own
 config fixes its fine-tune epochs (``kmeans``' ``finetune_epochs``) uses them, as it would alone.
-A stage that never fine-tunes (``uses_finetune = False``: ``small_dtype``) takes no share, and a
-stage marked ``last_stage_only`` (``small_dtype``: nothing may train after it) must end the chain.
+A stage that never fine-tunes (``uses_finetune = False``: ``small_dtype``, ``entropy_code``) takes no
+share. A stage marked ``last_stage_only`` (``small_dtype``, ``entropy_code``: nothing may train after
+it) may be followed only by other such stages (``kmeans>entropy_code>small_dtype``), and one marked
+``needs_previous_stage`` (``entropy_code``, which codes the integers an earlier stage leaves) cannot
+be a method on its own or a first stage.
 
 **Storage** is counted once, on the final model (the runner's usual storage report and export).
 The row's ``info`` keeps each stage's details under ``stages``; ``requested_ratio`` is the first
@@ -142,6 +145,9 @@ def method_class(name: str) -> type[Method]:
     if not is_pipeline(name):
         if name not in METHODS:
             raise unknown("method", name, METHODS, "or a pipeline 'a>b' of them (see `python -m bench list`)")
+        if METHODS[name].needs_previous_stage:
+            raise UserError(f"method {name!r} works on what an earlier stage leaves: use it as a later stage of a "
+                            f"pipeline, e.g. \"kmeans>{name}\" or \"prune>quantize>{name}\"")
         return METHODS[name]
     names = stage_names(name)
     classes = []
@@ -153,10 +159,14 @@ def method_class(name: str) -> type[Method]:
         return classes[0]
     if len(set(names)) != len(names):
         raise UserError(f"pipeline {name!r} names a stage twice; each method may appear once in a chain")
-    for cls in classes[:-1]:
-        if cls.last_stage_only:
+    if classes[0].needs_previous_stage:
+        raise UserError(f"pipeline {name!r}: method {names[0]!r} works on what an earlier stage leaves, so it "
+                        "cannot be the first stage")
+    for cls, nxt in zip(classes[:-1], classes[1:]):
+        if cls.last_stage_only and not nxt.last_stage_only:
             raise UserError(f"pipeline {name!r}: method {cls.name!r} must be the last stage (nothing may train "
-                            "after it)")
+                            f"after it; only {', '.join(sorted(n for n, c in METHODS.items() if c.last_stage_only))} "
+                            "may follow it)")
     for cls in classes[1:]:
         if cls.trains_own_model():
             raise UserError(f"pipeline {name!r}: method {cls.name!r} trains its own model, so it can only be the "
@@ -176,12 +186,13 @@ def is_pipeline_class(cls) -> bool:
 
 # ----------------------------------------------------------------------------- parsing the methods list
 def split_methods(text: str) -> list[str]:
-    """``"a,b(x=1,y=2)>c"`` -> ``["a", "b(x=1,y=2)>c"]``: commas inside parentheses do not split."""
+    """``"a,b(x=1,y=[2,4])>c"`` -> ``["a", "b(x=1,y=[2,4])>c"]``: commas inside parentheses or brackets
+    do not split."""
     out, depth, cur = [], 0, ""
     for ch in text:
-        if ch == "(":
+        if ch in "([":
             depth += 1
-        elif ch == ")":
+        elif ch in ")]":
             depth -= 1
         if ch == "," and depth == 0:
             out.append(cur)

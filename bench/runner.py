@@ -188,17 +188,17 @@ def budget_columns(spec: RunSpec) -> dict:
     return cols
 
 
-def nondefault_config(method: str, config: dict) -> str | None:
+def nondefault_config(method: str, config: dict, cls: type | None = None) -> str | None:
     """JSON of the hyperparameters in ``config`` that differ from the method's defaults (``{}``: all
     defaults), so the report shows ``K=16`` without loading the plugin; None if the method is unknown."""
     import dataclasses
 
     try:
-        cls = method_class(method)
+        cls = cls or method_class(method)
         if is_pipeline_class(cls):  # per stage, flattened as stage.option (prune.ratio=2)
             flat = {}
             for c in cls.stage_classes:
-                sub = nondefault_config(c.name, config.get(c.name, {}))
+                sub = nondefault_config(c.name, config.get(c.name, {}), c)
                 flat.update({f"{c.name}.{k}": v for k, v in json.loads(sub).items()})
             return json.dumps(flat, default=str)
         fields = dataclasses.fields(cls.Config)

@@ -23,6 +23,7 @@ from test_datasets import idx_arrays, write_cifar, write_idx_set
 
 from bench import codebook, generated
 from bench.data import DATASETS, get_dataset
+from bench.entropy import EntropyCodedSource
 from bench.errors import UserError
 from bench.kan import KAN, kan_layers
 from bench.models import MODELS, from_config
@@ -123,10 +124,9 @@ def _branch_quant(w, _):  # branch-aware codes: coefficients and base weights on
 EXAMPLES = {
     "DenseSource": lambda m: None,
     "CodebookSource": lambda m: codebook.cluster_model(m, 4, "layer"),
-    "EntropyCodedCodebookSource": lambda m: (codebook.cluster_model(m, 4, "layer"), codebook.entropy_code_indices(m)),
+    "EntropyCodedSource": lambda m: (_each_layer(m, _masked), codebook.cluster_model(m, 3, "layer"),  # forced:
+                                     _each_layer(m, lambda w, la: EntropyCodedSource(la.source, ["index", "mask"]))),
     "MaskedCodebookSource": lambda m: (_each_layer(m, _masked), codebook.cluster_model(m, 3, "layer")),
-    "EntropyCodedMaskedCodebookSource": lambda m: (_each_layer(m, _masked), codebook.cluster_model(m, 3, "layer"),
-                                                   codebook.entropy_code_indices(m)),
     "SharedCodebookSource": lambda m: codebook.cluster_model(m, 4, "global"),
     "GeneratedSource": lambda m: generated.generate_model(m, 2, 8, shared=True),  # an owner and a borrower
     "MaskedSource": lambda m: _each_layer(m, _masked),
