@@ -125,6 +125,7 @@ class Method:
     uses_finetune: ClassVar[bool] = True  # False: never fine-tunes (a pipeline gives it no share of the budget)
     last_stage_only: ClassVar[bool] = False  # True: nothing may train after it (only last-stage methods follow it)
     needs_previous_stage: ClassVar[bool] = False  # True: only a later stage of a pipeline (entropy_code)
+    test_previous_stage: ClassVar[str | None] = None  # with needs_previous_stage: what the generated tests put first
     in_all: ClassVar[bool] = True  # False: a sweep's methods = ["all"] leaves it out (a stage meant for pipelines)
 
     def __init__(self, **hyperparameters):

@@ -33,6 +33,7 @@ class EntropyCode(Method):
     last_stage_only = True
     needs_previous_stage = True
     in_all = False
+    test_previous_stage = "quantize"  # the generated tests run quantize>entropy_code
 
     def compress(self, model, ctx):
         ctx.result.details.update(entropy_code_model(model))
