@@ -265,18 +265,19 @@ def entropy_code_indices(model: nn.Module) -> dict:
     the same; only its storage changes. Returns, per layer, the index bits at ``ceil(log2 K)`` each,
     the coded bits (stream + code table) and the empirical entropy."""
     for _, layer in kan_layers(model):
-        if not isinstance(layer.source, CodebookSource):
-            raise UserError(f"entropy_coding needs codebooks; layer source {type(layer.source).__name__} has none")
+        src = getattr(layer.source, "inner", layer.source)  # (already coded: re-chosen)
+        if not isinstance(src, CodebookSource):
+            raise UserError(f"entropy_coding needs codebooks; layer source {type(src).__name__} has none")
     coded = entropy_code_model(model, only=("index",))["entropy_coded"]
+    layers = dict(kan_layers(model))
     out = {"index_plain_bits": {}, "index_coded_bits": {}, "index_entropy_bits": {}}
     for name, streams in coded.items():
-        r = streams.get("index")
-        src = dict(kan_layers(model))[name].source
+        r, src = streams.get("index"), layers[name].source
         plain = src.index.numel() * index_bits(src.k)
         out["index_plain_bits"][name] = plain
         out["index_coded_bits"][name] = r["coded_bits"] if r else plain
-        out["index_entropy_bits"][name] = r["entropy_bits"] if r else empirical_entropy_bits(
-            np.bincount(src.index.detach().cpu().reshape(-1).numpy()))
+        out["index_entropy_bits"][name] = r["entropy_bits"] if r else round(empirical_entropy_bits(
+            np.bincount(src.index.detach().cpu().reshape(-1).numpy())), 1)
     return out
 
 
@@ -334,7 +335,7 @@ class ClusterOptions:
         "help": "peak lr of the centroid fine-tune; default (None) the shared rule, finetune_lr_scale x lr"})
     tune_rest: bool = field(default=False, metadata={"help": "also fine-tune biases and norms"})
     entropy_coding: bool = field(default=False, metadata={
-        "help": "store the indices ANS-coded under each layer's index histogram (scope layer)"})
+        "help": "store the indices ANS-coded under each layer's index histogram"})
     centroid_bits: int = field(default=32, metadata={
         "choices": [32, 16, 8, 6, 5, 4, 3, 2],
         "help": "centroid precision: 32 float32, 16 float16, below b-bit integers x scales (STE fine-tune)"})
@@ -346,6 +347,3 @@ class ClusterOptions:
             positive("finetune_lr", self.finetune_lr)
         if self.centroid_bits < 16 and self.scope != "layer":
             raise UserError(f"centroid_bits={self.centroid_bits} (integer centroids) needs scope = 'layer'")
-        if self.entropy_coding and self.scope != "layer":
-            raise UserError("entropy_coding codes each layer's indices under its own histogram: it needs "
-                            "scope = 'layer'")

@@ -48,7 +48,11 @@ def ans_decode(words: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
     import constriction
 
     model = constriction.stream.model.Categorical(np.asarray(counts, np.float64) / np.sum(counts), perfect=False)
-    return constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, dtype=np.uint32)).decode(model, n)
+    coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, dtype=np.uint32))
+    symbols = coder.decode(model, n)
+    if not coder.is_empty():  # a stream coded under another table (or by another coder) does not end here
+        raise ValueError("ANS stream does not decode to the stored length: the file or its code table is corrupt")
+    return symbols
 
 
 def empirical_entropy_bits(counts: np.ndarray) -> float:
@@ -76,7 +80,9 @@ class CodedStream:
         if self.n and int(v.min()) < self.low:
             raise ValueError(f"value {int(v.min())} below the encoding's lowest {self.low}")
         self.counts = np.bincount(v - self.low) if self.n else np.zeros(1, np.int64)
-        self.words = ans_encode(v - self.low, self.counts) if self.n else np.zeros(0, np.uint32)
+        # one value only (or none): the table says it all, the stream is empty
+        single = np.count_nonzero(self.counts) <= 1
+        self.words = np.zeros(0, np.uint32) if single else ans_encode(v - self.low, self.counts)
 
     @property
     def count_bits(self) -> int:
@@ -104,8 +110,8 @@ class CodedStream:
     def decode(name: str, n: int, low: int, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         counts = tensors[f"{name}.counts"].reshape(-1).numpy()
         words = tensors[f"{name}.words"].reshape(-1).numpy()
-        if n == 0:
-            return torch.zeros(0, dtype=torch.int64)
+        if np.count_nonzero(counts) <= 1:  # one value only (or none): no stream
+            return torch.full((n,), low + int(np.argmax(counts)) if n else 0, dtype=torch.int64)
         return torch.from_numpy(ans_decode(words, counts, n).astype(np.int64) + low)
 
 
@@ -162,6 +168,9 @@ class EntropyCodedSource(EdgeSource):
         out = []
         for it in self.inner.storage():
             out.extend(coded[it.name][1].items(it.name) if it.name in coded else [it])
+        names = [it.name for it in out]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stream item names collide with the inner source's items: {names}")
         return out
 
     def report(self) -> dict[str, dict]:
@@ -177,8 +186,8 @@ class EntropyCodedSource(EdgeSource):
 
     @classmethod
     def from_export(cls, config: dict, tensors: dict[str, torch.Tensor]) -> EntropyCodedSource:
-        plain = {k: v for k, v in tensors.items()
-                 if not any(k.startswith(f"{name}.") for name in config["coded"])}
+        stream_items = {f"{name}.{part}" for name in config["coded"] for part in ("counts", "words")}
+        plain = {k: v for k, v in tensors.items() if k not in stream_items}
         for name, spec in config["coded"].items():
             values = CodedStream.decode(name, spec["count"], lowest(spec["encoding"]), tensors)
             plain[name] = values.reshape(spec["shape"])

@@ -120,3 +120,66 @@ def test_entropy_code_only_ends_a_chain(name, fragment):
 def test_inline_lists_are_grid_axes():
     assert parse_entry("prune(ratio=[2,4])>kmeans(K=16)>entropy_code") == (
         "prune>kmeans>entropy_code", {"prune": {"ratio": [2, 4]}, "kmeans": {"K": 16}})
+
+
+def _round_trip(model, tmp_path, x):
+    with torch.no_grad():
+        before = model(x)
+    path = tmp_path / "m.kanb"
+    size = export_model(model, path)
+    assert size == header_bytes(path) + sum(math.ceil(it.bits / 8) for _, it in storage_report(model).items)
+    with torch.no_grad():
+        assert torch.equal(load_model(path)(x), before)
+
+
+def test_global_codebook_branch_codes_asymmetric_zeros_and_constant_streams_round_trip(tmp_path):
+    from bench.quant import LayerGrid, QFormat
+
+    x = torch.randn(5, 48)
+    model = KAN([48, 24, 6], "bspline").eval()
+    codebook.cluster_model(model, 4, "global")  # shared centroids: each layer's indices under its own histogram
+    for _, layer in kan_layers(model):
+        layer.set_source(EntropyCodedSource(layer.source, ["index"]))
+    _round_trip(model, tmp_path, x)
+
+    def branch(w, _):  # basis coefficients and base weights on their own grids: items coef.q and base.q
+        n, w = w.shape[-1] - 1, w * (torch.rand_like(w) < 0.2)
+        grid = LayerGrid(w, [("coef", slice(0, n), QFormat(4)), ("base", slice(n, n + 1), QFormat(3))])
+        return grid.source(grid.round_to_nearest(w))
+
+    model = _model(branch)
+    info = entropy_code_model(model)
+    assert {"coef.q"} <= set(info["entropy_coded"]["layers.0"])
+    _round_trip(model, tmp_path, x)
+
+    model = _model(lambda w, _: QuantSource.from_float(w.abs() * (torch.rand_like(w) < 0.2), bits=4,
+                                                       granularity="edge", symmetric=False))
+    for _, layer in kan_layers(model):  # asymmetric: a uint4 zero point per edge, coded with the codes
+        layer.set_source(EntropyCodedSource(layer.source, ["q", "zero"]))
+    _round_trip(model, tmp_path, x)
+
+    model = KAN([48, 24, 6], "bspline").eval()
+    for _, layer in kan_layers(model):  # one value only: a one-entry table and a stream of almost nothing
+        index = torch.zeros(layer.out_features, layer.in_features, dtype=torch.long)
+        layer.set_source(codebook.CodebookSource(torch.randn(2, layer.edge_dim), index))
+    info = entropy_code_model(model)
+    assert info["coded_coded_bits"] < info["coded_plain_bits"] / 10
+    _round_trip(model, tmp_path, x)
+
+
+def test_entropy_code_after_a_float_only_method_is_infeasible():
+    from bench.errors import Infeasible
+    from bench.methods import METHODS
+
+    model = KAN([8, 4, 2], "bspline")
+    with pytest.raises(Infeasible, match="no integer stream"):
+        METHODS["entropy_code"]().compress(model, None)
+
+
+def test_inline_list_expands_to_one_run_per_value():
+    from bench.sweep import build_sweep
+
+    runs = build_sweep({"name": "g", "datasets": ["digits"], "bases": ["bspline"], "seeds": [0],
+                        "methods": ["prune(ratio=[2,4])>kmeans(K=16)>entropy_code"]}).runs
+    assert sorted(r.method_config["prune"]["ratio"] for r in runs) == [2, 4]
+    assert {r.method for r in runs} == {"prune>kmeans>entropy_code"}
