@@ -31,6 +31,7 @@ from .results import ResultsStore
 from .sweep import RunSpec, Sweep
 
 FINETUNE_KEYS = ("finetune_epochs", "finetune_lr_scale")  # budget keys that do not change a trained stage
+POST_KEYS = ("bn_recalibration",)  # applied after a method compresses: neither a trained stage nor the control
 
 
 class StageEpochs(NamedTuple):
@@ -57,7 +58,7 @@ def stage_cache(spec: RunSpec, method=None) -> tuple[dict, str]:
     base (``method`` None) or the method's own trained form. The fine-tune budget is not part of it."""
     stage = method.stage_key() if method is not None else {"method": "dense"}
     key = {k: v for k, v in spec.identity().items() if k not in ("method", "method_config")}
-    key["train"] = {k: v for k, v in spec.train.items() if k not in FINETUNE_KEYS}
+    key["train"] = {k: v for k, v in spec.train.items() if k not in FINETUNE_KEYS + POST_KEYS}
     key["train"]["epochs"] = stage_epochs(spec, method).epochs
     key["stage"] = stage
     return key, f"{stage['method']}-{_digest(key)}.pt"

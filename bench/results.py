@@ -41,7 +41,8 @@ COLUMNS = [
     "requested_ratio", "theoretical_speedup", "file_bytes", "header_bytes", "dense_file_bytes",
     "file_compression_ratio", "zstd_file_bytes", "epochs", "finetune_epochs", "lr", "batch_size",
     "finetune_lr_scale", "schedule",
-    "patience", "weight_decay", "threads", "compile", "dataset_options", "model_options", "basis_options",
+    "patience", "weight_decay", "threads", "compile", "bn_recalibration",
+    "dataset_options", "model_options", "basis_options",
     "train_seconds", "compress_seconds", "peak_memory_bytes", "peak_memory_kind", "device",
     "host", "torch_version", "git_sha", "started_at", "finished_at",
 ]
@@ -49,7 +50,7 @@ NUMERIC = {
     "seed", "metric", "dense_metric", "metric_delta", "val_metric", "control_metric", "control_val_metric",
     "dense_val_metric", "dense_delta", "best_epoch", "epochs_run", "finetune_best_epoch", "finetune_epochs_run",
     "finetune_lr", "header_bytes", "dense_file_bytes", "zstd_file_bytes", "file_compression_ratio", "lr", "batch_size",
-    "finetune_lr_scale", "patience", "weight_decay", "threads", "params_total", "params_trainable",
+    "finetune_lr_scale", "patience", "weight_decay", "threads", "bn_recalibration", "params_total", "params_trainable",
     "optimizer_state_bytes", "stored_bits", "dense_bits", "compression_ratio", "coef_stored_bits",
     "coef_dense_bits", "coef_compression_ratio", "requested_ratio", "theoretical_speedup", "file_bytes",
     "epochs", "finetune_epochs", "train_seconds", "compress_seconds", "peak_memory_bytes",

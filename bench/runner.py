@@ -177,7 +177,8 @@ class RunEnv:
         return model, info
 
 
-BUDGET_COLUMNS = ("lr", "batch_size", "finetune_lr_scale", "schedule", "patience", "weight_decay", "threads", "compile")
+BUDGET_COLUMNS = ("lr", "batch_size", "finetune_lr_scale", "schedule", "patience", "weight_decay", "threads", "compile",
+                  "bn_recalibration")
 
 
 def budget_columns(spec: RunSpec) -> dict:
@@ -282,6 +283,12 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
                finetune_lr=last.get("finetune_lr"))
     row["peak_memory_bytes"] = max([info["peak_memory_bytes"]] + [f["peak_memory_bytes"] for f in finetunes])
     row["peak_memory_kind"] = "cuda_max_allocated" if env.device.type == "cuda" else "step_tensors"
+    recal = int(spec.train.get("bn_recalibration", 0))
+    if recal and not is_control and not getattr(method, "untouched", False):
+        # BatchNorm statistics of the compressed weights (the control's and the base's are their own training's)
+        before = trainer.evaluate(model, "val")
+        if trainer.recalibrate_batchnorm(model, recal, ctx.seed):
+            ctx.result.details.update(val_before_bn_recalibration=before, bn_recalibration_batches=recal)
     model.eval()
 
     row["val_metric"] = trainer.evaluate(model, "val")

@@ -92,6 +92,9 @@ class TrainBudget:
     weight_decay: float = field(default=0.0, metadata={"min": 0.0})
     threads: int = field(default=2, metadata={"min": 1, "help": "torch CPU threads per run (pinned)"})
     amp: bool = field(default=False, metadata={"help": "bfloat16 autocast on CUDA (ignored on CPU)"})
+    bn_recalibration: int = field(default=0, metadata={
+        "min": 0, "help": "after a method compresses, re-estimate BatchNorm statistics on this many training "
+                          "batches (0: off); the control and the dense base keep their own"})
     compile: bool = field(default=False, metadata={
         "help": "fuse each basis's evaluation with torch.compile (bench.bases.fused_features): ~2-3x faster "
                 "KAN convolutions on CPU, after tens of seconds of compilation per basis"})
@@ -340,8 +343,9 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
         ds_train[d] = dataclasses.asdict(build_config(TrainBudget, {**base_train, **tr}, f"sweep [dataset.{d}]"))
         if train_over:  # CLI flags beat per-dataset settings
             ds_train[d].update(train_over)
-        if not ds_train[d]["compile"]:  # off: left out, so run ids and caches match those made before it existed
-            del ds_train[d]["compile"]
+        for key in ("compile", "bn_recalibration"):  # off: left out, so run ids and caches match earlier ones
+            if not ds_train[d][key]:
+                del ds_train[d][key]
     mo = {m: dataclasses.asdict(model_options(m, mtables.get(m, {}))) for m in models}
     bo = {}
     for b in bases:

@@ -142,6 +142,34 @@ class Trainer:
             return 100.0 * correct / max(n, 1)
         return math.sqrt(sq / max(n * (y.shape[1] if y.dim() > 1 else 1), 1))
 
+    @torch.no_grad()
+    def recalibrate_batchnorm(self, model: nn.Module, batches: int, seed: int) -> int:
+        """Re-estimate every BatchNorm's running mean and variance on ``batches`` training batches
+        (a seeded draw; the plain average over them, ``momentum = None``), the rest of the model in
+        eval mode and nothing trained: the statistics a compressed model's changed weights produce,
+        not the ones its dense base left. Returns how many BatchNorm layers were re-estimated."""
+        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 and m.track_running_stats]
+        if not norms or batches <= 0:
+            return 0
+        was_training = model.training
+        model.eval()
+        saved = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        x = self.splits.x_train
+        order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+        for b in range(min(batches, math.ceil(x.shape[0] / self.batch_size))):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size].to(x.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                model(x[idx])
+        for m, mom in zip(norms, saved):
+            m.momentum = mom
+        model.train(was_training)
+        return len(norms)
+
     def better(self, a: float, b: float) -> bool:
         if math.isnan(b):
             return not math.isnan(a)

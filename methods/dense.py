@@ -17,5 +17,7 @@ class Dense(Method):
     class Config:
         pass
 
+    untouched = True  # the base as trained: no post-compression step (BatchNorm re-estimation) applies
+
     def finetune_epochs(self, budget: int) -> int:
         return 0  # scored as trained

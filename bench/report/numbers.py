@@ -41,10 +41,11 @@ GROUP = ["dataset", "model", "basis", "budget"]
 POINT = GROUP + ["method", "method_config"]
 # The training budget that defines a base model (whichever of these the rows carry).
 BUDGET = ["epochs", "lr", "batch_size", "finetune_epochs", "finetune_lr_scale", "schedule", "patience",
-          "weight_decay", "threads", "dataset_options", "model_options", "basis_options"]
+          "weight_decay", "threads", "bn_recalibration", "dataset_options", "model_options", "basis_options"]
 _BUDGET_NAMES = {"epochs": "epochs", "lr": "lr", "batch_size": "batch", "finetune_epochs": "ft epochs",
                  "finetune_lr_scale": "ft lr scale", "schedule": "schedule", "patience": "patience",
-                 "weight_decay": "wd", "threads": "threads", "dataset_options": "data", "model_options": "model",
+                 "weight_decay": "wd", "threads": "threads", "bn_recalibration": "bn recal",
+                 "dataset_options": "data", "model_options": "model",
                  "basis_options": "basis"}
 DENSE = "dense"
 CONTROL = "dense_ft"
