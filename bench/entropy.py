@@ -119,6 +119,11 @@ def stream_of(it: StorageItem) -> CodedStream:
     return CodedStream(it.tensor.detach().cpu().numpy(), lowest(it.encoding))
 
 
+def smaller_coded(it: StorageItem) -> bool:
+    """Whether the item's stream plus its code table is fewer bits than the item stored plainly."""
+    return it.count > 1 and stream_of(it).bits < it.bits
+
+
 @register_source
 class EntropyCodedSource(EdgeSource):
     """Any edge source with some of its integer items stored as ANS streams (see the module doc).
@@ -131,14 +136,8 @@ class EntropyCodedSource(EdgeSource):
         self.inner = inner
         self.out_features, self.in_features, self.edge_dim = inner.out_features, inner.in_features, inner.edge_dim
         if names is None:
-            names = [it.name for it in inner.storage() if is_integer_item(it) and self._smaller(it)]
+            names = [it.name for it in inner.storage() if is_integer_item(it) and smaller_coded(it)]
         self.names = list(names)
-
-    @staticmethod
-    def _smaller(it: StorageItem) -> bool:
-        if it.count < 2:
-            return False
-        return stream_of(it).bits < it.bits
 
     def __getattr__(self, name: str):  # the inner source's attributes (index, k, kept, centroids, ...)
         try:
@@ -206,9 +205,8 @@ def entropy_code_model(model, only: tuple[str, ...] | None = None) -> dict:
         if isinstance(src, EntropyCodedSource):
             src = src.inner
             layer.set_source(src)
-        candidates = [it.name for it in src.storage() if is_integer_item(it)
-                      and (only is None or it.name.split(".")[-1] in only)]
-        chosen = [it.name for it in src.storage() if it.name in candidates and EntropyCodedSource._smaller(it)]
+        chosen = [it.name for it in src.storage() if is_integer_item(it) and smaller_coded(it)
+                  and (only is None or it.name.split(".")[-1] in only)]
         if not chosen:  # nothing would shrink: the layer stays as it is
             layers[name] = {}
             continue
