@@ -157,16 +157,23 @@ class EntropyCodedSource(EdgeSource):
     def inference_tensor(self) -> torch.Tensor:
         return self.inner.inference_tensor()
 
+    def _stream(self, it: StorageItem) -> CodedStream:
+        """The item's stream, coded once per content (storage, report and export all ask for it)."""
+        values = it.tensor.detach().cpu().numpy()
+        key = (it.encoding, values.shape, hash(values.tobytes()))
+        cache = self.__dict__.setdefault("_streams", {})
+        if cache.get(it.name, (None,))[0] != key:
+            cache[it.name] = (key, CodedStream(values, lowest(it.encoding)))
+        return cache[it.name][1]
+
     def streams(self) -> dict[str, tuple[StorageItem, CodedStream]]:
         """Each coded item (as the inner source stores it plainly) and its stream."""
-        return {it.name: (it, stream_of(it))
-                for it in self.inner.storage() if it.name in self.names}
+        return {it.name: (it, self._stream(it)) for it in self.inner.storage() if it.name in self.names}
 
     def storage(self) -> list[StorageItem]:
-        coded = self.streams()
         out = []
         for it in self.inner.storage():
-            out.extend(coded[it.name][1].items(it.name) if it.name in coded else [it])
+            out.extend(self._stream(it).items(it.name) if it.name in self.names else [it])
         names = [it.name for it in out]
         if len(set(names)) != len(names):
             raise ValueError(f"stream item names collide with the inner source's items: {names}")

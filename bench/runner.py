@@ -41,7 +41,7 @@ from .provenance import git_sha
 from .results import ResultsStore, atomic_write_bytes
 from .storage import count_params, export_model, header_bytes, load_model, storage_report, zstd_bytes
 from .sweep import RunSpec, Sweep
-from .train import Diverged, Trainer
+from .train import Diverged, Trainer, batchnorms
 
 
 def derive_seed(*parts) -> int:
@@ -284,11 +284,11 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
     row["peak_memory_bytes"] = max([info["peak_memory_bytes"]] + [f["peak_memory_bytes"] for f in finetunes])
     row["peak_memory_kind"] = "cuda_max_allocated" if env.device.type == "cuda" else "step_tensors"
     recal = int(spec.train.get("bn_recalibration", 0))
-    if recal and not is_control and not getattr(method, "untouched", False):
+    if recal and not is_control and not getattr(method, "untouched", False) and batchnorms(model):
         # BatchNorm statistics of the compressed weights (the control's and the base's are their own training's)
         before = trainer.evaluate(model, "val")
-        if trainer.recalibrate_batchnorm(model, recal, ctx.seed):
-            ctx.result.details.update(val_before_bn_recalibration=before, bn_recalibration_batches=recal)
+        trainer.recalibrate_batchnorm(model, recal, ctx.seed)
+        ctx.result.details.update(val_before_bn_recalibration=before, bn_recalibration_batches=recal)
     model.eval()
 
     row["val_metric"] = trainer.evaluate(model, "val")

@@ -85,6 +85,11 @@ def step_bytes(saved: list[torch.Tensor], opt: torch.optim.Optimizer) -> int:
             + optimizer_state_bytes(opt))
 
 
+def batchnorms(model: nn.Module) -> list[nn.Module]:
+    """The model's BatchNorm layers that keep running statistics."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 class Trainer:
     """Trains and scores models on one dataset's splits (already on ``device``)."""
 
@@ -148,8 +153,7 @@ class Trainer:
         (a seeded draw; the plain average over them, ``momentum = None``), the rest of the model in
         eval mode and nothing trained: the statistics a compressed model's changed weights produce,
         not the ones its dense base left. Returns how many BatchNorm layers were re-estimated."""
-        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                 and m.track_running_stats]
+        norms = batchnorms(model)
         if not norms or batches <= 0:
             return 0
         was_training = model.training
