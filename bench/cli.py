@@ -25,7 +25,7 @@ def _csv(value: str) -> list[str]:
 
 
 def _methods(value: str) -> list[str]:
-    from .pipeline import split_methods
+    from bench.compress.pipeline import split_methods
 
     return split_methods(value)
 
@@ -110,7 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also time the ConvKAN step with fused (torch.compile) basis features against eager")
     pf.add_argument("--out", default="results/perf.csv", help="CSV to write (default results/perf.csv)")
 
-    from .transfer import DEFAULT_FINETUNE_EPOCHS, DEFAULT_PRETRAIN_EPOCHS, DEFAULT_RANKS, DEFAULT_SEEDS, TARGETS
+    from bench.run.transfer import (
+        DEFAULT_FINETUNE_EPOCHS,
+        DEFAULT_PRETRAIN_EPOCHS,
+        DEFAULT_RANKS,
+        DEFAULT_SEEDS,
+        TARGETS,
+    )
 
     tr = sub.add_parser("transfer", help="LoTRA transfer benchmark: pre-train on a source equation, adapt to "
                         "related targets (full fine-tune vs Tucker-update ranks)")
@@ -143,12 +149,13 @@ def cmd_run(args) -> int:
     """Validate everything (plugins, names, options, budgets, data, executor flags, the output folder
     and its writer lock) before the first run starts; then run, print the runs that are not ok, log
     the call and write the leaderboard."""
-    from .lock import results_writer
+    from bench.run.lock import results_writer
+    from bench.run.runner import check_data, not_ok_lines, run_sweep
+    from bench.run.sweep import build_sweep, read_sweep_file
+
     from .provenance import log_invocation
     from .registry import load_plugins
     from .report import report_folder
-    from .runner import check_data, not_ok_lines, run_sweep
-    from .sweep import build_sweep, read_sweep_file
 
     load_plugins(args.plugin)
     data = read_sweep_file(args.config, args.sweep)
@@ -163,7 +170,7 @@ def cmd_run(args) -> int:
         return dry_run(sweep, out, data_dir, args.device or sweep.device)
     check_data(sweep, data_dir)
     if args.executor == "local":
-        from .runner import resolve_device
+        from bench.run.runner import resolve_device
 
         resolve_device(args.device or sweep.device)
     command = "python -m bench " + " ".join(sys.argv[1:])
@@ -173,7 +180,7 @@ def cmd_run(args) -> int:
             if args.executor == "local":
                 counts = run_sweep(sweep, out, data_dir, quiet=args.quiet, device=args.device)
             else:
-                from .executors import run_with_executor
+                from bench.run.executors import run_with_executor
 
                 counts = run_with_executor(args.executor, sweep, out, data_dir, quiet=args.quiet,
                                            device=args.device, options=options)
@@ -204,15 +211,16 @@ def cmd_run(args) -> int:
 def dry_run(sweep, out: Path, data_dir: Path | None = None, device: str = "auto") -> int:
     """Print what ``bench run`` would do in ``out``: runs to do per dataset and method, the cached
     models it would train first (with their epochs), what is already finished, and the estimated
-    wall time (:mod:`bench.estimate`). Trains nothing, downloads nothing; missing data is one line."""
+    wall time (:mod:`bench.run.estimate`). Trains nothing, downloads nothing; missing data is one line."""
     from collections import Counter
 
     import torch
 
+    from bench.compress.pipeline import method_class
+    from bench.run.estimate import estimate, report
+    from bench.run.plan import plan_sweep, stage_epochs
+
     from .data import get_dataset
-    from .estimate import estimate, report
-    from .pipeline import method_class
-    from .plan import plan_sweep, stage_epochs
 
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
     missing = [name for name, opts in sweep.datasets.items()
@@ -264,7 +272,7 @@ def default_out(args, sweep_name: str) -> Path:
 
 def _executor_options(args):
     """Check that executor flags match --executor (one line if not) and collect them."""
-    from .executors import ExecutorOptions, require
+    from bench.run.executors import ExecutorOptions, require
 
     given = {"ray": [f for f in ("ray_address", "ray_num_cpus") if getattr(args, f) is not None],
              "slurm": [f for f in ("slurm_partition", "slurm_gpus", "slurm_time", "slurm_cpus")
@@ -291,7 +299,8 @@ def _executor_options(args):
 
 
 def cmd_merge(args) -> int:
-    from .merge import merge_results
+    from bench.run.merge import merge_results
+
     from .registry import load_plugins
     from .report import report_folder
 
@@ -309,7 +318,8 @@ def cmd_merge(args) -> int:
 def cmd_report(args) -> int:
     import math
 
-    from .lock import writable_folder
+    from bench.run.lock import writable_folder
+
     from .report import report_folder
 
     for flag, value in (("--tolerance", args.tolerance), ("--rmse-tolerance", args.rmse_tolerance)):
@@ -327,7 +337,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_perf(args) -> int:
-    from .perf import main as perf_main
+    from bench.run.perf import main as perf_main
 
     if args.batch < 1 or args.repeats < 1 or len(args.widths) < 2 or min(args.widths) < 1:
         raise UserError("perf needs --batch >= 1, --repeats >= 1 and --widths of at least two positive sizes")
@@ -337,8 +347,9 @@ def cmd_perf(args) -> int:
 
 
 def cmd_transfer(args) -> int:
+    from bench.run.transfer import parse_ranks, parse_targets, run_transfer
+
     from .report import report_folder
-    from .transfer import parse_ranks, parse_targets, run_transfer
 
     ranks, targets = parse_ranks(args.ranks), parse_targets(args.targets)
     out = Path(args.out)
@@ -355,13 +366,14 @@ def cmd_transfer(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .bases import BASES
+    from bench.compress.methods import METHODS
+    from bench.model.bases import BASES
+    from bench.model.kinds import MODELS
+    from bench.run.sweep import bundled_sweeps, read_sweep_file
+
     from .config import describe
     from .data import DATASETS
-    from .methods import METHODS
-    from .models import MODELS
     from .registry import load_plugins
-    from .sweep import bundled_sweeps, read_sweep_file
 
     load_plugins(args.plugin)
     print("methods:")
@@ -372,7 +384,7 @@ def cmd_list(args) -> int:
         for opt, tp, default, help_ in describe(cls.Config):
             grid = f"  grid: {cls.grid[opt]}" if opt in cls.grid else ""
             print(f"      {opt} ({tp}) = {default!r}{'  ' + help_ if help_ else ''}{grid}")
-    from .pipeline import SYNTAX
+    from bench.compress.pipeline import SYNTAX
 
     print(f"  {SYNTAX}")
     print("datasets:")

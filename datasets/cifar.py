@@ -4,7 +4,7 @@ Files: the python pickle batches of the official archives, ``<data_dir>/cifar-10
 (``data_batch_1..5``, ``test_batch``, ``batches.meta``) and ``<data_dir>/cifar-100-python/``
 (``train``, ``test``, ``meta``); torchvision checks their md5 sums on every load. Validation =
 a seeded ``val_fraction`` of the 50k training images; test = the official 10k. Per-channel
-normalisation with train-split statistics (:mod:`bench.imagedata`).
+normalisation with train-split statistics (:mod:`bench.data.images`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.data import register_dataset
-from bench.imagedata import TorchvisionImageDataset
+from bench.data.images import TorchvisionImageDataset
 
 
 class _Cifar(TorchvisionImageDataset):

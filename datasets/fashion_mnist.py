@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.data import register_dataset
-from bench.imagedata import IdxImageDataset, ImageConfig
+from bench.data.images import IdxImageDataset, ImageConfig
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 ENV_VAR = "BENCH_FASHION_MNIST_DIR"

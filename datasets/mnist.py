@@ -2,13 +2,13 @@
 
 Files: ``<data_dir>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte`` (downloaded by
 torchvision when ``download=True``). Validation = a seeded ``val_fraction`` of the 60k training
-images; test = the official 10k test set. Loading, caps and normalisation: :mod:`bench.imagedata`.
+images; test = the official 10k test set. Loading, caps and normalisation: :mod:`bench.data.images`.
 """
 
 from __future__ import annotations
 
 from bench.data import register_dataset
-from bench.imagedata import IdxImageDataset
+from bench.data.images import IdxImageDataset
 
 
 @register_dataset("mnist")

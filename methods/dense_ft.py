@@ -14,7 +14,7 @@ and the ``control_*`` columns of every other row come from the very same model.
 
 from dataclasses import dataclass
 
-from bench.methods import Method, control_finetune, register_method
+from bench.compress.methods import Method, control_finetune, register_method
 
 
 @register_method("dense_ft")
@@ -28,7 +28,7 @@ class DenseFineTuned(Method):
         pass
 
     def finetune_epochs(self, budget: int) -> int:
-        return 0  # the row is the cached control, fine-tuned once with its base (bench.plan)
+        return 0  # the row is the cached control, fine-tuned once with its base (bench.run.plan)
 
     def compress(self, model, ctx):
         control_finetune(model, ctx)

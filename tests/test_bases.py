@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from bench.bases import BASES, make_basis
 from bench.errors import UserError
+from bench.model.bases import BASES, make_basis
 
 
 @pytest.mark.parametrize("name", sorted(BASES))
@@ -119,8 +119,8 @@ def test_bases_without_a_pointwise_kernel_run_eagerly():
 
 def test_fused_features_give_the_eager_convkan_outputs_and_gradients():
     """With train.compile on, a ConvKAN's step runs the compiled features and matches eager."""
-    from bench.bases import _FUSED, use_fused_features
-    from bench.kan import ConvKAN
+    from bench.model.bases import _FUSED, use_fused_features
+    from bench.model.kan import ConvKAN
 
     torch.manual_seed(0)
     model = ConvKAN((1, 12, 12), 3, [4, 6], 3, 1, "bspline")

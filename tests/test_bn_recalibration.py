@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from bench.data import Splits
-from bench.kan import ConvKAN
-from bench.plan import control_cache, stage_cache
+from bench.model.kan import ConvKAN
 from bench.registry import load_plugins
-from bench.runner import RunEnv, run_one
-from bench.sweep import build_sweep
-from bench.train import Trainer
+from bench.run.plan import control_cache, stage_cache
+from bench.run.runner import RunEnv, run_one
+from bench.run.sweep import build_sweep
+from bench.run.train import Trainer
 
 load_plugins()
 TRAIN = {"epochs": 1, "finetune_epochs": 1, "batch_size": 16, "lr": 3e-3}
@@ -61,7 +61,7 @@ def test_a_compressed_convkan_gets_its_own_statistics_and_the_stages_keep_their_
     assert rows[1]["control_metric"] == rows[0]["control_metric"]  # the same cached control
 
     def stats(spec):
-        from bench.storage import load_model
+        from bench.compress.storage import load_model
 
         m = load_model(Path(tmp_path) / "models" / f"{spec.run_id}.kanb")
         return torch.cat([b.running_var for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)])

@@ -10,7 +10,7 @@ import pytest
 from test_report import synthetic_rows
 
 from bench.report import write_report
-from bench.results import rows_to_frame
+from bench.run.results import rows_to_frame
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")

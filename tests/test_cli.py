@@ -124,7 +124,7 @@ def test_adhoc_runs_get_their_own_folders_and_never_average_budgets_as_seeds(cap
     one table stay two groups of one seed each, never one point of "2 seeds"."""
     from bench.cli import build_parser, default_out
     from bench.report import aggregate
-    from bench.results import read_results
+    from bench.run.results import read_results
 
     readme = build_parser().parse_args(["run", "--datasets", "digits", "--bases", "rbf", "--methods",
                                         "dense,quantize", "--epochs", "5"])

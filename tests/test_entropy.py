@@ -1,4 +1,4 @@
-"""Entropy coding of every integer stream (bench/entropy.py, the ``entropy_code`` stage): quantised
+"""Entropy coding of every integer stream (bench/compress/entropy.py, the ``entropy_code`` stage): quantised
 values, pruning masks, codebook indices; coded sizes within reach of the empirical entropy, the
 file on disk equal to the counted bits, exact reload, flat streams left plain, and the chain rules."""
 
@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from bench import codebook
-from bench.entropy import CodedStream, EntropyCodedSource, entropy_code_model, lowest
+from bench.compress import codebook
+from bench.compress.entropy import CodedStream, EntropyCodedSource, entropy_code_model, lowest
+from bench.compress.pipeline import method_class, parse_entry
+from bench.compress.pruning import MaskedSource
+from bench.compress.quant import QuantSource
+from bench.compress.storage import export_model, header_bytes, load_model, storage_report
 from bench.errors import UserError
-from bench.kan import KAN, kan_layers
-from bench.pipeline import method_class, parse_entry
-from bench.pruning import MaskedSource
-from bench.quant import QuantSource
-from bench.storage import export_model, header_bytes, load_model, storage_report
+from bench.model.kan import KAN, kan_layers
 
 
 def _skewed_quant(w, _):  # 4-bit codes, most of them near zero (a peaked histogram)
@@ -133,7 +133,7 @@ def _round_trip(model, tmp_path, x):
 
 
 def test_global_codebook_branch_codes_asymmetric_zeros_and_constant_streams_round_trip(tmp_path):
-    from bench.quant import LayerGrid, QFormat
+    from bench.compress.quant import LayerGrid, QFormat
 
     x = torch.randn(5, 48)
     model = KAN([48, 24, 6], "bspline").eval()
@@ -168,8 +168,8 @@ def test_global_codebook_branch_codes_asymmetric_zeros_and_constant_streams_roun
 
 
 def test_entropy_code_after_a_float_only_method_is_infeasible():
+    from bench.compress.methods import METHODS
     from bench.errors import Infeasible
-    from bench.methods import METHODS
 
     model = KAN([8, 4, 2], "bspline")
     with pytest.raises(Infeasible, match="no integer stream"):
@@ -177,7 +177,7 @@ def test_entropy_code_after_a_float_only_method_is_infeasible():
 
 
 def test_inline_list_expands_to_one_run_per_value():
-    from bench.sweep import build_sweep
+    from bench.run.sweep import build_sweep
 
     runs = build_sweep({"name": "g", "datasets": ["digits"], "bases": ["bspline"], "seeds": [0],
                         "methods": ["prune(ratio=[2,4])>kmeans(K=16)>entropy_code"]}).runs

@@ -1,12 +1,12 @@
-"""The dry run's wall-time estimate (bench/estimate.py): FLOPs by hand, scaling with the plan,
+"""The dry run's wall-time estimate (bench/run/estimate.py): FLOPs by hand, scaling with the plan,
 missing data, nothing trained."""
 
 import pytest
 
-from bench import estimate as est
 from bench.cli import main
-from bench.plan import plan_sweep
-from bench.sweep import build_sweep, read_sweep_file
+from bench.run import estimate as est
+from bench.run.plan import plan_sweep
+from bench.run.sweep import build_sweep, read_sweep_file
 
 DIGITS = {"datasets": ["digits"], "models": ["kan"], "bases": ["rbf"], "methods": ["dense", "prune"],
           "grid": False, "device": "cpu"}
@@ -57,7 +57,7 @@ def test_dry_run_with_missing_data_warns_estimates_and_trains_nothing(tmp_path, 
     def no_training(*args, **kwargs):
         raise AssertionError("a dry run trained")
 
-    monkeypatch.setattr("bench.train.Trainer.fit", no_training)
+    monkeypatch.setattr("bench.run.train.Trainer.fit", no_training)
     data, out = tmp_path / "data", tmp_path / "out"
     argv = ["run", "--sweep", "paper", "--dry-run", "--data-dir", str(data), "--out", str(out), "--datasets",
             "mnist,cifar10", "--models", "kan", "--bases", "rbf", "--methods", "dense,prune", "--seeds", "0"]

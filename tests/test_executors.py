@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 
 from bench.cli import main
-from bench.executors import ExecutorOptions, run_with_executor, start_ray
-from bench.merge import merge_results
-from bench.plan import plan_sweep
-from bench.results import ResultsStore
-from bench.runner import run_sweep
-from bench.sweep import build_sweep
+from bench.run.executors import ExecutorOptions, run_with_executor, start_ray
+from bench.run.merge import merge_results
+from bench.run.plan import plan_sweep
+from bench.run.results import ResultsStore
+from bench.run.runner import run_sweep
+from bench.run.sweep import build_sweep
 
 pytest.importorskip("ray")
 pytest.importorskip("submitit")
@@ -46,8 +46,8 @@ def by_id(folder):
 
 def test_ray_and_submitit_give_the_same_rows_as_local(tmp_path, ray_cluster, monkeypatch):
     # dense + two runs sharing one stage-1 model (own_stage tag=0, knob 0 and 1): 3 runs, 2 models to train
-    import bench.executors as executors
-    import bench.runner as runner
+    import bench.run.executors as executors
+    import bench.run.runner as runner
 
     sweep = sweep_of(["dense", "own_stage"], {"own_stage": {"knob": [0, 1]}})
     assert len(sweep.runs) == 3

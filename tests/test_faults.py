@@ -20,11 +20,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import bench.train
+import bench.run.train
 from bench.cli import main
-from bench.lock import HOLDER_NAME, results_writer
 from bench.registry import load_plugin_file, load_plugins
-from bench.results import scan_rows
+from bench.run.lock import HOLDER_NAME, results_writer
+from bench.run.results import scan_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGINS = str(Path(__file__).parent / "plugins")
@@ -55,7 +55,7 @@ def no_training(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("training started although the input was invalid")
 
-    monkeypatch.setattr(bench.train.Trainer, "fit", boom)
+    monkeypatch.setattr(bench.run.train.Trainer, "fit", boom)
 
 
 def rows_by_id(out: Path) -> dict:
@@ -241,21 +241,21 @@ def test_plugin_that_raises_on_import_is_one_line(tmp_path, capsys, no_training)
 
 
 @pytest.mark.parametrize("registers,name,builtin", [
-    ("from bench.methods import Method, register_method\n@register_method('quantize')\n"
+    ("from bench.compress.methods import Method, register_method\n@register_method('quantize')\n"
      "class Q(Method):\n    pass\n", "method 'quantize'", "methods/quantize.py"),
     ("from bench.data import Dataset, register_dataset\n@register_dataset('digits')\nclass D(Dataset):\n    pass\n",
      "dataset 'digits'", "datasets/digits.py"),
-    ("from bench.bases import Basis, register_basis\n@register_basis('rbf')\nclass B(Basis):\n    pass\n",
-     "basis 'rbf'", "bench/bases.py"),
-    ("from bench.sources import EdgeSource, register_source\n@register_source\nclass DenseSource(EdgeSource):\n"
-     "    pass\n", "source 'DenseSource'", "bench/sources.py"),
+    ("from bench.model.bases import Basis, register_basis\n@register_basis('rbf')\nclass B(Basis):\n    pass\n",
+     "basis 'rbf'", "bench/model/bases.py"),
+    ("from bench.model.sources import EdgeSource, register_source\n@register_source\nclass DenseSource(EdgeSource):\n"
+     "    pass\n", "source 'DenseSource'", "bench/model/sources.py"),
 ])
 def test_plugin_reregistering_a_builtin_name_names_both_files(tmp_path, capsys, no_training, registers, name,
                                                                builtin):
-    from bench.bases import BASES
+    from bench.compress.methods import METHODS
     from bench.data import DATASETS
-    from bench.methods import METHODS
-    from bench.sources import SOURCES
+    from bench.model.bases import BASES
+    from bench.model.sources import SOURCES
 
     before = {k: dict(t) for k, t in (("m", METHODS), ("d", DATASETS), ("b", BASES), ("s", SOURCES))}
     plugin = tmp_path / "clash.py"
@@ -267,10 +267,10 @@ def test_plugin_reregistering_a_builtin_name_names_both_files(tmp_path, capsys, 
 
 
 def test_reloading_the_same_plugin_file_is_idempotent(tmp_path):
-    from bench.methods import METHODS
+    from bench.compress.methods import METHODS
 
     plugin = tmp_path / "mine.py"
-    plugin.write_text("from bench.methods import Method, register_method\n@register_method('mine_once')\n"
+    plugin.write_text("from bench.compress.methods import Method, register_method\n@register_method('mine_once')\n"
                       "class Mine(Method):\n    pass\n")
     try:
         load_plugin_file(plugin)
@@ -350,7 +350,7 @@ def test_failed_diverged_and_infeasible_runs_are_told_with_reason_and_row_file(t
 
 
 def test_invocations_log_keeps_every_call(tmp_path, capsys, monkeypatch):
-    import bench.runner as runner
+    import bench.run.runner as runner
 
     out = tmp_path / "res"
     args = ["run", *TINY, "--methods", "dense", "--seeds", "0,1", "--out", str(out)]

@@ -2,10 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.bases import BASES
-from bench.kan import KAN, ConvKAN, KANConv2d, KANLayer, kan_layers
-from bench.models import from_config
-from bench.sources import DenseSource
+from bench.model.bases import BASES
+from bench.model.kan import KAN, ConvKAN, KANConv2d, KANLayer, kan_layers
+from bench.model.kinds import from_config
+from bench.model.sources import DenseSource
 
 
 def reference_layer(layer: KANLayer, x: torch.Tensor) -> torch.Tensor:
@@ -109,8 +109,8 @@ def test_training_reduces_loss():
 
 
 def _sources():
-    from bench.codebook import cluster_model
-    from bench.quant import QuantSource
+    from bench.compress.codebook import cluster_model
+    from bench.compress.quant import QuantSource
 
     def quant(model):
         for _, layer in kan_layers(model):
@@ -150,7 +150,7 @@ def test_layernorm_rbf_conv_keeps_the_unfold_path():
 
 
 def test_layer_inputs_of_a_fast_conv_are_its_patch_rows():
-    from bench.kan import layer_inputs
+    from bench.model.kan import layer_inputs
 
     torch.manual_seed(0)
     model = ConvKAN((1, 8, 8), 3, channels=[2], basis="bspline")
@@ -163,7 +163,7 @@ def test_layer_inputs_of_a_fast_conv_are_its_patch_rows():
 
 @pytest.mark.parametrize("norm", ["batch", "instance", "layer", "none"])
 def test_convkan_norms_are_stored_counted_and_reload(tmp_path, norm):
-    from bench.storage import export_model, load_model, storage_report
+    from bench.compress.storage import export_model, load_model, storage_report
 
     torch.manual_seed(0)
     m = ConvKAN((1, 8, 8), 4, channels=[16, 8], norm=norm, basis="rbf")

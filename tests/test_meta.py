@@ -8,14 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import codebook, generated
+from bench.compress import codebook, generated
+from bench.compress.methods import METHODS, CompressContext
+from bench.compress.storage import count_params, export_model, load_model, storage_report
 from bench.data import get_dataset
 from bench.errors import Infeasible, UserError
-from bench.kan import KAN, ConvKAN, kan_layers
-from bench.methods import METHODS, CompressContext
-from bench.sources import CodebookSource
-from bench.storage import count_params, export_model, load_model, storage_report
-from bench.train import Trainer
+from bench.model.kan import KAN, ConvKAN, kan_layers
+from bench.model.sources import CodebookSource
+from bench.run.train import Trainer
 
 
 def method(name, **cfg):

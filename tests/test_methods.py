@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from bench.bases import BASES
-from bench.kan import kan_layers
-from bench.methods import METHODS
+from bench.compress.methods import METHODS
+from bench.compress.storage import header_bytes, load_model, other_tensors, storage_report, zstd_bytes
+from bench.model.bases import BASES
+from bench.model.kan import kan_layers
 from bench.registry import load_plugins
-from bench.runner import RunEnv, run_one
-from bench.storage import header_bytes, load_model, other_tensors, storage_report, zstd_bytes
-from bench.sweep import build_sweep
+from bench.run.runner import RunEnv, run_one
+from bench.run.sweep import build_sweep
 
 load_plugins()
 REAL_METHODS = sorted(n for n, c in METHODS.items() if not getattr(c, "test_only", False))

@@ -4,7 +4,7 @@ themselves is tested next to each path: bases, codebook, Tucker, masked sources)
 import math
 
 from bench.cli import main
-from bench.perf import format_table, matched_mlp, n_params, run_perf, step_memory
+from bench.run.perf import format_table, matched_mlp, n_params, run_perf, step_memory
 
 
 def test_matched_mlp_has_about_the_kan_parameter_count():
@@ -26,8 +26,8 @@ def test_run_perf_tiny(tmp_path):
 
 
 def test_matched_cnn_has_the_layout_and_about_the_parameter_count():
-    from bench.kan import ConvKAN
-    from bench.perf import matched_cnn
+    from bench.model.kan import ConvKAN
+    from bench.run.perf import matched_cnn
 
     kan = ConvKAN((1, 28, 28), 10, [16, 32, 64], norm="batch")
     cnn = matched_cnn(1, [16, 32, 64], 10, n_params(kan))
@@ -38,7 +38,7 @@ def test_matched_cnn_has_the_layout_and_about_the_parameter_count():
 def test_step_memory_counts_saved_activations():
     import torch
 
-    from bench.kan import KAN
+    from bench.model.kan import KAN
 
     small, big = KAN([20, 8, 4]), KAN([20, 8, 4])
     x, y = torch.randn(8, 20), torch.randint(0, 4, (8,))
@@ -62,6 +62,6 @@ def test_run_perf_fused_rows_time_the_compiled_features_against_eager():
                   compressed=False, conv_channels=[4, 6], conv_batch=4, conv_shape=(1, 8, 8), fused=True)
     row = df[df.kind == "conv_fused_features"]
     assert len(row) == 1 and (row["value"] > 0).all() and (row["reference"] > 0).all()
-    from bench.bases import _FUSED
+    from bench.model.bases import _FUSED
 
     assert not _FUSED["on"]  # switched back off

@@ -1,4 +1,4 @@
-"""Pipelines (bench/pipeline.py): a chain equals its stages applied by hand, a one-stage pipeline is
+"""Pipelines (bench/compress/pipeline.py): a chain equals its stages applied by hand, a one-stage pipeline is
 the method itself, illegal chains are one-line user errors, the stage-1 cache is the first stage's,
 and clustering a pruned model keeps the pruned edges at exactly zero and counts the pattern."""
 
@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from bench.cli import main
-from bench.codebook import MaskedCodebookSource
+from bench.compress.codebook import MaskedCodebookSource
+from bench.compress.methods import METHODS
+from bench.compress.pipeline import Pipeline, method_class, parse_entry
+from bench.compress.storage import export_model, header_bytes, load_model, storage_report
 from bench.errors import UserError
-from bench.kan import kan_layers
-from bench.methods import METHODS
-from bench.pipeline import Pipeline, method_class, parse_entry
-from bench.plan import stage_cache
+from bench.model.kan import kan_layers
 from bench.registry import load_plugins
-from bench.runner import RunEnv, run_one, seed_everything
-from bench.storage import export_model, header_bytes, load_model, storage_report
-from bench.sweep import build_sweep
+from bench.run.plan import stage_cache
+from bench.run.runner import RunEnv, run_one, seed_everything
+from bench.run.sweep import build_sweep
 
 load_plugins()
 PLUGINS = str(Path(__file__).parent / "plugins")

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from bench.data import get_dataset
-from bench.kan import KAN
-from bench.results import ResultsStore
-from bench.runner import RunEnv, run_one, run_sweep
-from bench.sweep import build_sweep
-from bench.train import Trainer
+from bench.model.kan import KAN
+from bench.run.results import ResultsStore
+from bench.run.runner import RunEnv, run_one, run_sweep
+from bench.run.sweep import build_sweep
+from bench.run.train import Trainer
 
 TRAIN = {"epochs": 3, "finetune_epochs": 2, "batch_size": 32, "lr": 3e-3}
 
@@ -141,8 +141,8 @@ def test_zero_fine_tune_epochs_is_no_fine_tune_and_zero_rate_is_zero(tmp_path):
 
 
 def test_executor_plan_prepares_the_control_of_each_fine_tune_budget(tmp_path):
-    from bench.plan import plan_sweep
-    from bench.sweep import Sweep
+    from bench.run.plan import plan_sweep
+    from bench.run.sweep import Sweep
 
     a = sweep_of(["dense"]).runs[0]
     b = sweep_of(["dense"], train={**TRAIN, "finetune_lr_scale": 0.5}).runs[0]
@@ -153,10 +153,10 @@ def test_executor_plan_prepares_the_control_of_each_fine_tune_budget(tmp_path):
 
 
 def test_a_stage_trains_for_the_epochs_that_one_function_decides(tmp_path):
-    """bench.plan.stage_epochs decides a stage's epochs; the cache key, the training, the row and the
+    """bench.run.plan.stage_epochs decides a stage's epochs; the cache key, the training, the row and the
     plan's predicted cache file all follow it (a method that does not train its own model cannot set them)."""
-    from bench.methods import get_method_class
-    from bench.plan import plan_sweep, stage_cache, stage_epochs
+    from bench.compress.methods import get_method_class
+    from bench.run.plan import plan_sweep, stage_cache, stage_epochs
 
     sweep = sweep_of(["metakan", "kmeans"], {"metakan": {"joint_epochs": 2}, "kmeans": {"K": 2}},
                      datasets=["tiny_regression"], train={**TRAIN, "epochs": 1})

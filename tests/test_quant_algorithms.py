@@ -1,4 +1,5 @@
-"""Quantisation algorithms beyond round to nearest (bench.ptq, bench.quant, bench.mixed_precision,
+"""Quantisation algorithms beyond round to nearest (bench.compress.ptq, bench.compress.quant,
+bench.compress.mixed_precision,
 methods/quantize.py): GPTQ against a straightforward reference, AdaRound and GPTQ against RTN on the
 layer objective, LSQ step sizes that train, branch-aware and mixed-precision bits against hand
 counts, exact export/reload, every algorithm end to end."""
@@ -9,16 +10,16 @@ import json
 import pytest
 import torch
 
+from bench.compress.methods import METHODS
+from bench.compress.mixed_precision import allocate_widths
+from bench.compress.ptq import adaround_codes, gptq_codes, layer_hessian, layer_objective
+from bench.compress.quant import BranchSource, LayerGrid, LSQSource, QFormat, QuantSource, branch_slices
+from bench.compress.storage import export_model, load_model, storage_report
 from bench.errors import Infeasible
-from bench.kan import KAN, kan_layers
-from bench.methods import METHODS
-from bench.mixed_precision import allocate_widths
-from bench.ptq import adaround_codes, gptq_codes, layer_hessian, layer_objective
-from bench.quant import BranchSource, LayerGrid, LSQSource, QFormat, QuantSource, branch_slices
+from bench.model.kan import KAN, kan_layers
 from bench.registry import load_plugins
-from bench.runner import RunEnv, run_one
-from bench.storage import export_model, load_model, storage_report
-from bench.sweep import build_sweep
+from bench.run.runner import RunEnv, run_one
+from bench.run.sweep import build_sweep
 
 load_plugins()
 E = 9  # 8 basis functions + base branch

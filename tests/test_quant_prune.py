@@ -1,4 +1,5 @@
-"""Scalar quantisation (bench.quant, methods/quantize.py) and pruning (bench.pruning, methods/prune.py):
+"""Scalar quantisation (bench.compress.quant, methods/quantize.py) and pruning
+(bench.compress.pruning, methods/prune.py):
 hand-counted bits, bit-packed files, exact reloads, budgets met, structured node removal exact."""
 
 import copy
@@ -9,10 +10,8 @@ import struct
 import pytest
 import torch
 
-from bench.errors import Infeasible, UserError
-from bench.kan import KAN, ConvKAN, kan_layers
-from bench.methods import METHODS
-from bench.pruning import (
+from bench.compress.methods import METHODS
+from bench.compress.pruning import (
     MaskedSource,
     apply_masks,
     attribution_scores,
@@ -27,11 +26,13 @@ from bench.pruning import (
     remove_dead_nodes,
     smallest_connected_bits,
 )
-from bench.quant import FakeQuantSource, QFormat, QuantSource, search_clip
+from bench.compress.quant import FakeQuantSource, QFormat, QuantSource, search_clip
+from bench.compress.storage import MAGIC, export_model, load_model, storage_report
+from bench.errors import Infeasible, UserError
+from bench.model.kan import KAN, ConvKAN, kan_layers
 from bench.registry import load_plugins
-from bench.runner import RunEnv, run_one
-from bench.storage import MAGIC, export_model, load_model, storage_report
-from bench.sweep import build_sweep
+from bench.run.runner import RunEnv, run_one
+from bench.run.sweep import build_sweep
 
 load_plugins()
 N_EDGES = 784 * 64 + 64 * 10  # [784, 64, 10]
@@ -390,8 +391,8 @@ def test_prune_method_iterative_attribution_run(tmp_path):
 
 
 def test_masked_fast_path_skips_dead_inputs_and_matches_dense():
-    from bench.pruning import MaskedSource
-    from bench.sources import EdgeSource
+    from bench.compress.pruning import MaskedSource
+    from bench.model.sources import EdgeSource
 
     torch.manual_seed(0)
     w = torch.randn(5, 12, 9, dtype=torch.double)

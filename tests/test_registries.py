@@ -21,18 +21,18 @@ import pytest
 import torch
 from test_datasets import idx_arrays, write_cifar, write_idx_set
 
-from bench import codebook, generated
+from bench.compress import codebook, generated
+from bench.compress.entropy import EntropyCodedSource
+from bench.compress.pruning import MaskedSource
+from bench.compress.quant import FakeQuantSource, LayerGrid, QFormat, QuantSource
+from bench.compress.storage import export_model, header_bytes, load_model, storage_report
+from bench.compress.tucker_factors import LoTRASource, TuckerSource
 from bench.data import DATASETS, get_dataset
-from bench.entropy import EntropyCodedSource
 from bench.errors import UserError
-from bench.kan import KAN, kan_layers
-from bench.models import MODELS, from_config
-from bench.pruning import MaskedSource
-from bench.quant import FakeQuantSource, LayerGrid, QFormat, QuantSource
+from bench.model.kan import KAN, kan_layers
+from bench.model.kinds import MODELS, from_config
+from bench.model.sources import SOURCES
 from bench.registry import REPO_ROOT, defining_file, load_plugins
-from bench.sources import SOURCES
-from bench.storage import export_model, header_bytes, load_model, storage_report
-from bench.tucker_factors import LoTRASource, TuckerSource
 
 load_plugins()
 

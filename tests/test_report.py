@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from bench.report import aggregate, compact_config, pareto_front, within_tolerance, write_report
-from bench.results import read_results, rows_to_frame
+from bench.run.results import read_results, rows_to_frame
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SEEDS = [0, 1, 2]
@@ -419,10 +419,10 @@ def test_reads_a_parquet_results_folder(tmp_path):
 
 def test_config_labels_read_the_rows_never_the_plugins():
     """The runner writes what differs from the method's defaults; older rows show what varies."""
-    from bench.methods import METHODS
+    from bench.compress.methods import METHODS
     from bench.registry import load_plugins
     from bench.report import config_labels
-    from bench.runner import nondefault_config
+    from bench.run.runner import nondefault_config
 
     load_plugins()
     full = METHODS["quantize"](bits=4).config_dict()

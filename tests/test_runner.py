@@ -3,9 +3,9 @@ import json
 import pandas as pd
 import pytest
 
-from bench.results import COLUMNS, ResultsStore
-from bench.runner import RunEnv, derive_seed, run_one, run_sweep
-from bench.sweep import build_sweep
+from bench.run.results import COLUMNS, ResultsStore
+from bench.run.runner import RunEnv, derive_seed, run_one, run_sweep
+from bench.run.sweep import build_sweep
 
 TINY_TRAIN = {"epochs": 2, "finetune_epochs": 1, "batch_size": 32, "lr": 3e-3}
 
@@ -48,7 +48,7 @@ def test_resume_skips_finished_runs(tmp_path):
 
 
 def test_interrupted_sweep_resumes_without_losing_finished_runs(tmp_path, monkeypatch):
-    import bench.runner as runner
+    import bench.run.runner as runner
 
     sweep = tiny_sweep(seeds=[0, 1, 2])
     real = runner.run_one

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.methods import METHODS
+from bench.compress.methods import METHODS
 from bench.registry import REPO_ROOT, defining_file, load_plugins
 
 load_plugins()
@@ -67,6 +67,53 @@ def test_find_cycle_finds_a_cycle():  # the checker itself can fail
 def test_bench_has_no_import_cycle():
     cycle = find_cycle(import_graph(BENCH))
     assert cycle is None, "import cycle in bench/: " + " -> ".join(cycle)
+
+
+# The layers, lowest first: a module may import its own layer (within its package) and the layers below.
+LAYERS = [{"bench.errors", "bench.registry", "bench.config", "bench.metrics", "bench.provenance", "bench.malloc"},
+          {"bench.model", "bench.data"}, {"bench.compress"}, {"bench.interop"}, {"bench.run"}, {"bench.report"},
+          {"bench.cli", "bench.__main__", "bench"}]
+
+
+def layer_of(module: str) -> int:
+    for level, names in enumerate(LAYERS):
+        if any(module == n or module.startswith(n + ".") for n in names if n != "bench") or module in names:
+            return level
+    raise AssertionError(f"{module} belongs to no layer: add it to LAYERS")
+
+
+def test_dependencies_point_down_the_layers():
+    def wrong(a: str, b: str) -> bool:
+        if b == "bench":  # ``from bench import metrics`` also names the package's face
+            return False
+        if layer_of(b) != layer_of(a):
+            return layer_of(b) > layer_of(a)
+        return layer_of(a) not in (0, len(LAYERS) - 1) and a.split(".")[:2] != b.split(".")[:2]  # model !-> data
+
+    up = sorted(f"{a} -> {b}" for a, deps in import_graph(BENCH).items() for b in deps if wrong(a, b))
+    assert not up, "imports that run up or across the layers: " + ", ".join(up)
+
+
+def test_bench_keeps_few_top_level_modules():
+    top = sorted(p.name for p in BENCH.glob("*.py"))
+    assert len(top) <= 10, top
+    assert all(layer_of(f"bench.{p.removesuffix('.py')}") in (0, len(LAYERS) - 1) for p in top if p != "__init__.py")
+
+
+def test_module_paths_from_before_the_split_are_the_same_modules():
+    import importlib
+
+    import bench
+
+    for old, new in bench.MOVED.items():
+        assert importlib.import_module(old) is importlib.import_module(new), old
+        assert importlib.import_module(new).__spec__.name == new
+    from bench.kan import KAN  # the public names the docs and plugins use
+    from bench.methods import Method
+    from bench.storage import load_model
+
+    assert KAN.__module__ == "bench.model.kan" and Method.__module__ == "bench.compress.methods"
+    assert load_model.__module__ == "bench.compress.storage"
 
 
 def test_only_the_entry_point_imports_the_cli():

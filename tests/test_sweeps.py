@@ -3,7 +3,7 @@
 import pytest
 
 from bench.registry import load_plugins
-from bench.sweep import build_sweep, bundled_sweeps, read_sweep_file
+from bench.run.sweep import build_sweep, bundled_sweeps, read_sweep_file
 
 load_plugins()
 
@@ -22,7 +22,7 @@ def test_expected_sweeps_are_bundled():
 
 
 def test_quick_sweep_covers_every_method_once_per_cell():
-    from bench.methods import METHODS
+    from bench.compress.methods import METHODS
 
     sweep = build_sweep(read_sweep_file(name="quick"))
     real = {n for n, c in METHODS.items() if not getattr(c, "test_only", False) and c.in_all}

@@ -8,13 +8,13 @@ import pytest
 import tensorly as tl
 import torch
 
+from bench.compress.methods import METHODS, CompressContext
+from bench.compress.storage import export_model, load_model, storage_report
+from bench.compress.tucker_factors import ORDERS, TuckerSource, component_lrs, requested_coef_ratio, resolve_ranks
 from bench.data import get_dataset
 from bench.errors import Infeasible, UserError
-from bench.kan import KAN, kan_layers
-from bench.methods import METHODS, CompressContext
-from bench.storage import export_model, load_model, storage_report
-from bench.train import Trainer
-from bench.tucker_factors import ORDERS, TuckerSource, component_lrs, requested_coef_ratio, resolve_ranks
+from bench.model.kan import KAN, kan_layers
+from bench.run.train import Trainer
 
 HEADER_SLACK_BYTES = 4096
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from ..results import read_results
+from bench.run.results import read_results
 
 
 def provenance_lines(df, command: str | None = None) -> list[str]:

@@ -35,7 +35,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from .. import metrics
+from bench import metrics
 
 GROUP = ["dataset", "model", "basis", "budget"]
 POINT = GROUP + ["method", "method_config"]

@@ -4,8 +4,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bench.compress.methods import Method, register_method
 from bench.data import Dataset, Splits, register_dataset, split_indices
-from bench.methods import Method, register_method
 
 
 def _blobs(n: int, seed: int, shape, classes: int):
@@ -79,7 +79,7 @@ class NanOut(Method):
         pass
 
     def compress(self, model, ctx):
-        from bench.kan import kan_layers
+        from bench.model.kan import kan_layers
 
         with torch.no_grad():
             for _, layer in kan_layers(model):

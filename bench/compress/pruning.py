@@ -34,9 +34,9 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from .errors import Infeasible
-from .kan import KAN, KANLayer, kan_layers, layer_inputs
-from .sources import EdgeSource, StorageItem, float_item, index_bits, register_source
+from bench.errors import Infeasible
+from bench.model.kan import KAN, KANLayer, kan_layers, layer_inputs
+from bench.model.sources import EdgeSource, StorageItem, float_item, index_bits, register_source
 
 FLOAT_BITS = 32
 
@@ -58,7 +58,7 @@ class SparsePattern:
     """The sparsity pattern of a pruned edge source (``flat_index``: the surviving edges' sorted flat
     positions ``o * in + i``), stored as a 1-bit mask or as the positions at ``ceil(log2(out * in))``
     bits, whichever is smaller (:func:`pattern_bits`). Shared by :class:`MaskedSource` and the
-    codebook over a pruned model (:class:`bench.codebook.MaskedCodebookSource`)."""
+    codebook over a pruned model (:class:`bench.compress.codebook.MaskedCodebookSource`)."""
 
     positions_name = "index"  # the stored tensor's name when the pattern is the position list
 

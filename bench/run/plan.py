@@ -9,9 +9,9 @@ the distinct cached models they need that are not in ``<out>/cache/`` yet:
 - every distinct stage-1 model of the methods that train their own (``Method.prepare``), keyed by
   the method's ``stage_key``.
 
-The backends only execute a :class:`Plan`: ``local`` (:func:`bench.runner.run_sweep`) runs it in
+The backends only execute a :class:`Plan`: ``local`` (:func:`bench.run.runner.run_sweep`) runs it in
 this process in sweep order, each run training what it needs the first time it is needed; ``ray``
-and ``slurm`` (:mod:`bench.executors`) train the plan's stages first, then run its runs.
+and ``slurm`` (:mod:`bench.run.executors`) train the plan's stages first, then run its runs.
 
 Where a stage is cached (:func:`stage_cache`, :func:`control_cache`) and how many epochs it trains
 (:func:`stage_epochs`) are decided here, and only here: the runner's cache and the plan agree by
@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from .pipeline import method_class
+from bench.compress.pipeline import method_class
+
 from .results import ResultsStore
 from .sweep import RunSpec, Sweep
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import UserError
+from bench.errors import UserError
+
 from .lock import results_writer, writable_folder
 from .results import ResultsStore, atomic_write_bytes, read_results, row_problem, warn_stderr
 

@@ -1,21 +1,21 @@
 """Executors: where the runs of a sweep execute.
 
-- ``local``: the plan's runs in this process, in sweep order (:func:`bench.runner.run_plan`).
+- ``local``: the plan's runs in this process, in sweep order (:func:`bench.run.runner.run_plan`).
 - ``ray``: every run is a Ray task (``num_gpus=1`` on CUDA, ``--ray-num-cpus`` CPUs), on a local Ray
   started on the spot or an existing cluster (``--ray-address``).
 - ``slurm``: every run is one element of a SLURM job array submitted with ``submitit``
   (``--slurm-local`` uses submitit's local executor: same code path, subprocesses on this machine).
 
-Every executor runs the same :class:`~bench.plan.Plan` (:func:`bench.plan.plan_sweep`: what is finished,
+Every executor runs the same :class:`~bench.run.plan.Plan` (:func:`bench.run.plan.plan_sweep`: what is finished,
 what to run, which cached models to train). Both distributed executors work in two phases that share the
 results folder (which must be on a filesystem every worker sees): phase 1 trains each of the plan's
 stages once (the dense base of every (dataset, model, basis, seed, budget) with the control of each
 fine-tune budget, and every distinct stage-1 model of the methods that train their own), writing
-``<out>/cache/*.pt`` atomically; phase 2 runs :func:`bench.runner.run_one` per run, which then only
+``<out>/cache/*.pt`` atomically; phase 2 runs :func:`bench.run.runner.run_one` per run, which then only
 loads those caches. With Ray a run starts as soon as the models it needs exist; with SLURM
 phase 2 is a second job array submitted when phase 1 has finished.
 
-The driver (this process) writes each row into the :class:`~bench.results.ResultsStore` the moment its
+The driver (this process) writes each row into the :class:`~bench.run.results.ResultsStore` the moment its
 run returns, so killing the driver or losing a worker loses only unfinished runs, and rerunning the same
 command resumes exactly as with ``local`` (finished ``ok`` runs are skipped, failed ones retried). A run
 whose worker dies (out of memory, node lost, ``os._exit``) is recorded as ``failed``, never retried
@@ -32,7 +32,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from bench.errors import UserError
+
 from .lock import results_writer
 from .plan import Plan, plan_sweep
 
@@ -65,7 +66,7 @@ def require(executor: str):
 
 
 def _pythonpath() -> str:
-    from .registry import REPO_ROOT
+    from bench.registry import REPO_ROOT
 
     old = os.environ.get("PYTHONPATH", "")
     return str(REPO_ROOT) + (os.pathsep + old if old else "")
@@ -79,7 +80,8 @@ def _worker_env(out: str, data_dir: str, device: str, plugins: list[str], thread
     """The per-process RunEnv of a worker (kept between tasks so data splits are loaded once)."""
     import torch
 
-    from .registry import load_plugins
+    from bench.registry import load_plugins
+
     from .runner import RunEnv
 
     load_plugins(plugins)
@@ -95,7 +97,8 @@ def _worker_env(out: str, data_dir: str, device: str, plugins: list[str], thread
 def prepare_stage(spec: dict, own_model: bool, out: str, data_dir: str, device: str, plugins: list[str],
                   threads: int = 1) -> dict:
     """Phase 1 task: train (or find cached) the dense base, or the method's own stage-1 model."""
-    from .pipeline import method_class
+    from bench.compress.pipeline import method_class
+
     from .runner import error_text
     from .sweep import RunSpec
     from .train import Diverged
@@ -184,7 +187,7 @@ def _dependency_row(spec, prep: dict):
 # ---------------------------------------------------------------------------------------- entry point
 def run_with_executor(executor: str, sweep, out: str | Path, data_dir: str | Path, quiet: bool = False,
                       device: str | None = None, options: ExecutorOptions | None = None, log=print) -> dict:
-    """Plan ``sweep`` once (:func:`bench.plan.plan_sweep`) and run the plan with ``executor``;
+    """Plan ``sweep`` once (:func:`bench.run.plan.plan_sweep`) and run the plan with ``executor``;
     returns counts by status like ``run_sweep``."""
     from .runner import run_sweep
 

@@ -28,7 +28,7 @@ Branch-aware quantisation (QuantKAN, arXiv 2511.18689): :class:`BranchSource` ho
 coefficients ``[out, in, n]`` and the base-branch weight ``[out, in, 1]`` in two sources, each
 with its own scales and width. :class:`LayerGrid` is the integer grid of one layer (a format and
 calibrated scales per branch); post-training algorithms (round to nearest here, GPTQ and
-AdaRound in :mod:`bench.ptq`) choose the codes on it.
+AdaRound in :mod:`bench.compress.ptq`) choose the codes on it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .sources import SOURCES, EdgeSource, StorageItem, float_item, register_source
+from bench.model.sources import SOURCES, EdgeSource, StorageItem, float_item, register_source
 
 GRANULARITIES = ("layer", "node", "edge")
 WIDTH_BITS = 4  # each quantised branch stores its width (2..8) as a uint4

@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Splits
-from .errors import UserError
-from .kan import KAN, kan_layers
+from bench.data import Splits
+from bench.errors import UserError
+from bench.model.kan import KAN, kan_layers
+
 from .train import Trainer, recorder, step_bytes
 
 NOISE = 0.02  # repeat-to-repeat spread of the alternating timer here: a ratio within 2 % of its target meets it
@@ -160,7 +161,7 @@ def step_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torc
 
 
 def _compress(dense: nn.Module, method: str, hyper: dict, x: torch.Tensor, y: torch.Tensor, device) -> nn.Module:
-    from .methods import CompressContext, get_method_class
+    from bench.compress.methods import CompressContext, get_method_class
 
     model = copy.deepcopy(dense)
     n = x.shape[0]
@@ -173,8 +174,9 @@ def _compress(dense: nn.Module, method: str, hyper: dict, x: torch.Tensor, y: to
 def run_perf(device: str = "auto", batch: int = 256, widths=(784, 64, 10), bases=None, repeats: int = 20,
              compressed: bool = True, log=print, conv_channels=(16, 32, 64), conv_batch: int = 64, fused: bool = False,
              conv_shape=(1, 28, 28)) -> pd.DataFrame:
-    from .bases import BASES
-    from .registry import load_plugins
+    from bench.model.bases import BASES
+    from bench.registry import load_plugins
+
     from .runner import resolve_device
 
     dev = resolve_device(device)
@@ -240,8 +242,8 @@ def run_perf(device: str = "auto", batch: int = 256, widths=(784, 64, 10), bases
 
 
 def _conv_rows(add, timer, dev, bases, channels, batch, shape, n_out, log, fused: bool = False) -> None:
-    from .bases import use_fused_features
-    from .kan import ConvKAN, KANConv2d
+    from bench.model.bases import use_fused_features
+    from bench.model.kan import ConvKAN, KANConv2d
 
     x = torch.randn(batch, *shape, device=dev)
     y = torch.randint(0, n_out, (batch,), device=dev)

@@ -4,10 +4,10 @@ For every (dataset, model, basis, seed) the dense base model is trained once and
 ``<out>/cache/``; post-training methods compress that same checkpoint with the same fine-tune
 budget. Methods that re-parameterise before training (``prepare``) get their own trained model,
 cached by the method's ``stage_key`` so a sweep over post-training knobs trains it once (where
-and for how many epochs: :mod:`bench.plan`). Seeds derive from (seed, dataset, model, basis),
+and for how many epochs: :mod:`bench.run.plan`). Seeds derive from (seed, dataset, model, basis),
 never from the method, so every method sees the same data split and the same initialisation.
 
-:func:`run_sweep` plans the sweep once (:func:`bench.plan.plan_sweep`) and :func:`run_plan`, the
+:func:`run_sweep` plans the sweep once (:func:`bench.run.plan.plan_sweep`) and :func:`run_plan`, the
 ``local`` backend, executes the plan in this process, in sweep order.
 """
 
@@ -29,17 +29,18 @@ from pathlib import Path
 
 import torch
 
-from . import models as model_specs
-from .bases import use_fused_features
-from .data import Splits, get_dataset
-from .errors import Infeasible, UserError
+from bench.compress.methods import CompressContext, control_finetune
+from bench.compress.pipeline import is_pipeline_class, method_class
+from bench.compress.storage import count_params, export_model, header_bytes, load_model, storage_report, zstd_bytes
+from bench.data import Splits, get_dataset
+from bench.errors import Infeasible, UserError
+from bench.model import kinds as model_specs
+from bench.model.bases import use_fused_features
+from bench.provenance import git_sha
+
 from .lock import results_writer
-from .methods import CompressContext, control_finetune
-from .pipeline import is_pipeline_class, method_class
 from .plan import Plan, control_cache, plan_sweep, stage_cache, stage_epochs
-from .provenance import git_sha
 from .results import ResultsStore, atomic_write_bytes
-from .storage import count_params, export_model, header_bytes, load_model, storage_report, zstd_bytes
 from .sweep import RunSpec, Sweep
 from .train import Diverged, Trainer, batchnorms
 
@@ -128,7 +129,7 @@ class RunEnv:
 
     def trained(self, spec: RunSpec, ds, trainer: Trainer, method=None):
         """The trained model for this spec's stage (dense base if ``method`` is None), cached
-        where :func:`bench.plan.stage_cache` says, trained for :func:`bench.plan.stage_epochs`."""
+        where :func:`bench.run.plan.stage_cache` says, trained for :func:`bench.run.plan.stage_epochs`."""
         key, name = stage_cache(spec, method)
         stage, epochs = key["stage"], stage_epochs(spec, method).epochs
         path = self.out / "cache" / name
@@ -154,7 +155,7 @@ class RunEnv:
 
     def control(self, spec: RunSpec, trainer: Trainer, base) -> tuple[object, dict]:
         """The ``dense_ft`` control of this spec's base: ``base`` fine-tuned with the shared budget
-        (:func:`bench.methods.control_finetune`), cached, with its validation and test scores."""
+        (:func:`bench.compress.methods.control_finetune`), cached, with its validation and test scores."""
         key, name = control_cache(spec)
         path = self.out / "cache" / name
         model = copy.deepcopy(base)
@@ -381,7 +382,7 @@ def check_data(sweep: Sweep, data_dir: Path) -> None:
 
 def run_sweep(sweep: Sweep, out: str | Path, data_dir: str | Path, quiet: bool = False,
               device: str | None = None, log=print) -> dict:
-    """Plan the sweep (:func:`bench.plan.plan_sweep`) and run the plan in this process (the
+    """Plan the sweep (:func:`bench.run.plan.plan_sweep`) and run the plan in this process (the
     ``local`` backend), holding the folder's writer lock; returns counts by status."""
     with results_writer(out):
         return run_plan(plan_sweep(sweep, Path(out)), data_dir, quiet, device, log)

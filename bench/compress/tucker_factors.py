@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .errors import Infeasible, UserError
-from .kan import kan_layers
-from .sources import EdgeSource, StorageItem, float_item, register_source
+from bench.errors import Infeasible, UserError
+from bench.model.kan import kan_layers
+from bench.model.sources import EdgeSource, StorageItem, float_item, register_source
 
 MODES = ("out", "in", "basis")
 MIN_FRACTION_RANK = 2  # a fractional rank keeps at least this many (or the whole mode if smaller)

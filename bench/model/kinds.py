@@ -20,10 +20,11 @@ from typing import ClassVar
 
 from torch import nn
 
-from .config import build_config
-from .errors import UserError
+from bench.config import build_config
+from bench.errors import UserError
+from bench.registry import Registry
+
 from .kan import KAN, NORMS, ConvKAN
-from .registry import Registry
 
 MODELS = Registry("model")
 register_model = MODELS.register

@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import positive
-from .errors import UserError
-from .kan import kan_layers, to_layer_device
-from .models import kind_of
-from .sources import EdgeSource, StorageItem, float_item, register_source
+from bench.config import positive
+from bench.errors import UserError
+from bench.model.kan import kan_layers, to_layer_device
+from bench.model.kinds import kind_of
+from bench.model.sources import EdgeSource, StorageItem, float_item, register_source
 
 # Learners shared across layers, published by their owner while a file loads.
 _SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Splits
-from .metrics import higher_is_better, metric_name
+from bench.data import Splits
+from bench.metrics import higher_is_better, metric_name
 
 
 class Diverged(RuntimeError):

@@ -32,8 +32,8 @@ from typing import ClassVar
 
 import torch
 
-from .data import Dataset, Splits, split_indices
-from .errors import UserError
+from bench.data import Dataset, Splits, split_indices
+from bench.errors import UserError
 
 DOWNLOAD_TIMEOUT_S = 30.0
 

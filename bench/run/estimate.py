@@ -15,7 +15,7 @@ built on synthetic inputs of the dataset's shape and
 
 The samples each setup processes come from the plan: every stage trains ``stage_epochs`` epochs
 (the dense base also its ``dense_ft`` control, ``finetune_epochs``), every run fine-tunes as its
-method says (:meth:`bench.methods.Method.finetune_epochs`) and is scored on validation and test;
+method says (:meth:`bench.compress.methods.Method.finetune_epochs`) and is scored on validation and test;
 each epoch of training is scored on validation too (a forward pass, a third of a step). Split sizes
 come from :meth:`bench.data.Dataset.split_sizes` (loaded only if a dataset cannot say).
 Patience may stop training early, so the estimate is an upper bound of the work asked for.
@@ -36,8 +36,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .data import get_dataset
-from .pipeline import method_class
+from bench.compress.pipeline import method_class
+from bench.data import get_dataset
+
 from .plan import Plan, stage_epochs
 
 PROBE_BUDGET_S = 15.0  # the whole timing probe, all setups together
@@ -144,7 +145,7 @@ def _step(model, opt, x, y, task, amp: bool, device) -> None:
 
 
 def build_probe_model(spec, device):
-    from .models import build, model_options
+    from bench.model.kinds import build, model_options
 
     ds = get_dataset(spec.dataset, **spec.dataset_options)
     with torch.device(device):  # built where it runs (on "meta" nothing is allocated)
@@ -185,7 +186,7 @@ def probe(s: Setup, device, deadline: float) -> None:
     x, y = _inputs(ds, batch, device)
     amp = bool(s.spec.train.get("amp", False))
     threads = torch.get_num_threads()
-    if device.type == "cpu":  # the threads a run pins (bench.runner)
+    if device.type == "cpu":  # the threads a run pins (bench.run.runner)
         torch.set_num_threads(int(s.spec.train.get("threads", threads)))
     try:
         times = []

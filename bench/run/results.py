@@ -11,7 +11,7 @@ counted, and the run it belongs to is not finished, so the next ``bench run`` re
 replaces the file). :func:`read_results` rebuilds the table from ``rows/`` when ``runs.parquet``
 cannot be read, and says so; readers never write into the folder.
 
-The same store keeps the transfer benchmark's rows (:mod:`bench.transfer`): a :class:`RowKind`
+The same store keeps the transfer benchmark's rows (:mod:`bench.run.transfer`): a :class:`RowKind`
 says where a kind of row lives, what identifies it, what a valid one is, which are finished and
 which tables are rebuilt from them (:data:`RUNS`, the default, is the sweep's).
 """
@@ -200,7 +200,7 @@ RUNS = RowKind("rows", "run_id", row_problem, FINISHED, write_run_tables, "bench
 
 class ResultsStore:
     """The rows of one results folder (of one :class:`RowKind`, the sweep's by default). Reading
-    never writes; ``add``/``flush`` are for the writer (who holds :func:`bench.lock.results_writer`)."""
+    never writes; ``add``/``flush`` are for the writer (who holds :func:`bench.run.lock.results_writer`)."""
 
     def __init__(self, out_dir: str | Path, warn=warn_stderr, kind: RowKind = RUNS):
         self.out = Path(out_dir)
@@ -262,7 +262,7 @@ def read_results(path: str | Path, warn=warn_stderr) -> pd.DataFrame:
     """The runs of a results folder: ``runs.parquet`` (or ``runs.csv`` where there is no parquet),
     else the rows in ``rows/``; a parquet/CSV file may be given directly. A table that cannot be read
     is rebuilt in memory from ``rows/`` with a warning saying so; nothing is written."""
-    from .errors import UserError
+    from bench.errors import UserError
 
     p = Path(path)
     if not p.exists():

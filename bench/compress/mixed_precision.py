@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .errors import Infeasible
+from bench.errors import Infeasible
 
 
 @torch.no_grad()

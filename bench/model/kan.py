@@ -6,13 +6,13 @@ A KAN layer computes, for every output ``o``,
 
 where ``w[o, i, :]`` is edge (o, i)'s **edge vector** (``n_basis`` coefficients, then the
 base-branch weight). The layer's edge tensor ``[out, in, n_basis + 1]`` comes from a swappable
-coefficient source (:mod:`bench.sources`); compression methods replace the source, never the
+coefficient source (:mod:`bench.model.sources`); compression methods replace the source, never the
 layer. The forward evaluates the basis once per input (``[B, in, n_basis]``), appends
 ``silu(x)`` and hands the ``[B, in, n_basis + 1]`` features to ``source.contract`` (one matmul):
 ``[B, out, in]`` is never built.
 
 Public API: ``KAN([784, 64, 10], basis="rbf")``, ``ConvKAN((1, 28, 28), 10, channels=[8, 16])``,
-:func:`kan_layers` to walk a model's KAN layers (:func:`bench.models.from_config` rebuilds from ``config()``).
+:func:`kan_layers` to walk a model's KAN layers (:func:`bench.model.kinds.from_config` rebuilds from ``config()``).
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.errors import UserError
+
 from .bases import fused_features, make_basis
-from .errors import UserError
 from .sources import DenseSource, EdgeSource
 
 
@@ -68,7 +69,7 @@ class KANLayer(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in] -> [B, in, n_basis + 1]``: the basis values, then silu(x) (fused by torch.compile
-        when :func:`bench.bases.use_fused_features` is on)."""
+        when :func:`bench.model.bases.use_fused_features` is on)."""
         fused = fused_features(self.basis, x)
         if fused is not None:
             return fused
@@ -109,7 +110,7 @@ class KANConv2d(nn.Module):
     a patch, so the edge tensor is ``[out_channels, in_channels * kernel^2, n_basis + 1]`` (patch
     inputs ordered channel, row, column, as ``F.unfold`` lays them out).
 
-    Forward (the torch-conv-kan idea): with a pointwise basis (:attr:`bench.bases.Basis.pointwise`)
+    Forward (the torch-conv-kan idea): with a pointwise basis (:attr:`bench.model.bases.Basis.pointwise`)
     a pixel's basis values are the same in every patch that contains it, so the basis is evaluated
     once per (zero-padded) input pixel, ``[B, C * (n_basis + 1), H, W]``, and one standard
     ``conv2d`` applies the edge tensor viewed as ``[out, C * (n_basis + 1), k, k]``: ``k^2`` times

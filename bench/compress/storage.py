@@ -34,10 +34,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench.model.kan import kan_layers
+from bench.model.kinds import from_config
+from bench.model.sources import SOURCES, EdgeSource, StorageItem, float_item
+
 from . import codebook, generated, pruning, quant, tucker_factors  # noqa: F401  the built-in sources register on import
-from .kan import kan_layers
-from .models import from_config
-from .sources import SOURCES, EdgeSource, StorageItem, float_item
 
 MAGIC = b"KANBENCH1\n"
 

@@ -54,15 +54,15 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bases import BASES, make_basis
-from .config import build_config
-from .data import DATASETS, get_dataset
-from .errors import UserError, unknown
-from .methods import DEFAULT_FINETUNE_LR_SCALE, METHODS
-from .models import MODELS, compatible, incompatibility, model_options
-from .pipeline import is_pipeline_class, method_class, parse_entry, split_methods
+from bench.compress.methods import DEFAULT_FINETUNE_LR_SCALE, METHODS
+from bench.compress.pipeline import is_pipeline_class, method_class, parse_entry, split_methods
+from bench.config import build_config
+from bench.data import DATASETS, get_dataset
+from bench.errors import UserError, unknown
+from bench.model.bases import BASES, make_basis
+from bench.model.kinds import MODELS, compatible, incompatibility, model_options
 
-SWEEPS_DIR = Path(__file__).resolve().parent / "sweeps"
+SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
 TOP_KEYS = {"name", "description", "datasets", "models", "bases", "methods", "seeds", "grid", "device",
             "train", "dataset", "model", "basis", "method"}
 
@@ -96,7 +96,7 @@ class TrainBudget:
         "min": 0, "help": "after a method compresses, re-estimate BatchNorm statistics on this many training "
                           "batches (0: off); the control and the dense base keep their own"})
     compile: bool = field(default=False, metadata={
-        "help": "fuse each basis's evaluation with torch.compile (bench.bases.fused_features): ~2-3x faster "
+        "help": "fuse each basis's evaluation with torch.compile (bench.model.bases.fused_features): ~2-3x faster "
                 "KAN convolutions on CPU, after tens of seconds of compilation per basis"})
 
 
@@ -242,7 +242,7 @@ def _dataset_points(cls, general: dict | list[dict], per_dataset: dict | list[di
 def _method_entries(value) -> dict[str, tuple[str, dict]]:
     """The sweep's ``methods``: entry text -> (method or pipeline name, inline options), in order
     (``all``: every registered method; an entry may be ``kmeans(K=8)`` or ``prune(ratio=2)>kmeans``,
-    see :mod:`bench.pipeline`)."""
+    see :mod:`bench.compress.pipeline`)."""
     if isinstance(value, str):
         value = split_methods(value)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import UserError
-from .registry import Registry
+from bench.errors import UserError
+from bench.registry import Registry
 
 BASES = Registry("basis")
 register_basis = BASES.register
@@ -38,7 +38,7 @@ class Basis(nn.Module):
     ``pointwise``: each input's basis values depend on that input alone, through parameters shared
     by every input (true unless a basis mixes inputs, as RBF's LayerNorm does). A KAN convolution
     then evaluates the basis once per pixel instead of once per patch element
-    (:class:`bench.kan.KANConv2d`)."""
+    (:class:`bench.model.kan.KANConv2d`)."""
 
     name = "?"
     n_basis: int

@@ -53,7 +53,8 @@ import tomllib
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .errors import UserError, unknown
+from bench.errors import UserError, unknown
+
 from .methods import METHODS, CompressContext, CompressResult, Method
 
 SEP = ">"

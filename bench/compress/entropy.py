@@ -2,7 +2,7 @@
 position lists, each stored as an ANS stream (constriction, a kept entropy-coding library) under its
 own symbol histogram instead of at a fixed width.
 
-**What is stored for a coded stream** (and counted, and written by :func:`bench.storage.export_model`):
+**What is stored for a coded stream** (and counted, and written by :func:`bench.compress.storage.export_model`):
 ``<name>.counts`` (one count per value from the smallest its plain encoding allows, 0 for ``uint<b>``
 and ``-2^(b-1)`` for ``int<b>``, up to the largest present, each at ``ceil(log2(n + 1))`` bits: the
 code table both coder and decoder build the same probabilities from) and ``<name>.words`` (the ANS
@@ -25,8 +25,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .kan import kan_layers
-from .sources import SOURCES, EdgeSource, StorageItem, register_source
+from bench.model.kan import kan_layers
+from bench.model.sources import SOURCES, EdgeSource, StorageItem, register_source
 
 WORD_BITS = 32
 

@@ -17,24 +17,24 @@ The benchmark (``python -m bench transfer --out DIR``):
    the test split is scored once.
 
 Each finished row is written at once to ``DIR/transfer_rows/<row_id>.json`` (atomically) and
-``DIR/transfer.csv`` is rebuilt from all rows, by :class:`bench.results.ResultsStore` (row kind
+``DIR/transfer.csv`` is rebuilt from all rows, by :class:`bench.run.results.ResultsStore` (row kind
 :data:`TRANSFER_ROWS`: a row file that is not a valid transfer row is reported by path and its row
 redone); the pre-trained model of each seed is cached in ``DIR/transfer_pretrained/``. The command
-holds the folder's writer lock (:func:`bench.lock.results_writer`) as ``bench run`` does. A rerun of
+holds the folder's writer lock (:func:`bench.run.lock.results_writer`) as ``bench run`` does. A rerun of
 the same command skips every finished row (and the pre-training of a seed whose rows are all
 finished). ``row_id`` hashes the seed, the target's constants, the mode, the ranks and the whole
 budget, so a changed budget gives new rows. At the end the command writes ``DIR/LEADERBOARD.md``
 (:func:`bench.report.transfer_section`: per target a table sorted by per-task stored bits, and
 ``transfer_rmse_vs_bits.png``); ``python -m bench report DIR`` rewrites it.
 
-Exported adapted models (:func:`bench.storage.export_model`) hold ``A0`` and the update, and reload
-in a fresh process: :class:`LoTRASource` lives in :mod:`bench.tucker_factors` beside the Tucker source it
-extends, which :func:`bench.storage.load_model` registers.
+Exported adapted models (:func:`bench.compress.storage.export_model`) hold ``A0`` and the update, and reload
+in a fresh process: :class:`LoTRASource` lives in :mod:`bench.compress.tucker_factors` beside the Tucker source it
+extends, which :func:`bench.compress.storage.load_model` registers.
 
 LoTRA's update starts at zero (zero core, random orthonormal factors, as LoRA starts with a
 zero factor), so adaptation starts exactly from the pre-trained model. Learning rates are
-:func:`bench.tucker_factors.tucker_param_groups`'s: the ``balanced`` rule of
-:func:`bench.tucker_factors.component_lrs` with the pre-trained tensor as the scale reference (the update
+:func:`bench.compress.tucker_factors.tucker_param_groups`'s: the ``balanced`` rule of
+:func:`bench.compress.tucker_factors.component_lrs` with the pre-trained tensor as the scale reference (the update
 itself is zero at the start), or one ``shared`` rate.
 """
 
@@ -57,14 +57,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import Splits
-from .errors import UserError
-from .kan import KAN, kan_layers
+from bench.compress.tucker_factors import LoTRASource, check_rank_spec, check_ranks_fit, tucker_param_groups
+from bench.data import Splits
+from bench.errors import UserError
+from bench.model.kan import KAN, kan_layers
+from bench.provenance import git_sha
+
 from .lock import results_writer
-from .provenance import git_sha
 from .results import ResultsStore, RowKind, atomic_write_bytes
 from .train import Diverged, Trainer
-from .tucker_factors import LoTRASource, check_rank_spec, check_ranks_fit, tucker_param_groups
 
 SOURCE_CONSTANTS = (1.0, 1.0)
 TARGETS = {"a=1.25": (1.25, 1.0), "b=0.5": (1.0, 0.5), "a=0.8,b=1.5": (0.8, 1.5)}

@@ -31,9 +31,9 @@ from typing import ClassVar
 
 import torch
 
-from .config import build_config
-from .metrics import metric_name
-from .registry import Registry
+from bench.config import build_config
+from bench.metrics import metric_name
+from bench.registry import Registry
 
 DATASETS = Registry("dataset")
 register_dataset = DATASETS.register

@@ -24,7 +24,7 @@ import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from .errors import UserError
+from bench.errors import UserError
 
 LOCK_NAME = "writer.lock"
 HOLDER_NAME = "writer.json"

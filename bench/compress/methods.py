@@ -23,7 +23,7 @@ model is cached by ``stage_key()`` (the config fields listed in ``stage_fields``
 over post-training knobs reuses one trained model. Methods that do not override ``prepare``
 compress the cached dense base model of the same (dataset, model, basis, seed).
 ``compress`` gets a :class:`CompressContext` with the data, the trainer and the fine-tune
-budget; it swaps layer sources (:mod:`bench.sources`) and may fine-tune with ``ctx.finetune``.
+budget; it swaps layer sources (:mod:`bench.model.sources`) and may fine-tune with ``ctx.finetune``.
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .config import build_config, to_dict
-from .registry import Registry
+from bench.config import build_config, to_dict
+from bench.registry import Registry
 
 METHODS = Registry("method")
-DEFAULT_FINETUNE_LR_SCALE = 0.1  # the sweep's default finetune_lr_scale (bench.sweep.TrainBudget)
+DEFAULT_FINETUNE_LR_SCALE = 0.1  # the sweep's default finetune_lr_scale (bench.run.sweep.TrainBudget)
 
 
 register_method = METHODS.register
@@ -62,7 +62,7 @@ class CompressResult:
 class CompressContext:
     """What ``Method.compress`` may use."""
 
-    trainer: Any  # bench.train.Trainer (data splits, evaluate, fit)
+    trainer: Any  # bench.run.train.Trainer (data splits, evaluate, fit)
     finetune_epochs: int
     seed: int
     device: Any
@@ -151,7 +151,7 @@ class Method:
 
     def finetune_epochs(self, budget: int) -> int:
         """Epochs this method fine-tunes in ``compress`` out of the sweep's ``budget`` (at most; for the
-        dry run's estimate, :mod:`bench.estimate`): the whole budget unless the method says less."""
+        dry run's estimate, :mod:`bench.run.estimate`): the whole budget unless the method says less."""
         return budget if self.uses_finetune else 0
 
     # -- hooks ----------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 :func:`cluster_model` runs scikit-learn ``KMeans`` (k-means++, ``n_init``
 restarts, fixed ``random_state``) on a model's edge vectors and swaps every layer's source for
-a :class:`bench.sources.CodebookSource` (centroids float32 + ``ceil(log2 K)``-bit indices).
+a :class:`bench.model.sources.CodebookSource` (centroids float32 + ``ceil(log2 K)``-bit indices).
 Scope ``layer`` (default) clusters each layer's edges separately; ``global`` clusters all
 layers' edges together into one codebook shared by every layer (:class:`SharedCodebookSource`,
 its centroids counted once, by the first layer). **K rule:** ``K`` larger than the number of
@@ -28,13 +28,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import positive
+from bench.config import positive
+from bench.errors import Infeasible, UserError
+from bench.model.kan import kan_layers, to_layer_device
+from bench.model.kinds import kind_of
+from bench.model.sources import CodebookSource, EdgeSource, StorageItem, index_bits, register_source
+
 from .entropy import empirical_entropy_bits, entropy_code_model
-from .errors import Infeasible, UserError
-from .kan import kan_layers, to_layer_device
-from .models import kind_of
 from .pruning import MaskedSource, SparsePattern
-from .sources import CodebookSource, EdgeSource, StorageItem, index_bits, register_source
 
 # Codebooks shared across layers, published by their owner while a file loads.
 _SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -89,7 +90,7 @@ class SharedCodebookSource(CodebookSource):
 class MaskedCodebookSource(SparsePattern, CodebookSource):
     """A codebook over the surviving edges of a pruned layer (``prune>kmeans``): ``centroids [K, n+1]``
     (float32, trainable), one ``ceil(log2 K)``-bit index per *surviving* edge, and the sparsity
-    pattern at whichever is cheaper, exactly as :class:`bench.pruning.MaskedSource` stores it (a
+    pattern at whichever is cheaper, exactly as :class:`bench.compress.pruning.MaskedSource` stores it (a
     1-bit mask over ``out * in`` edges, or the sorted flat positions at ``ceil(log2(out * in))``
     bits each). Pruned edges are exactly zero and stay zero (no centroid reaches them)."""
 
@@ -261,7 +262,7 @@ def codebook_bits(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------- entropy-coded indices
 def entropy_code_indices(model: nn.Module) -> dict:
     """Store every codebook's indices ANS-coded under each layer's own index histogram
-    (:func:`bench.entropy.entropy_code_model` with only the ``index`` streams): the model computes
+    (:func:`bench.compress.entropy.entropy_code_model` with only the ``index`` streams): the model computes
     the same; only its storage changes. Returns, per layer, the index bits at ``ceil(log2 K)`` each,
     the coded bits (stream + code table) and the empirical entropy."""
     for _, layer in kan_layers(model):
@@ -303,7 +304,7 @@ def cluster_and_finetune(model: nn.Module, ctx, options, desc: str) -> dict:
 
 def quantize_centroids(model: nn.Module, bits: int, per: str = "centroid") -> dict:
     """Store every codebook's centroids at ``bits`` (16: float16; below: symmetric integers with a
-    float32 scale per centroid or per codebook, :meth:`bench.sources.CodebookSource.set_centroid_format`);
+    float32 scale per centroid or per codebook, :meth:`bench.model.sources.CodebookSource.set_centroid_format`);
     the forward then sees the quantised values and a fine-tune trains the float centroids through
     them (straight-through). Returns the bits of the centroids before and after."""
     before = after = 0

@@ -1,0 +1,1 @@
+"""The KAN model: bases, swappable edge sources, layers and model kinds."""

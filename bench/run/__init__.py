@@ -1,0 +1,1 @@
+"""Running sweeps: sweep files -> plan -> runner -> results, executors, training, estimates and perf."""
