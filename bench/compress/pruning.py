@@ -212,7 +212,7 @@ def chain_cleanable(model: nn.Module) -> bool:
         if list(basis.parameters()) or any(isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm))
                                            for m in basis.modules()):
             return False
-        if layer.bias is None:
+        if layer.bias is None or layer.norm_kind != "none" or layer.act_kind != "none":
             return False
     return True
 
@@ -307,8 +307,11 @@ def remove_dead_nodes(model: KAN) -> list[int]:
     new_layers = []
     for layer, ko, ki in zip(old, keep_out, keep_in):
         ko, ki = ko.to(device), ki.to(device)
-        nl = KANLayer(len(ki), len(ko), model.basis_name, model.basis_kwargs).to(device)
-        nl.basis.load_state_dict(layer.basis.state_dict())
+        nl = KANLayer(len(ki), len(ko), model.basis_name, layer.basis.config()).to(device)
+        basis_state = layer.basis.state_dict()
+        if "knots" in basis_state and basis_state["knots"].dim() == 2:  # per-input knots: the kept inputs' rows
+            basis_state["knots"] = basis_state["knots"][ki]
+        nl.basis.load_state_dict(basis_state)
         nl.bias.copy_(layer.bias[ko])
         w = layer.edge_tensor().detach()[ko][:, ki]
         m = edge_masks_of(layer)[ko][:, ki]

@@ -80,20 +80,25 @@ def other_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 SMALL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+EXACT_FLOAT32 = ("knots",)  # data whose rounding moves the function itself (per-input B-spline knots)
+
+
+def _keeps_float32(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in EXACT_FLOAT32
 
 
 def set_small_dtype(model: nn.Module, dtype: str) -> dict:
     """Store every floating tensor outside the edge sources (biases, norm weights and statistics) at
-    ``dtype`` (float16 | bfloat16): the values are rounded to it now, in place, so the model is
-    evaluated with exactly what the file keeps; they are counted at 16 bits and exported at that
-    width. Returns the bits of those tensors before and after. Nothing may train the model after
-    this (the ``small_dtype`` method is a pipeline's last stage)."""
+    ``dtype`` (float16 | bfloat16), except per-input knots (:data:`EXACT_FLOAT32`): the values are
+    rounded to it now, in place, so the model is evaluated with exactly what the file keeps; they are
+    counted at 16 bits and exported at that width. Returns the bits of those tensors before and after.
+    Nothing may train the model after this (the ``small_dtype`` method is a pipeline's last stage)."""
     if dtype not in SMALL_DTYPES:
         raise ValueError(f"small dtype must be one of {sorted(SMALL_DTYPES)}, got {dtype!r}")
     before = after = 0
     with torch.no_grad():
-        for t in other_tensors(model).values():
-            if t.is_floating_point():
+        for name, t in other_tensors(model).items():
+            if t.is_floating_point() and not _keeps_float32(name):
                 before += t.numel() * t.element_size() * 8
                 t.copy_(t.to(SMALL_DTYPES[dtype]).to(t.dtype))
                 after += t.numel() * 16
@@ -103,7 +108,7 @@ def set_small_dtype(model: nn.Module, dtype: str) -> dict:
 
 def _small_item(model: nn.Module, name: str, t: torch.Tensor) -> StorageItem:
     dtype = getattr(model, "small_dtype", None)
-    if dtype is None or t.dtype != torch.float32:
+    if dtype is None or t.dtype != torch.float32 or _keeps_float32(name):
         return float_item(name, t)
     return StorageItem(name, t.numel(), 16, dtype, t.detach())
 

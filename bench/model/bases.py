@@ -64,51 +64,93 @@ def _check(cond: bool, msg: str) -> None:
         raise UserError(msg)
 
 
+KNOTS = ("uniform", "per_input")
+
+
 @register_basis("bspline")
 class BSplineBasis(Basis):
-    """Uniform B-splines of order ``k`` on ``G`` intervals of ``[lo, hi]`` (pykan / efficient-kan).
+    """B-splines of order ``k`` on ``G`` intervals of ``[lo, hi]`` (pykan / efficient-kan).
 
-    The grid is extended by ``k`` knots on each side, giving ``G + k`` basis functions. Inputs
-    are clamped into ``[lo, hi]`` so they stay on the grid, where the splines form a partition
-    of unity. Evaluated with the Cox-de Boor recursion on the shared uniform knot vector.
+    The grid is extended by ``k`` knots on each side, giving ``G + k`` basis functions.
+
+    - ``extrapolate=False`` (default): inputs are clamped into ``[lo, hi)`` so they stay on the grid,
+      where the splines form a partition of unity. ``extrapolate=True`` evaluates the same formula
+      everywhere, as efficient-kan and pykan do: on the extension knots the splines no longer sum to
+      1, and beyond them every spline is 0 (only the base branch remains).
+    - ``knots="uniform"`` (default): one uniform knot vector derived from the config (not stored).
+      ``knots="per_input"``: each input has its own knot row ``[in, G + 2k + 1]``, a stored buffer
+      (``knots``): the non-uniform grids that pykan's ``fit()`` and efficient-kan's ``update_grid``
+      leave. They are data: counted, exported, never fine-tuned, and kept at float32 by
+      ``small_dtype``. Per-input knots are not pointwise (a KAN convolution unfolds its patches).
+
+    Uniform cubics run a closed form (:class:`_UniformCubic`); everything else the Cox-de Boor
+    recursion on the knots (:meth:`reference`; 0/0 from repeated knots is 0, as in pykan).
     """
 
-    def __init__(self, in_features: int, grid: int = 5, order: int = 3, lo: float = -2.0, hi: float = 2.0):
+    def __init__(self, in_features: int, grid: int = 5, order: int = 3, lo: float = -2.0, hi: float = 2.0,
+                 extrapolate: bool = False, knots: str = "uniform"):
         super().__init__(in_features)
         _check(grid >= 1, f"bspline grid must be >= 1, got {grid}")
         _check(order >= 0, f"bspline order must be >= 0, got {order}")
         _check(hi > lo, f"bspline range needs lo < hi, got [{lo}, {hi}]")
+        _check(extrapolate in (True, False), f"bspline extrapolate must be true or false, got {extrapolate!r}")
+        _check(knots in KNOTS, f"bspline knots must be one of {', '.join(KNOTS)}; got {knots!r}")
         self.grid_size, self.order, self.lo, self.hi = grid, order, float(lo), float(hi)
+        self.extrapolate, self.knot_mode = bool(extrapolate), knots
         h = (hi - lo) / grid
-        knots = lo + h * torch.arange(-order, grid + order + 1, dtype=torch.float32)
-        self.register_buffer("knots", knots, persistent=False)  # [G + 2k + 1], derived from the config
+        uniform = lo + h * torch.arange(-order, grid + order + 1, dtype=torch.float32)
+        if knots == "per_input":  # [in, G + 2k + 1], data (an import or a grid update writes it)
+            self.register_buffer("knots", uniform.repeat(in_features, 1).contiguous())
+            self.pointwise = False
+        else:  # [G + 2k + 1], derived from the config
+            self.register_buffer("knots", uniform, persistent=False)
         self.register_buffer("offsets", torch.arange(grid + 3, dtype=torch.float32) + 2.0, persistent=False)
         self.n_basis = grid + order
 
     def config(self) -> dict:
-        return {"grid": self.grid_size, "order": self.order, "lo": self.lo, "hi": self.hi}
+        cfg = {"grid": self.grid_size, "order": self.order, "lo": self.lo, "hi": self.hi}
+        if self.extrapolate:  # only when set: existing configs (and the files that hold them) are unchanged
+            cfg["extrapolate"] = True
+        if self.knot_mode != "uniform":
+            cfg["knots"] = self.knot_mode
+        return cfg
+
+    @property
+    def closed_form(self) -> bool:
+        return self.order == 3 and self.knot_mode == "uniform"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.order == 3:
-            return _UniformCubic.apply(x, self.lo, self.hi, self.grid_size)
+        if self.closed_form:
+            return _UniformCubic.apply(x, self.lo, self.hi, self.grid_size, not self.extrapolate)
         return self.reference(x)
 
     def kernel(self):
-        return (_bspline_features, (self.lo, self.hi, self.grid_size, self.offsets)) if self.order == 3 else None
+        if not self.closed_form:
+            return None
+        return _bspline_features, (self.lo, self.hi, self.grid_size, self.offsets, not self.extrapolate)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """Cox-de Boor recursion on the knot vector (any order; the cubic fast path is tested
-        against it)."""
-        span = self.hi - self.lo
-        eps = 1e-6 * span
-        x = x.clamp(self.lo, self.hi - eps).unsqueeze(-1)  # [B, in, 1]
+        """Cox-de Boor recursion on the knots, shared ``[G + 2k + 1]`` or per input ``[in, G + 2k + 1]``
+        (any order; the cubic closed form is tested against it)."""
         t = self.knots.to(x.dtype)
-        b = ((x >= t[:-1]) & (x < t[1:])).to(x.dtype)  # order 0: [B, in, G + 2k]
-        for p in range(1, self.order + 1):
-            left = (x - t[: -(p + 1)]) / (t[p:-1] - t[: -(p + 1)])
-            right = (t[p + 1 :] - x) / (t[p + 1 :] - t[1:-p])
-            b = left * b[..., :-1] + right * b[..., 1:]
-        return b  # [B, in, G + k]
+        if not self.extrapolate and self.knot_mode == "uniform":
+            x = x.clamp(self.lo, self.hi - 1e-6 * (self.hi - self.lo))
+        elif not self.extrapolate:  # each input clamped into its own [t_k, t_{G+k})
+            lo, hi = t[:, self.order], t[:, self.order + self.grid_size]
+            x = torch.minimum(torch.maximum(x, lo), hi - 1e-6 * (hi - lo))
+        return cox_de_boor(x, t, self.order)
+
+
+def cox_de_boor(x: torch.Tensor, t: torch.Tensor, order: int) -> torch.Tensor:
+    """B-splines of ``order`` on knots ``t`` (``[M]`` or one row per input, ``[in, M]``) at ``x[B, in]``:
+    ``[B, in, M - order - 1]``, with half-open order-0 indicators and 0/0 (repeated knots) taken as 0."""
+    x = x.unsqueeze(-1)  # [B, in, 1]
+    b = ((x >= t[..., :-1]) & (x < t[..., 1:])).to(x.dtype)  # order 0: [B, in, M - 1]
+    for p in range(1, order + 1):
+        left = (x - t[..., : -(p + 1)]) / (t[..., p:-1] - t[..., : -(p + 1)])
+        right = (t[..., p + 1:] - x) / (t[..., p + 1:] - t[..., 1:-p])
+        b = torch.nan_to_num(left * b[..., :-1] + right * b[..., 1:])
+    return b
 
 
 class _UniformCubic(torch.autograd.Function):
@@ -118,34 +160,34 @@ class _UniformCubic(torch.autograd.Function):
 
     Written with in-place ops on two ``[B, in, G + 3]`` buffers (fresh large allocations cost
     page faults on every call); backward recomputes from ``x`` instead of keeping intermediates
-    (only ``x``, ``[B, in]``, is saved). Inputs are clamped to ``[lo, hi)``, so the gradient is zero
-    outside it.
+    (only ``x``, ``[B, in]``, is saved). With ``clamp``, inputs are clamped to ``[lo, hi)``, so the
+    gradient is zero outside it; without, the same formula holds everywhere (0 beyond the extended knots).
     """
 
     @staticmethod
-    def _abs_distance(x, lo, hi, grid):
+    def _abs_distance(x, lo, hi, grid, clamp):
         h = (hi - lo) / grid
-        u = (x.clamp(lo, hi - 1e-6 * (hi - lo)) - lo) * (1.0 / h) + 3.0
+        u = ((x.clamp(lo, hi - 1e-6 * (hi - lo)) if clamp else x) - lo) * (1.0 / h) + 3.0
         j = torch.arange(grid + 3, dtype=x.dtype, device=x.device) + 2.0
         d = u.unsqueeze(-1) - j  # [B, in, G + 3]
         return d, h
 
     @staticmethod
-    def forward(ctx, x, lo, hi, grid):
-        d, _ = _UniformCubic._abs_distance(x, lo, hi, grid)
+    def forward(ctx, x, lo, hi, grid, clamp):
+        d, _ = _UniformCubic._abs_distance(x, lo, hi, grid, clamp)
         a = d.abs_()
         out = torch.rsub(a, 2.0).clamp_(min=0.0).pow_(3)   # (2 - a)_+^3
         inner = a.neg_().add_(1.0).clamp_(min=0.0).pow_(3)  # (1 - a)_+^3, reusing a's buffer
         out.sub_(inner, alpha=4.0).mul_(1.0 / 6.0)
         ctx.save_for_backward(x)
-        ctx.consts = (lo, hi, grid)
+        ctx.consts = (lo, hi, grid, clamp)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        lo, hi, grid = ctx.consts
-        d, h = _UniformCubic._abs_distance(x, lo, hi, grid)
+        lo, hi, grid, clamp = ctx.consts
+        d, h = _UniformCubic._abs_distance(x, lo, hi, grid, clamp)
         sign = torch.sign(d)
         a = d.abs_()
         # dN/da = -(2 - a)_+^2 / 2 + 2 (1 - a)_+^2
@@ -153,16 +195,19 @@ class _UniformCubic(torch.autograd.Function):
         near = a.neg_().add_(1.0).clamp_(min=0.0)
         dn = near.mul_(near).mul_(2.0).sub_(far.mul_(far), alpha=0.5)
         gx = (grad * dn.mul_(sign)).sum(-1) * (1.0 / h)
+        if not clamp:
+            return gx, None, None, None, None
         inside = (x >= lo) & (x < hi - 1e-6 * (hi - lo))
-        return gx * inside, None, None, None
+        return gx * inside, None, None, None, None
 
 
 # The pure expressions the fused features compile. Constant vectors come in as tensors: built inside
 # a compiled graph (arange, linspace) they are recomputed on every call and cost more than they save.
-def _cubic_formula(x: torch.Tensor, lo: float, hi: float, grid: int, offsets: torch.Tensor) -> torch.Tensor:
+def _cubic_formula(x: torch.Tensor, lo: float, hi: float, grid: int, offsets: torch.Tensor,
+                   clamp: bool = True) -> torch.Tensor:
     """:class:`_UniformCubic` as one differentiable expression; ``offsets`` is ``arange(grid + 3) + 2``."""
     h = (hi - lo) / grid
-    u = (x.clamp(lo, hi - 1e-6 * (hi - lo)) - lo) * (1.0 / h) + 3.0
+    u = ((x.clamp(lo, hi - 1e-6 * (hi - lo)) if clamp else x) - lo) * (1.0 / h) + 3.0
     a = (u.unsqueeze(-1) - offsets.to(x.dtype)).abs()
     return ((2.0 - a).clamp(min=0.0) ** 3 - 4.0 * (1.0 - a).clamp(min=0.0) ** 3) * (1.0 / 6.0)
 
@@ -304,6 +349,36 @@ class GramBasis(Basis):
         return _gram_features, (self.degree, self.margin)
 
 
+@register_basis("kagn")
+class KAGNBasis(Basis):
+    """torch-conv-kan's KAGN basis: ``silu(P_d(tanh x))`` for ``d = 0..degree``, with ``P_0 = 1``,
+    ``P_1 = t`` and ``P_{n+1} = t P_n - beta_n P_{n-1}``, where the recurrence coefficients are
+    **learned**: ``beta_n = w_n n^2 (2n + 1)(4n^2 - 1) / (n + 1)^2`` with ``w = beta`` (a parameter of
+    ``degree + 1`` values per layer, trained, stored and counted; ``w_0`` and ``w_degree`` are unused
+    and kept, as the library keeps them). No margin on ``tanh``. Initialised as the library does
+    (``w ~ N(0, 1 / (in (degree + 1)))``), so at first ``P_n`` is about ``t^n``.
+    """
+
+    def __init__(self, in_features: int, degree: int = 3):
+        super().__init__(in_features)
+        _check(degree >= 0, f"kagn degree must be >= 0, got {degree}")
+        self.degree = degree
+        self.beta = nn.Parameter(torch.empty(degree + 1))
+        nn.init.normal_(self.beta, 0.0, 1.0 / (in_features * (degree + 1.0)))
+        self.n_basis = degree + 1
+
+    def config(self) -> dict:
+        return {"degree": self.degree}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.tanh(x)
+        polys = [torch.ones_like(t), t][: self.degree + 1]
+        for n in range(1, self.degree):
+            polys.append(t * polys[-1] - (self.beta[n] * (n * n * (2 * n + 1) * (4 * n * n - 1) / (n + 1) ** 2))
+                         * polys[-2])
+        return F.silu(torch.stack(polys, dim=-1))
+
+
 @register_basis("fourier")
 class FourierBasis(Basis):
     """``cos(k x), sin(k x)`` for ``k = 1..frequencies`` on ``pi * tanh(x)`` (FourierKAN-like)."""
@@ -339,8 +414,8 @@ def _silu_column(x: torch.Tensor) -> torch.Tensor:
 
 
 # One function per basis kind (torch.compile caches per code object): basis values, then silu(x).
-def _bspline_features(x, lo, hi, grid, offsets):
-    return torch.cat([_cubic_formula(x, lo, hi, grid, offsets), _silu_column(x)], dim=-1)
+def _bspline_features(x, lo, hi, grid, offsets, clamp):
+    return torch.cat([_cubic_formula(x, lo, hi, grid, offsets, clamp), _silu_column(x)], dim=-1)
 
 
 def _rbf_features(x, centers, inv_width):

@@ -38,20 +38,42 @@ def _init_edges(n_basis: int, fan_in: int):
     return init
 
 
+LAYER_NORMS = ("none", "layer")
+ACTS = ("none", "silu")
+
+
+def _activation(kind: str, what: str) -> nn.Module:
+    if kind not in ACTS:
+        raise UserError(f"{what} must be one of {', '.join(ACTS)}; got {kind!r}")
+    return nn.SiLU() if kind == "silu" else nn.Identity()
+
+
 class KANLayer(nn.Module):
-    """A fully connected KAN layer ``[B, in] -> [B, out]`` with a swappable edge source."""
+    """A fully connected KAN layer ``[B, in] -> [B, out]`` with a swappable edge source.
+
+    Options an import needs (defaults: none of them): ``bias=False`` (efficient-kan, ChebyKAN, KAGN
+    store none), ``norm="layer"`` (a LayerNorm over the outputs) and ``act="silu"`` after it
+    (torch-conv-kan's ``GRAMLayer`` ends in both; a LayerNorm between ChebyKAN layers is the previous
+    layer's ``norm``)."""
 
     def __init__(self, in_features: int, out_features: int, basis: str = "bspline",
-                 basis_kwargs: dict | None = None, bias: bool = True):
+                 basis_kwargs: dict | None = None, bias: bool = True, norm: str = "none", act: str = "none"):
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise UserError(f"KAN layer sizes must be >= 1, got in={in_features}, out={out_features}")
+        if norm not in LAYER_NORMS:
+            raise UserError(f"KAN layer norm must be one of {', '.join(LAYER_NORMS)}; got {norm!r}")
         self.in_features, self.out_features = in_features, out_features
         self.basis = make_basis(basis, in_features, **(basis_kwargs or {}))
         self.n_basis = self.basis.n_basis
         self.source: EdgeSource = DenseSource(out_features, in_features, self.n_basis + 1,
                                               init=_init_edges(self.n_basis, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.norm_kind, self.act_kind = norm, act
+        if norm == "layer":
+            self.norm = nn.LayerNorm(out_features)
+        if act != "none":
+            self.act = _activation(act, "KAN layer act")
 
     @property
     def edge_dim(self) -> int:
@@ -77,26 +99,58 @@ class KANLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.source.contract(self.features(x))
-        return y if self.bias is None else y + self.bias
+        y = y if self.bias is None else y + self.bias
+        if self.norm_kind != "none":
+            y = self.norm(y)
+        return y if self.act_kind == "none" else self.act(y)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, basis={self.basis.name}, n_basis={self.n_basis}"
 
 
+def per_layer(value, n: int, what: str) -> list:
+    """``value`` for each of ``n`` layers: a list of ``n`` entries as given, anything else repeated."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise UserError(f"{what} needs one entry per layer ({n}); got {len(value)}")
+        return list(value)
+    return [value] * n
+
+
 class KAN(nn.Module):
     """A stack of KAN layers, ``widths = [in, hidden..., out]``. Inputs with more than two
-    dimensions are flattened, so ``KAN([784, 64, 10])`` takes ``[B, 1, 28, 28]`` images too."""
+    dimensions are flattened, so ``KAN([784, 64, 10])`` takes ``[B, 1, 28, 28]`` images too.
 
-    def __init__(self, widths: list[int], basis: str = "bspline", basis_kwargs: dict | None = None):
+    ``basis_kwargs`` is one dict for every layer or a list with one per layer (pykan's per-layer grid
+    and order); ``bias``, ``norms`` and ``acts`` are one value or one per layer (:class:`KANLayer`).
+    Options left at their defaults are not written into :meth:`config`, so existing configs (and the
+    run ids and files made from them) do not change."""
+
+    def __init__(self, widths: list[int], basis: str = "bspline", basis_kwargs: dict | list | None = None,
+                 bias: bool | list[bool] = True, norms: str | list[str] = "none", acts: str | list[str] = "none"):
         super().__init__()
         widths = [int(w) for w in widths]
         if len(widths) < 2 or min(widths) < 1:
             raise UserError(f"KAN widths must be >= 2 positive sizes, got {widths}")
-        self.widths, self.basis_name, self.basis_kwargs = widths, basis, dict(basis_kwargs or {})
-        self.layers = nn.ModuleList(KANLayer(a, b, basis, basis_kwargs) for a, b in zip(widths[:-1], widths[1:]))
+        n = len(widths) - 1
+        kwargs = per_layer(basis_kwargs, n, "KAN basis_kwargs")
+        self.widths, self.basis_name = widths, basis
+        self.basis_kwargs = [dict(k or {}) for k in basis_kwargs] if isinstance(basis_kwargs, (list, tuple)) \
+            else dict(basis_kwargs or {})
+        self.bias, self.norms, self.acts = (per_layer(bias, n, "KAN bias"), per_layer(norms, n, "KAN norms"),
+                                            per_layer(acts, n, "KAN acts"))
+        self.layers = nn.ModuleList(KANLayer(a, b, basis, kw, bias=bb, norm=nm, act=ac) for a, b, kw, bb, nm, ac
+                                    in zip(widths[:-1], widths[1:], kwargs, self.bias, self.norms, self.acts))
 
     def config(self) -> dict:
-        return {"model": "kan", "widths": self.widths, "basis": self.basis_name, "basis_kwargs": self.basis_kwargs}
+        cfg = {"model": "kan", "widths": self.widths, "basis": self.basis_name, "basis_kwargs": self.basis_kwargs}
+        if not all(self.bias):
+            cfg["bias"] = self.bias
+        if any(v != "none" for v in self.norms):
+            cfg["norms"] = self.norms
+        if any(v != "none" for v in self.acts):
+            cfg["acts"] = self.acts
+        return cfg
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(x.shape[0], -1)
@@ -121,11 +175,18 @@ class KANConv2d(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1,
-                 padding: int | None = None, basis: str = "bspline", basis_kwargs: dict | None = None):
+                 padding: int | None = None, basis: str = "bspline", basis_kwargs: dict | None = None,
+                 pad: str = "input", bias: bool = True):
         super().__init__()
         self.in_channels, self.out_channels, self.kernel, self.stride = in_channels, out_channels, kernel, stride
         self.padding = kernel // 2 if padding is None else padding
-        self.kan = KANLayer(in_channels * kernel * kernel, out_channels, basis, basis_kwargs)
+        if pad not in PADS:
+            raise UserError(f"convkan pad must be one of {', '.join(PADS)}; got {pad!r}")
+        self.pad = pad
+        self.kan = KANLayer(in_channels * kernel * kernel, out_channels, basis, basis_kwargs, bias=bias)
+        if pad == "features" and not self.fast:
+            raise UserError(f"convkan pad 'features' needs a pointwise basis; {self.kan.basis.name} with these "
+                            "options mixes a patch's inputs")
 
     @property
     def fast(self) -> bool:
@@ -140,38 +201,55 @@ class KANConv2d(nn.Module):
         return ((h + 2 * self.padding - self.kernel) // self.stride + 1,
                 (w + 2 * self.padding - self.kernel) // self.stride + 1)
 
+    def pixel_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The basis values and silu of every pixel, ``[B, C * (n_basis + 1), H, W]`` (channel-major)."""
+        b, c, h, w = x.shape
+        feats = self.kan.features(x.permute(0, 2, 3, 1).reshape(-1, c))  # [B*H*W, C, n+1]
+        return feats.reshape(b, h, w, c * self.kan.edge_dim).permute(0, 3, 1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fast:
             return self.forward_unfold(x)
-        b, c, h, w = x.shape
-        k, n1 = self.kernel, self.kan.edge_dim
-        xp = F.pad(x, (self.padding,) * 4)  # pad the inputs, not the features: the basis sees the zeros
-        hp, wp = xp.shape[2:]
-        flat = xp.permute(0, 2, 3, 1).reshape(-1, c)  # [B*Hp*Wp, C]
-        feats = self.kan.features(flat)  # [B*Hp*Wp, C, n+1]
-        feats = feats.reshape(b, hp, wp, c * n1).permute(0, 3, 1, 2)  # [B, C*(n+1), Hp, Wp]
+        c, k, n1 = x.shape[1], self.kernel, self.kan.edge_dim
+        if self.pad == "input":  # pad the inputs: the basis sees the zeros
+            feats, padding = self.pixel_features(F.pad(x, (self.padding,) * 4)), 0
+        else:  # pad the features with zeros (torch-conv-kan)
+            feats, padding = self.pixel_features(x), self.padding
         weight = self.kan.edge_tensor().to(feats.dtype).reshape(self.out_channels, c, k, k, n1).permute(0, 1, 4, 2, 3)
-        return F.conv2d(feats, weight.reshape(self.out_channels, c * n1, k, k), self.kan.bias, stride=self.stride)
+        return F.conv2d(feats, weight.reshape(self.out_channels, c * n1, k, k), self.kan.bias, stride=self.stride,
+                        padding=padding)
 
     def forward_unfold(self, x: torch.Tensor) -> torch.Tensor:
-        """The reference forward: unfold the patches and apply the KAN layer to every row."""
-        b, _, h, w = x.shape
+        """The reference forward: unfold the patches and apply the KAN layer to every row (with
+        ``pad="features"``: unfold the zero-padded per-pixel features and contract them)."""
+        b, c, h, w = x.shape
         ho, wo = self._out_size(h, w)
-        y = self.kan(self.patches(x))  # [B*L, out]
+        if self.pad == "input":
+            y = self.kan(self.patches(x))  # [B*L, out]
+        else:
+            n1, k = self.kan.edge_dim, self.kernel
+            p = F.unfold(self.pixel_features(x), k, padding=self.padding, stride=self.stride)  # [B, C*n1*k*k, L]
+            rows = p.transpose(1, 2).reshape(-1, c, n1, k * k).transpose(2, 3).reshape(-1, c * k * k, n1)
+            y = self.kan.source.contract(rows)
+            y = y if self.kan.bias is None else y + self.kan.bias
         return y.reshape(b, ho * wo, self.out_channels).transpose(1, 2).reshape(b, self.out_channels, ho, wo)
 
 
-NORMS = ("batch", "instance", "layer", "none")
+PADS = ("input", "features")
+NORMS = ("batch", "instance", "instance_noaffine", "layer", "none")
 
 
 def channel_norm(kind: str, channels: int) -> nn.Module:
     """The normalisation after a KAN convolution: ``batch`` (BatchNorm2d: affine + running
-    statistics, all stored), ``instance`` (InstanceNorm2d with affine), ``layer`` (GroupNorm with
+    statistics, all stored), ``instance`` (InstanceNorm2d with affine), ``instance_noaffine``
+    (InstanceNorm2d with nothing stored: torch-conv-kan's default), ``layer`` (GroupNorm with
     one group: per-sample LayerNorm over channels and pixels) or ``none``."""
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     if kind == "instance":
         return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "instance_noaffine":
+        return nn.InstanceNorm2d(channels)
     if kind == "layer":
         return nn.GroupNorm(1, channels)
     if kind == "none":
@@ -198,11 +276,20 @@ class ConvKAN(nn.Module):
     basis in the convolutions skips its own LayerNorm over the patch (inputs are already
     normalised per channel, as in torch-conv-kan's FastKAN convolution), which keeps the fast
     per-pixel convolution; set ``basis_kwargs.norm`` to override.
+
+    Options an import of torch-conv-kan's KAGN convolutions needs (defaults: today's model, and left
+    out of :meth:`config`): ``act="silu"`` after each norm, ``pad="features"`` (zero-pad the basis
+    features, not the input), ``bias=False`` in the convolutions, ``norm="instance_noaffine"``;
+    ``head=False`` ends at the last feature map (no pooling, no head: one bare KAN convolution);
+    ``head_basis_kwargs``, ``head_bias``, ``head_norm``, ``head_act`` configure the head apart.
     """
 
     def __init__(self, input_shape: tuple[int, int, int], n_outputs: int, channels: list[int] = (8, 16),
                  kernel: int = 3, pool_every: int = 1, basis: str = "bspline", basis_kwargs: dict | None = None,
-                 strides: list[int] | None = None, norm: str = "batch"):
+                 strides: list[int] | None = None, norm: str = "batch", act: str = "none", pad: str = "input",
+                 bias: bool = True, padding: int | None = None, head: bool = True,
+                 head_basis_kwargs: dict | None = None, head_bias: bool = True, head_norm: str = "none",
+                 head_act: str = "none"):
         super().__init__()
         if len(input_shape) != 3:
             raise UserError(f"convkan needs image inputs [C, H, W], got input shape {tuple(input_shape)}")
@@ -217,30 +304,42 @@ class ConvKAN(nn.Module):
         self.input_shape, self.n_outputs, self.channels = tuple(int(s) for s in input_shape), int(n_outputs), channels
         self.kernel, self.pool_every, self.strides, self.norm = kernel, pool_every, strides, norm
         self.basis_name, self.basis_kwargs = basis, dict(basis_kwargs or {})
+        self.options = {k: v for k, v, default in [
+            ("act", act, "none"), ("pad", pad, "input"), ("bias", bias, True), ("padding", padding, None),
+            ("head", head, True),
+            ("head_basis_kwargs", head_basis_kwargs, None), ("head_bias", head_bias, True),
+            ("head_norm", head_norm, "none"), ("head_act", head_act, "none")] if v != default}
         conv_kwargs = dict(self.basis_kwargs)
         if basis == "rbf" and norm != "none":
             conv_kwargs.setdefault("norm", False)
         blocks, c_in, size = [], self.input_shape[0], min(self.input_shape[1:])
         for i, (c, stride) in enumerate(zip(channels, strides)):
-            blocks.append(KANConv2d(c_in, c, kernel, stride=stride, basis=basis, basis_kwargs=conv_kwargs))
-            size = (size + 2 * (kernel // 2) - kernel) // stride + 1
+            blocks.append(KANConv2d(c_in, c, kernel, stride=stride, padding=padding, basis=basis,
+                                    basis_kwargs=conv_kwargs, pad=pad, bias=bias))
+            size = (size + 2 * blocks[-1].padding - kernel) // stride + 1
             if norm != "none":
                 blocks.append(channel_norm(norm, c))
+            if act != "none":
+                blocks.append(_activation(act, "convkan act"))
             if pool_every and (i + 1) % pool_every == 0 and size >= 4:
                 blocks.append(nn.MaxPool2d(2))
                 size //= 2
             c_in = c
         self.features = nn.Sequential(*blocks)
-        self.head = KANLayer(c_in, n_outputs, basis, basis_kwargs)
+        self.head = KANLayer(c_in, n_outputs, basis, basis_kwargs if head_basis_kwargs is None else head_basis_kwargs,
+                             bias=head_bias, norm=head_norm, act=head_act) if head else None
 
     def config(self) -> dict:
         return {"model": "convkan", "input_shape": list(self.input_shape), "n_outputs": self.n_outputs,
                 "channels": self.channels, "kernel": self.kernel, "pool_every": self.pool_every,
-                "strides": self.strides, "norm": self.norm, "basis": self.basis_name, "basis_kwargs": self.basis_kwargs}
+                "strides": self.strides, "norm": self.norm, "basis": self.basis_name, "basis_kwargs": self.basis_kwargs,
+                **self.options}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             x = x.reshape(x.shape[0], *self.input_shape)
+        if self.head is None:
+            return self.features(x)
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 

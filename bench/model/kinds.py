@@ -26,6 +26,9 @@ from bench.registry import Registry
 
 from .kan import KAN, NORMS, ConvKAN
 
+# ConvKAN options an import sets (a sweep never does); written into config() only when not the default
+CONVKAN_OPTIONS = ("act", "pad", "bias", "padding", "head", "head_basis_kwargs", "head_bias", "head_norm", "head_act")
+
 MODELS = Registry("model")
 register_model = MODELS.register
 
@@ -85,7 +88,8 @@ class KANModel(ModelKind):
 
     @classmethod
     def from_config(cls, config):
-        return KAN(config["widths"], config["basis"], config.get("basis_kwargs"))
+        return KAN(config["widths"], config["basis"], config.get("basis_kwargs"), bias=config.get("bias", True),
+                   norms=config.get("norms", "none"), acts=config.get("acts", "none"))
 
     @classmethod
     def arch(cls, config):
@@ -131,7 +135,8 @@ class ConvKANModel(ModelKind):
     def from_config(cls, config):
         return ConvKAN(tuple(config["input_shape"]), config["n_outputs"], config["channels"], config["kernel"],
                        config["pool_every"], config["basis"], config.get("basis_kwargs"),
-                       strides=config.get("strides"), norm=config.get("norm", "none"))  # files before norm: none
+                       strides=config.get("strides"), norm=config.get("norm", "none"),  # files before norm: none
+                       **{k: config[k] for k in CONVKAN_OPTIONS if k in config})
 
     @classmethod
     def arch(cls, config):
