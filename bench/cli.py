@@ -1,4 +1,4 @@
-"""``python -m bench run | report | merge | list | transfer``.
+"""``python -m bench run | report | merge | list | transfer | perf | import``.
 
 Every user mistake ends in one line on stderr and exit code 2 (never a traceback).
 """
@@ -139,6 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="LoTRA learning rates per Tucker component (default balanced)")
     tr.add_argument("--quiet", action="store_true", help="no progress bars (for CI)")
     tr.add_argument("--no-report", action="store_true", help="do not write the leaderboard at the end")
+
+    im = sub.add_parser("import", help="import a model trained by pykan, efficient-kan, FastKAN, torch-conv-kan "
+                                       "or ChebyKAN into the project's model file (exact, checked)")
+    im.add_argument("file", metavar="FILE",
+                    help="an interop file (describes itself), a bare state_dict (needs --from), or a pykan "
+                         "saveckpt prefix (PREFIX_config.yml + PREFIX_state)")
+    im.add_argument("--out", required=True, metavar="MODEL.kanb", help="the project model file to write")
+    im.add_argument("--from", dest="library", metavar="LIBRARY",
+                    help="efficient-kan, fast-kan, pykan, torch-conv-kan or ChebyKAN")
+    im.add_argument("--constructor", metavar="JSON", help="the class's keyword arguments as JSON")
+    im.add_argument("--class", dest="model_class", metavar="NAME", help="the library's class (default: its main model)")
+    im.add_argument("--input-shape", dest="input_shape", metavar="C,H,W",
+                    help="image input shape for the convolutional classes (default: the file's x, else C,32,32)")
 
     ls = sub.add_parser("list", help="methods (with hyperparameters), datasets, bases, models, sweeps")
     ls.add_argument("--plugin", metavar="PATH", action="append", default=[], help="extra plugin file/folder")
@@ -365,6 +378,61 @@ def cmd_transfer(args) -> int:
     return 0
 
 
+IMPORT_TOLERANCE = 1e-5  # float32 max |error| against the library's recorded outputs (relative to max(1, |y|))
+
+
+def cmd_import(args) -> int:
+    import json
+
+    from bench.compress.storage import export_model, load_model, storage_report
+    from bench.interop import check_outputs, import_model, read_import_file
+    from bench.model.kinds import arch_string
+
+    try:
+        constructor = json.loads(args.constructor) if args.constructor else None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--constructor is not JSON: {exc}") from None
+    if constructor is not None and not isinstance(constructor, dict):
+        raise UserError("--constructor must be a JSON object of keyword arguments")
+    shape = None
+    if args.input_shape:
+        try:
+            shape = tuple(int(v) for v in _csv(args.input_shape))
+        except ValueError:
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise UserError(f"--input-shape must be C,H,W (three positive integers), got {args.input_shape!r}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give the model file's path (MODEL.kanb)")
+    src = read_import_file(args.file, args.library, constructor, args.model_class)
+    x = src.get("x")
+    if shape is None and x is not None and x.dim() == 4:
+        shape = tuple(x.shape[1:])
+    model = import_model(src["state_dict"], src["library"], src["constructor"], src["model_class"], input_shape=shape)
+    tmp = out.with_name(out.name + ".partial")
+    export_model(model, tmp)
+    reloaded = load_model(tmp)
+    err = None
+    if x is not None and src.get("y") is not None:
+        err = check_outputs(reloaded, x, src["y"])
+        tol = IMPORT_TOLERANCE * max(1.0, float(src["y"].abs().max()))
+        if not err <= tol:
+            tmp.unlink()
+            raise UserError(f"the imported model differs from the file's y by {err:.3g} (> {tol:.1g}): the "
+                            "constructor or class does not match the weights; nothing written")
+    tmp.replace(out)
+    info = model.imported_from
+    bits = storage_report(reloaded).stored_bits
+    print(f"imported {info['library']} {info['class']} -> {out} ({out.stat().st_size:,} bytes, {bits:,} counted "
+          f"bits; {arch_string(reloaded)}, basis {reloaded.config()['basis']})")
+    if err is not None:
+        print(f"max |error| against the file's y: {err:.2e} (float32, the reloaded model)")
+    else:
+        print("the file has no x/y to check against: compare the outputs yourself (bench.interop.check_outputs)")
+    return 0
+
+
 def cmd_list(args) -> int:
     from bench.compress.methods import METHODS
     from bench.model.bases import BASES
@@ -419,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().print_help()
             return 2
         return {"run": cmd_run, "report": cmd_report, "list": cmd_list, "merge": cmd_merge,
-                "perf": cmd_perf, "transfer": cmd_transfer}[args.command](args)
+                "perf": cmd_perf, "transfer": cmd_transfer, "import": cmd_import}[args.command](args)
     except UserError as exc:
         msg = " ".join(str(exc).split())
         print(f"error: {msg}", file=sys.stderr)
