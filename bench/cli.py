@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=int, help="training epochs (overrides the sweep)")
     r.add_argument("--finetune-epochs", type=int, dest="finetune_epochs", help="fine-tune budget in epochs")
     r.add_argument("--grid", action="store_true", default=None, help="expand every method's hyperparameter grid")
+    r.add_argument("--base-model", dest="base_model", metavar="FILE",
+                   help="every dataset's base model: a model file (python -m bench import writes one; {seed} in the "
+                        "name is replaced by the seed), not trained; --models and --bases then do not apply")
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to train (default: the sweep's, auto)")
     r.add_argument("--out", metavar="DIR", help="results folder (default: results/<sweep name>)")
     r.add_argument("--data-dir", metavar="DIR", help="dataset cache (default: $BENCH_DATA_DIR or ./data)")
@@ -174,7 +177,7 @@ def cmd_run(args) -> int:
     data = read_sweep_file(args.config, args.sweep)
     overrides = {"datasets": args.datasets, "models": args.models, "bases": args.bases, "methods": args.methods,
                  "seeds": args.seeds, "device": args.device, "grid": args.grid, "epochs": args.epochs,
-                 "finetune_epochs": args.finetune_epochs}
+                 "finetune_epochs": args.finetune_epochs, "base_model": args.base_model}
     sweep = build_sweep(data, overrides)
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     options = _executor_options(args)
@@ -277,6 +280,8 @@ def default_out(args, sweep_name: str) -> Path:
         parts.append("grid")
     if args.device not in (None, "auto"):
         parts.append(args.device)
+    if getattr(args, "base_model", None):
+        parts.append("base-" + Path(args.base_model).stem.replace("{seed}", "S"))
     name = re.sub(r"[^A-Za-z0-9+.=_-]+", "-", "_".join([sweep_name, *parts]))
     if len(name) > 100:
         name = name[:80] + "-" + hashlib.sha1(name.encode()).hexdigest()[:10]

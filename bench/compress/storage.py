@@ -218,6 +218,8 @@ def export_model(model: nn.Module, path: str | Path) -> int:
     head = {"model": model.config(), "sources": sources, "tensors": entries}
     if getattr(model, "small_dtype", None) is not None:
         head["small_dtype"] = model.small_dtype
+    if getattr(model, "imported_from", None):  # bench.interop: the library and class it came from
+        head["imported_from"] = model.imported_from
     header = zlib.compress(json.dumps(head, separators=(",", ":")).encode(), 9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,6 +255,17 @@ def header_bytes(path: str | Path) -> int:
     return len(MAGIC) + 4 + hlen
 
 
+def read_header(path: str | Path) -> dict:
+    """The JSON header of an exported model file (``model``: its config, ``sources``, ``tensors``,
+    and ``imported_from`` for an imported model), without reading the tensors."""
+    with open(path, "rb") as fh:
+        head = fh.read(len(MAGIC) + 4)
+        if not head.startswith(MAGIC):
+            raise ValueError(f"{path} is not an exported KAN model file")
+        (hlen,) = struct.unpack_from("<I", head, len(MAGIC))
+        return json.loads(zlib.decompress(fh.read(hlen)))
+
+
 def load_model(path: str | Path) -> nn.Module:
     """Rebuild the exported model (sources included) with the same predictions. Built-in sources
     are always known; a source defined in a plugin must be registered first (``--plugin``), else
@@ -272,6 +285,8 @@ def load_model(path: str | Path) -> nn.Module:
     model = from_config(header["model"])
     if "small_dtype" in header:
         model.small_dtype = header["small_dtype"]
+    if "imported_from" in header:
+        model.imported_from = header["imported_from"]
     layers = dict(kan_layers(model))
     for lname, spec in header["sources"].items():
         prefix = f"{lname}.source."

@@ -356,10 +356,11 @@ class KAGNBasis(Basis):
     **learned**: ``beta_n = w_n n^2 (2n + 1)(4n^2 - 1) / (n + 1)^2`` with ``w = beta`` (a parameter of
     ``degree + 1`` values per layer, trained, stored and counted; ``w_0`` and ``w_degree`` are unused
     and kept, as the library keeps them). No margin on ``tanh``. Initialised as the library does
-    (``w ~ N(0, 1 / (in (degree + 1)))``), so at first ``P_n`` is about ``t^n``.
+    (``w ~ N(0, 1 / (in (degree + 1)))``), so at first ``P_n`` is about ``t^n``. Default degree 7 (8
+    functions, as every default basis here; the library's default is 3).
     """
 
-    def __init__(self, in_features: int, degree: int = 3):
+    def __init__(self, in_features: int, degree: int = 7):
         super().__init__(in_features)
         _check(degree >= 0, f"kagn degree must be >= 0, got {degree}")
         self.degree = degree

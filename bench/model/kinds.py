@@ -39,6 +39,7 @@ class ModelKind:
     name: ClassVar[str] = "?"
     Options: ClassVar[type]  # dataclass of the options a sweep's [model.NAME] table may set
     convolutional: ClassVar[bool] = False  # methods with per-paper defaults for ConvKANs read this
+    given: ClassVar[bool] = False  # the base model is read from a file (``pretrained``), not trained from a sweep
 
     @classmethod
     def options(cls, values: dict | None):
@@ -67,6 +68,22 @@ class ModelKind:
     def arch(cls, config: dict) -> str:
         """The architecture as written in a results row."""
         raise NotImplementedError
+
+    @classmethod
+    def pretrained(cls, options) -> nn.Module | None:
+        """The base model as given (no training), or None: the runner trains it (every built-in kind)."""
+        return None
+
+    @classmethod
+    def group_options(cls, options: dict) -> dict:
+        """The options that make two rows' models different (the report averages seeds only over rows
+        with equal ones): all of them, except where a kind says otherwise."""
+        return options
+
+    @classmethod
+    def provenance(cls, options) -> dict:
+        """Columns a results row records about where its base model came from."""
+        return {}
 
 
 @dataclass

@@ -139,14 +139,23 @@ class RunEnv:
         model.to(self.device)
         if path.exists():
             return model, self._load_cached(path, model)
-        seed_everything(derive_seed(spec.seed, spec.dataset, spec.model, spec.basis, "train"))
         _, trainable = count_params(model)
-        fit = trainer.fit(model, epochs, param_groups=method.param_groups(model) if method else None,
-                          desc=f"{stage['method']} {spec.dataset}/{spec.basis}")
-        info = {"train_seconds": fit.seconds, "peak_memory_bytes": fit.peak_memory_bytes,
-                "optimizer_state_bytes": fit.optimizer_state_bytes, "params_trainable": trainable,
-                "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run, "best_val": fit.best_val,
-                "history": fit.history}
+        given = model_specs.MODELS.lookup(spec.model).pretrained(
+            model_specs.model_options(spec.model, spec.model_options)) if method is None else None
+        if given is not None:  # a base model read from a file (bench.interop.base_model): scored, not trained
+            model.load_state_dict(given.state_dict())
+            model.eval()
+            info = {"train_seconds": 0.0, "peak_memory_bytes": 0, "optimizer_state_bytes": 0,
+                    "params_trainable": trainable, "best_epoch": None, "epochs_run": 0,
+                    "best_val": trainer.evaluate(model, "val"), "history": [], "given": True}
+        else:
+            seed_everything(derive_seed(spec.seed, spec.dataset, spec.model, spec.basis, "train"))
+            fit = trainer.fit(model, epochs, param_groups=method.param_groups(model) if method else None,
+                              desc=f"{stage['method']} {spec.dataset}/{spec.basis}")
+            info = {"train_seconds": fit.seconds, "peak_memory_bytes": fit.peak_memory_bytes,
+                    "optimizer_state_bytes": fit.optimizer_state_bytes, "params_trainable": trainable,
+                    "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run, "best_val": fit.best_val,
+                    "history": fit.history}
         if method is None:  # the dense base's scores and file size, shared by every run compressing it
             info["test_metric"] = trainer.evaluate(model, "test")
             info["file_bytes"] = export_model(copy.deepcopy(model).cpu(), path.with_suffix(".kanb"))
@@ -185,8 +194,10 @@ BUDGET_COLUMNS = ("lr", "batch_size", "finetune_lr_scale", "schedule", "patience
 def budget_columns(spec: RunSpec) -> dict:
     """What a row records of its budget and options, so the report never groups different budgets."""
     cols = {k: spec.train.get(k) for k in BUDGET_COLUMNS if k != "threads"}
-    for k in ("dataset_options", "model_options", "basis_options"):
+    for k in ("dataset_options", "basis_options"):
         cols[k] = json.dumps(getattr(spec, k), sort_keys=True)
+    kind = model_specs.MODELS.lookup(spec.model)
+    cols["model_options"] = json.dumps(kind.group_options(spec.model_options), sort_keys=True)
     return cols
 
 
@@ -241,6 +252,8 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
            "host": socket.gethostname(), "torch_version": torch.__version__, "git_sha": env.sha,
            "started_at": started, "python": platform.python_version(), "threads": torch.get_num_threads(),
            **budget_columns(spec)}
+    row.update(model_specs.MODELS.lookup(spec.model).provenance(model_specs.model_options(spec.model,
+                                                                                          spec.model_options)))
 
     base, base_info = env.trained(spec, ds, trainer)
     row["dense_metric"] = base_info.get("test_metric")

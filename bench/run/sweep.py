@@ -22,6 +22,9 @@ A sweep names what to cross (every key optional; the CLI overrides any of them):
     epochs = 200
     hidden = [5]
 
+    [dataset.feynman_I_6_2]     # a model file as the base (bench.interop.base_model): not trained;
+    base_model = "pykan_seed{seed}.kanb"   # {seed}: one file per seed; models and bases come from it
+
     [dataset.eq_exp_sin.method.prune]   # per-dataset method settings (replace [method.prune]'s keys)
     ratio = [2, 4, 8]                   # e.g. leave out ratios this small model cannot meet
 
@@ -59,6 +62,7 @@ from bench.compress.pipeline import is_pipeline_class, method_class, parse_entry
 from bench.config import build_config
 from bench.data import DATASETS, get_dataset
 from bench.errors import UserError, unknown
+from bench.interop.base_model import base_model_spec
 from bench.model.bases import BASES, make_basis
 from bench.model.kinds import MODELS, compatible, incompatibility, model_options
 
@@ -289,10 +293,12 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
             raise UserError(f"unknown sweep key {k!r}; valid: {', '.join(sorted(TOP_KEYS))}")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     train_over = {k: overrides.pop(k) for k in list(overrides) if k in TRAIN_KEYS}
+    base_over = overrides.pop("base_model", None)  # --base-model: every dataset's base
     data.update(overrides)
     name = str(data.get("name", "sweep"))
     datasets = _names(data.get("datasets", ["digits"]), "datasets", DATASETS, "dataset")
-    models = _names(data.get("models", ["kan"]), "models", MODELS, "model")
+    trainable_models = {k: v for k, v in MODELS.items() if not v.given}  # "imported": a dataset's base_model
+    models = _names(data.get("models", ["kan"]), "models", trainable_models, "model")
     bases = _names(data.get("bases", ["bspline"]), "bases", BASES, "basis")
     methods = _method_entries(data.get("methods", ["all"]))
     seeds = data.get("seeds", [0])
@@ -324,10 +330,16 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
                                                 and all(isinstance(v, dict) for v in value)):
             raise UserError(f"sweep key 'method.{key}' must be a table or an array of tables")
 
-    ds_objs, ds_opts, ds_train, ds_hidden, ds_methods = {}, {}, {}, {}, {}
+    ds_objs, ds_opts, ds_train, ds_hidden, ds_methods, ds_base = {}, {}, {}, {}, {}, {}
     for d in datasets:
         table = dict(dtables.get(d, {}))
         tr = {k: table.pop(k) for k in list(table) if k in TRAIN_KEYS}
+        base = table.pop("base_model", None) if base_over is None else base_over
+        table.pop("base_model", None)
+        if base is not None:
+            if not isinstance(base, str) or not base:
+                raise UserError(f"sweep key 'dataset.{d}.base_model' must be a model file path, got {base!r}")
+            ds_base[d] = base
         if "hidden" in table:  # per-dataset KAN widths (equation tasks want narrower KANs than images)
             ds_hidden[d] = table.pop("hidden")
         ds_methods[d] = table.pop("method", {})  # per-dataset method settings
@@ -356,9 +368,16 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
                                         use_grid)
               for d in datasets for entry, (name, inline) in methods.items()}
 
-    _check_pairs(datasets, models, ds_objs)
+    trained = [d for d in datasets if d not in ds_base]
+    if trained:
+        _check_pairs(trained, models, ds_objs)
     runs, skipped = [], []
-    for d, m, b, meth, seed in itertools.product(datasets, models, bases, methods, seeds):
+    for d, meth, seed in itertools.product([d for d in datasets if d in ds_base], methods, seeds):
+        m_opts, b, b_opts = base_model_spec(ds_base[d], ds_objs[d], seed)
+        for cfg in points[(d, meth)]:
+            runs.append(RunSpec(name, d, ds_opts[d], "imported", m_opts, b, b_opts, methods[meth][0], cfg, seed,
+                                ds_train[d]))
+    for d, m, b, meth, seed in itertools.product(trained, models, bases, methods, seeds):
         if not compatible(m, ds_objs[d]):
             skipped.append(f"{d}/{m}")
             continue

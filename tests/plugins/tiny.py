@@ -54,6 +54,41 @@ class TinyRegression(Dataset):
         return Splits(x[tr], y[tr], x[va], y[va], x[te], y[te])
 
 
+class _TinyVectors(Dataset):
+    """A smooth random map of ``input_shape`` inputs to ``n_outputs`` targets on 240 points (the sizes of
+    the interop fixtures, so an imported model is a sweep's base)."""
+
+    task = "regression"
+    default_hidden = [4]
+
+    def load(self, data_dir, seed):
+        g = torch.Generator().manual_seed(seed)
+        d, k = self.input_shape[0], self.n_outputs
+        x = torch.randn(240, d, generator=g)
+        w = torch.randn(d, k, generator=torch.Generator().manual_seed(99))
+        y = torch.sin(x @ w / d ** 0.5) + 0.1 * x[:, :k] ** 2
+        tr, va, te = split_indices(240, (0.6, 0.2), seed)
+        return Splits(x[tr], y[tr], x[va], y[va], x[te], y[te])
+
+
+@register_dataset("tiny_vec6")
+class TinyVec6(_TinyVectors):
+    """6 inputs -> 3 targets (the efficient-kan, FastKAN and ChebyKAN fixtures' sizes)."""
+
+    input_shape = (6,)
+    n_outputs = 3
+    description = "6 -> 3 smooth map (tests)"
+
+
+@register_dataset("tiny_vec4")
+class TinyVec4(_TinyVectors):
+    """4 inputs -> 2 targets (the pykan fixture's sizes)."""
+
+    input_shape = (4,)
+    n_outputs = 2
+    description = "4 -> 2 smooth map (tests)"
+
+
 @register_method("explode")
 class Explode(Method):
     """Raises during compress (failed-run isolation)."""
