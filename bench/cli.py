@@ -189,7 +189,7 @@ def cmd_run(args) -> int:
         from bench.run.runner import resolve_device
 
         resolve_device(args.device or sweep.device)
-    command = "python -m bench " + " ".join(sys.argv[1:])
+    command = args.command_line
     with results_writer(out, command):
         t0 = time.perf_counter()
         try:
@@ -328,7 +328,7 @@ def cmd_merge(args) -> int:
     print(f"merged {n['folders']} folders: {n['rows']} runs ({n['duplicates']} duplicate rows dropped) "
           f"-> {out / 'runs.parquet'}")
     if args.report:
-        md = report_folder(out, out, command="python -m bench " + " ".join(sys.argv[1:]))
+        md = report_folder(out, out, command=args.command_line)
         print(f"leaderboard: {md}")
     return 0
 
@@ -349,7 +349,7 @@ def cmd_report(args) -> int:
     out = Path(args.out) if args.out else (results if results.is_dir() else results.parent)
     writable_folder(out, "report folder")
     md = report_folder(results, out, tolerance_acc=args.tolerance, tolerance_rmse_rel=args.rmse_tolerance,
-                       title=args.title, rendered_by="python -m bench " + " ".join(sys.argv[1:]))
+                       title=args.title, rendered_by=args.command_line)
     print(f"leaderboard: {md}")
     return 0
 
@@ -378,7 +378,7 @@ def cmd_transfer(args) -> int:
     ok = sum(r.get("status") == "ok" for r in rows)
     print(f"done in {time.perf_counter() - t0:.0f}s: {ok} ok, {len(rows) - ok} not ok -> {out / 'transfer.csv'}")
     if not args.no_report:
-        md = report_folder(out, out, command="python -m bench " + " ".join(sys.argv[1:]))
+        md = report_folder(out, out, command=args.command_line)
         print(f"leaderboard: {md}")
     return 0
 
@@ -485,9 +485,12 @@ def cmd_list(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, command: str | None = None) -> int:
+    """``python -m bench ARGV``; ``command`` is what reports and logs record as the invocation (default:
+    ``python -m bench`` and the arguments), for a script that calls this function."""
     try:
         args = build_parser().parse_args(argv)
+        args.command_line = command or "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv)
         if args.command is None:
             build_parser().print_help()
             return 2

@@ -252,3 +252,32 @@ def test_pykan_refusals_name_what_has_no_mapping(pykan_dir):
     sym.saveckpt("./sym")
     with pytest.raises(UserError, match="symbolic functions"):
         read_import_file(pykan_dir / "sym")
+
+
+def test_a_live_chebykan_stack_is_recognised_by_its_class():
+    """A module of another library is recognised by its class name (ChebyKAN's is a bare
+    ``ChebyKANLayer`` module); here a stand-in written from ChebyKAN's formula, loaded with the fixture."""
+
+    class ChebyKANLayer(torch.nn.Module):
+        def __init__(self, input_dim, output_dim, degree):
+            super().__init__()
+            self.inputdim, self.outdim, self.degree = input_dim, output_dim, degree
+            self.cheby_coeffs = torch.nn.Parameter(torch.empty(input_dim, output_dim, degree + 1))
+            self.register_buffer("arange", torch.arange(0, degree + 1, 1))
+
+        def forward(self, x):
+            t = torch.tanh(x).reshape(-1, self.inputdim, 1).expand(-1, -1, self.degree + 1)
+            return torch.einsum("bid,iod->bo", (t.acos() * self.arange).cos(), self.cheby_coeffs)
+
+    ChebyKANLayer.__module__ = "ChebyKANLayer"
+    live = torch.nn.Sequential(ChebyKANLayer(6, 5, 4), torch.nn.LayerNorm(5), ChebyKANLayer(5, 3, 4))
+    d = load("chebykan_6-5-3_deg4_ln.pt")
+    live.load_state_dict(d["state_dict"])
+    with torch.no_grad():
+        assert float((live(d["x"]) - d["y"]).abs().max()) <= 1e-5  # the stand-in is ChebyKAN's forward
+    ours = import_model(live)
+    assert ours.imported_from == {"library": "ChebyKAN", "class": "Sequential"}
+    assert check_outputs(ours, d["x"], d["y"]) <= 1e-5
+    live.insert(0, torch.nn.LayerNorm(6))
+    with pytest.raises(UserError, match="LayerNorm first"):
+        import_model(live)

@@ -75,7 +75,8 @@ def main(argv=None) -> int:
         export_model(ours, out / "bases" / f"pykan_seed{seed}.kanb")
         print(f"seed {seed}: pykan val RMSE {rmse:.4f}; imported, max |error| against pykan {err:.1e}")
     return bench_main(["run", "--config", str(HERE / "imported_pykan.toml"), "--out", str(out), "--quiet",
-                       "--base-model", str(out / "bases" / "pykan_seed{seed}.kanb")])
+                       "--base-model", str(out / "bases" / "pykan_seed{seed}.kanb")],
+                      command="python docs/examples/imported_pykan.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":
