@@ -1,4 +1,4 @@
-"""The README's worked example must work as printed."""
+"""The README's commands and the docs' worked method example must work as printed."""
 
 import re
 from pathlib import Path
@@ -8,11 +8,12 @@ import pandas as pd
 from bench.cli import main
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+ADDING_A_METHOD = README.parent / "docs" / "adding-a-method.md"
 PLUGINS = str(Path(__file__).parent / "plugins")
 
 
 def test_readme_method_example_runs(tmp_path):
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", ADDING_A_METHOD.read_text(), flags=re.S)
     (example,) = [b for b in blocks if b.startswith("# methods/half.py")]
     plugin = tmp_path / "half.py"
     plugin.write_text(example)
@@ -32,3 +33,11 @@ def test_readme_quotes_the_ci_command():
     ci = (README.parent / ".ci" / "run").read_text()
     cmd = "python3 -m venv .venv && .venv/bin/pip install -e '.[test]' && .venv/bin/python -m pytest -q"
     assert cmd in README.read_text() and cmd.replace("pip install", "pip install -q") in ci
+
+
+def test_readme_is_short_and_its_links_resolve():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 200
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+        if not target.startswith("http"):
+            assert (README.parent / target).exists(), target
