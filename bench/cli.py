@@ -156,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--input-shape", dest="input_shape", metavar="C,H,W",
                     help="image input shape for the convolutional classes (default: the file's x, else C,32,32)")
 
+    gc = sub.add_parser("gpucheck", help="the prepared GPU check: device tests, perf, quick and conv sweeps on CUDA "
+                                         "into one folder (--device cpu --smoke: the same, small, here)")
+    gc.add_argument("--out", required=True, metavar="DIR", help="a new folder for the results (at most 7 files)")
+    gc.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    gc.add_argument("--smoke", action="store_true", help="every step small (a minute or two on 2 CPU cores)")
+    gc.add_argument("--budget", type=float, default=480.0, help="wall-time budget in seconds (default 480)")
+    gc.add_argument("--conv-epochs", dest="conv_epochs", type=int, default=15,
+                    help="training epochs of the conv sweep's models (its CPU reference uses 5; default 15)")
+    gc.add_argument("--data-dir", dest="data_dir", default="data", help="where Fashion-MNIST's files are")
+    gc.add_argument("--work", metavar="DIR", help="where the sweeps' own folders go (default: a temporary folder)")
+
     ls = sub.add_parser("list", help="methods (with hyperparameters), datasets, bases, models, sweeps")
     ls.add_argument("--plugin", metavar="PATH", action="append", default=[], help="extra plugin file/folder")
     return p
@@ -438,6 +449,12 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_gpucheck(args) -> int:
+    from bench.run.gpucheck import main as gpucheck_main
+
+    return gpucheck_main(args)
+
+
 def cmd_list(args) -> int:
     from bench.compress.methods import METHODS
     from bench.model.bases import BASES
@@ -495,7 +512,8 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
             build_parser().print_help()
             return 2
         return {"run": cmd_run, "report": cmd_report, "list": cmd_list, "merge": cmd_merge,
-                "perf": cmd_perf, "transfer": cmd_transfer, "import": cmd_import}[args.command](args)
+                "perf": cmd_perf, "transfer": cmd_transfer, "import": cmd_import,
+                "gpucheck": cmd_gpucheck}[args.command](args)
     except UserError as exc:
         msg = " ".join(str(exc).split())
         print(f"error: {msg}", file=sys.stderr)

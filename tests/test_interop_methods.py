@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TEST_DEVICE
 
 from bench.compress.methods import METHODS
 from bench.compress.storage import export_model, header_bytes, load_model, storage_report
@@ -54,7 +55,7 @@ def base_files(tmp_path_factory):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    return RunEnv(out, out, "cpu")
+    return RunEnv(out, out, TEST_DEVICE)
 
 
 def spec_for(entry: str, fixture: str, files) -> object:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import TEST_DEVICE
 
 from bench.compress.methods import METHODS
 from bench.compress.storage import header_bytes, load_model, other_tensors, storage_report, zstd_bytes
@@ -23,7 +24,7 @@ TRAIN = {"epochs": 1, "finetune_epochs": 1, "batch_size": 32, "lr": 3e-3}
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     out = tmp_path_factory.mktemp("methods")
-    return RunEnv(out, out, "cpu")
+    return RunEnv(out, out, TEST_DEVICE)
 
 
 def spec_for(method: str, basis: str, model: str):
@@ -77,6 +78,7 @@ def test_method_runs_counts_and_reloads(env, method, basis, model):
     ds, splits = env.splits(spec)
     base, _ = env.trained(spec, ds, env.trainer(spec, ds, splits))
     final = load_model(env.out / "models" / f"{spec.run_id}.kanb")
+    assert row["device"] == str(env.device)
     changed = any(not torch.equal(a.edge_tensor().detach().cpu(), b.edge_tensor().detach().cpu())
                   for (_, a), (_, b) in zip(kan_layers(base), kan_layers(final)))
     if METHODS[method].needs_previous_stage:  # a storage-only step: fewer bits than its previous stage alone

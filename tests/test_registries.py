@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TEST_DEVICE
 from test_datasets import idx_arrays, write_cifar, write_idx_set
 
 from bench.compress import codebook, generated
@@ -154,8 +155,9 @@ def test_every_source_has_an_example():
 @pytest.mark.parametrize("name", _bundled(SOURCES))
 def test_source_round_trips_and_file_is_counted_bits(name, tmp_path):
     torch.manual_seed(0)
-    model = KAN([6, 5, 3], basis="rbf")
+    model = KAN([6, 5, 3], basis="rbf").to(TEST_DEVICE)  # every tensor a source creates lands on the model's device
     EXAMPLES[name](model)
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {torch.device(TEST_DEVICE).type}
     assert {type(layer.source).__name__ for _, layer in kan_layers(model)} == {name}
     model.eval()
     path = tmp_path / "m.kanb"
@@ -165,11 +167,11 @@ def test_source_round_trips_and_file_is_counted_bits(name, tmp_path):
     reloaded = load_model(path)
     x = torch.randn(16, 6)
     with torch.no_grad():
-        assert torch.allclose(reloaded(x), model(x), atol=1e-6)
+        assert torch.allclose(reloaded(x), model(x.to(TEST_DEVICE)).cpu(), atol=1e-5 if TEST_DEVICE == "cuda" else 1e-6)
     assert storage_report(reloaded).stored_bits == rep.stored_bits
     assert {type(layer.source).__name__ for _, layer in kan_layers(reloaded)} <= {name, "QuantSource"}
     torch.manual_seed(0)  # the same model and the same source: the same file, byte for byte
-    again = KAN([6, 5, 3], basis="rbf")
+    again = KAN([6, 5, 3], basis="rbf").to(TEST_DEVICE)
     EXAMPLES[name](again)
     export_model(again.eval(), tmp_path / "again.kanb")
     assert (tmp_path / "again.kanb").read_bytes() == path.read_bytes()
