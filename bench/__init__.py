@@ -4,12 +4,13 @@ The packages are the architecture's layers, each importing only the ones below i
 
 - :mod:`bench.model` — the KAN: bases, swappable edge sources, layers, model kinds;
 - :mod:`bench.data` — the dataset registry and splits;
-- :mod:`bench.compress` — the method interface, pipelines, the compressed sources and their
+- :mod:`bench.compression` — the method interface, pipelines, the compressed sources and their
   mechanisms, storage accounting and the model file;
 - :mod:`bench.interop` — models trained by other KAN libraries, imported exactly;
 - :mod:`bench.run` — sweep files → plan → runner → results, executors, training, estimates, perf;
 - :mod:`bench.report` — leaderboards, tables and figures;
-- :mod:`bench.cli` — the ``python -m bench`` commands.
+- :mod:`bench.cli` — the ``python -m bench`` commands; :func:`bench.compress` (:mod:`bench.api`) — one
+  model compressed in one call, on the runner's code path.
 
 Module paths from before the split keep working (``from bench.kan import KAN``,
 ``bench.storage.load_model``, ``from bench.methods import Method``): each old name is the *same*
@@ -28,12 +29,13 @@ __version__ = "0.1.0"
 MOVED = {  # old module path -> where it lives now
     "bench.kan": "bench.model.kan", "bench.bases": "bench.model.bases", "bench.sources": "bench.model.sources",
     "bench.models": "bench.model.kinds",
-    "bench.codebook": "bench.compress.codebook", "bench.entropy": "bench.compress.entropy",
-    "bench.generated": "bench.compress.generated", "bench.pruning": "bench.compress.pruning",
-    "bench.quant": "bench.compress.quant", "bench.ptq": "bench.compress.ptq",
-    "bench.mixed_precision": "bench.compress.mixed_precision", "bench.tucker_factors": "bench.compress.tucker_factors",
-    "bench.storage": "bench.compress.storage", "bench.methods": "bench.compress.methods",
-    "bench.pipeline": "bench.compress.pipeline", "bench.imagedata": "bench.data.images",
+    "bench.codebook": "bench.compression.codebook", "bench.entropy": "bench.compression.entropy",
+    "bench.generated": "bench.compression.generated", "bench.pruning": "bench.compression.pruning",
+    "bench.quant": "bench.compression.quant", "bench.ptq": "bench.compression.ptq",
+    "bench.mixed_precision": "bench.compression.mixed_precision",
+    "bench.tucker_factors": "bench.compression.tucker_factors",
+    "bench.storage": "bench.compression.storage", "bench.methods": "bench.compression.methods",
+    "bench.pipeline": "bench.compression.pipeline", "bench.imagedata": "bench.data.images",
     "bench.sweep": "bench.run.sweep", "bench.plan": "bench.run.plan", "bench.runner": "bench.run.runner",
     "bench.results": "bench.run.results", "bench.executors": "bench.run.executors", "bench.lock": "bench.run.lock",
     "bench.merge": "bench.run.merge", "bench.estimate": "bench.run.estimate", "bench.train": "bench.run.train",
@@ -58,3 +60,11 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
     sys.meta_path.append(_MovedModules())
+
+
+def __getattr__(name: str):
+    if name in ("compress", "Compressed"):  # loaded on first use: ``import bench`` stays light
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'bench' has no attribute {name!r}")

@@ -25,7 +25,7 @@ def _csv(value: str) -> list[str]:
 
 
 def _methods(value: str) -> list[str]:
-    from bench.compress.pipeline import split_methods
+    from bench.compression.pipeline import split_methods
 
     return split_methods(value)
 
@@ -243,7 +243,7 @@ def dry_run(sweep, out: Path, data_dir: Path | None = None, device: str = "auto"
 
     import torch
 
-    from bench.compress.pipeline import method_class
+    from bench.compression.pipeline import method_class
     from bench.run.estimate import estimate, report
     from bench.run.plan import plan_sweep, stage_epochs
 
@@ -400,7 +400,7 @@ IMPORT_TOLERANCE = 1e-5  # float32 max |error| against the library's recorded ou
 def cmd_import(args) -> int:
     import json
 
-    from bench.compress.storage import export_model, load_model, storage_report
+    from bench.compression.storage import export_model, load_model, storage_report
     from bench.interop import check_outputs, import_model, read_import_file
     from bench.model.kinds import arch_string
 
@@ -456,7 +456,7 @@ def cmd_gpucheck(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from bench.compress.methods import METHODS
+    from bench.compression.methods import METHODS
     from bench.model.bases import BASES
     from bench.model.kinds import MODELS
     from bench.run.sweep import bundled_sweeps, read_sweep_file
@@ -474,7 +474,7 @@ def cmd_list(args) -> int:
         for opt, tp, default, help_ in describe(cls.Config):
             grid = f"  grid: {cls.grid[opt]}" if opt in cls.grid else ""
             print(f"      {opt} ({tp}) = {default!r}{'  ' + help_ if help_ else ''}{grid}")
-    from bench.compress.pipeline import SYNTAX
+    from bench.compression.pipeline import SYNTAX
 
     print(f"  {SYNTAX}")
     print("datasets:")

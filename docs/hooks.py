@@ -3,7 +3,7 @@
 - ``methods/<name>.md``, one per registered method, and ``methods/index.md``: each method file's own
   docstring (its recipe and what it stores), its hyperparameters with defaults, limits and help (the
   same table ``python -m bench list`` prints), its sweep grid and its test config, read from
-  ``bench.compress.methods.METHODS`` after loading the plugin folders.
+  ``bench.compression.methods.METHODS`` after loading the plugin folders.
 - ``reports/**``: the committed reference results (leaderboards, figures, interactive pages) served as
   they are, so the docs link to the real files rather than copies.
 """
@@ -47,7 +47,7 @@ def _method_page(name: str, cls) -> str:
 
 def _methods():
     sys.path.insert(0, str(ROOT))
-    from bench.compress.methods import METHODS
+    from bench.compression.methods import METHODS
     from bench.registry import load_plugins
 
     load_plugins()

@@ -6,7 +6,7 @@ this row is the cached dense base model itself, scored once on the test split.
 
 from dataclasses import dataclass
 
-from bench.compress.methods import Method, register_method
+from bench.compression.methods import Method, register_method
 
 
 @register_method("dense")

@@ -14,7 +14,7 @@ and the ``control_*`` columns of every other row come from the very same model.
 
 from dataclasses import dataclass
 
-from bench.compress.methods import Method, control_finetune, register_method
+from bench.compression.methods import Method, control_finetune, register_method
 
 
 @register_method("dense_ft")

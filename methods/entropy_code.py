@@ -1,6 +1,6 @@
 """``entropy_code``: every integer stream of the compressed model stored ANS-coded, a pipeline's last step.
 
-Recipe (mechanism in :mod:`bench.compress.entropy`): after the earlier stages, every integer item a layer
+Recipe (mechanism in :mod:`bench.compression.entropy`): after the earlier stages, every integer item a layer
 stores (codebook indices, quantised values and zero points, pruning masks or position lists) is
 coded with ANS (constriction) under its own histogram, wherever the stream plus its code table is
 smaller than the plain fixed-width item. The model computes exactly the same (nothing is
@@ -21,8 +21,8 @@ with ANS in place of Huffman codes.
 
 from dataclasses import dataclass
 
-from bench.compress.entropy import entropy_code_model, is_integer_item
-from bench.compress.methods import Method, register_method
+from bench.compression.entropy import entropy_code_model, is_integer_item
+from bench.compression.methods import Method, register_method
 from bench.errors import Infeasible
 from bench.model.kan import kan_layers
 

@@ -1,7 +1,7 @@
 """``kmeans``: ablation of MetaCluster without the meta-learner ("naive weight sharing").
 
 The cached dense base KAN is compressed exactly as MetaCluster compresses its generated model
-(:mod:`bench.compress.codebook`): scikit-learn K-means (k-means++, ``n_init`` restarts, ``random_state`` = the
+(:mod:`bench.compression.codebook`): scikit-learn K-means (k-means++, ``n_init`` restarts, ``random_state`` = the
 run's derived compress seed) on the trained edge vectors, per layer or one global codebook;
 every layer's source becomes a codebook (centroids ``[K, n+1]`` float32 + indices at
 ``ceil(log2 K)`` bits); then the centroids are fine-tuned with the indices frozen
@@ -14,8 +14,8 @@ meta-learner's pre-shaping of the edge vectors buys.
 
 from dataclasses import dataclass
 
-from bench.compress import codebook
-from bench.compress.methods import Method, register_method
+from bench.compression import codebook
+from bench.compression.methods import Method, register_method
 
 
 @register_method("kmeans")
@@ -24,7 +24,7 @@ class KMeansSharing(Method):
 
     @dataclass
     class Config(codebook.ClusterOptions):
-        """:class:`bench.compress.codebook.ClusterOptions`: ``K`` (None: 16 for KANs, 256 for ConvKANs),
+        """:class:`bench.compression.codebook.ClusterOptions`: ``K`` (None: 16 for KANs, 256 for ConvKANs),
         ``scope`` (``layer`` | ``global``), ``n_init`` (K-means restarts), ``finetune_epochs`` and
         ``finetune_lr`` (None: the shared budget and rule), ``tune_rest`` (also biases and norms),
         ``centroid_bits`` (32 | 16 float16 | 8 … 2 integers with ``centroid_scale`` per centroid or per

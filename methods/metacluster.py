@@ -1,6 +1,6 @@
 """``metacluster``: MetaCluster (Raffel, Renjith, Chen, arXiv 2510.19105).
 
-1. **Generate** (stage 1, before training): the MetaKAN re-parameterisation of :mod:`bench.compress.generated`
+1. **Generate** (stage 1, before training): the MetaKAN re-parameterisation of :mod:`bench.compression.generated`
    (per-edge embeddings ``z in R^d`` + meta-learner ``Linear(d, h) -> ReLU -> Linear(h, n+1)``)
    trained from scratch with the sweep's epochs; embeddings at ``emb_lr``, meta-learner(s) at
    ``meta_lr``. Stage 1 is cached by its generator settings only (the same key MetaKAN uses), so
@@ -21,13 +21,13 @@
 The result's ``details`` record K requested/used, the K-means inertia, index bits, the meta-learner's
 parameter count and the validation score after each step.
 
-Learning rates: 10x the paper's by default; :class:`bench.compress.generated.GeneratorOptions` says why.
+Learning rates: 10x the paper's by default; :class:`bench.compression.generated.GeneratorOptions` says why.
 """
 
 from dataclasses import dataclass
 
-from bench.compress import codebook, generated
-from bench.compress.methods import Method, register_method
+from bench.compression import codebook, generated
+from bench.compression.methods import Method, register_method
 
 
 @register_method("metacluster")
@@ -36,9 +36,9 @@ class MetaCluster(Method):
 
     @dataclass
     class Config(codebook.ClusterOptions, generated.GeneratorOptions):
-        """Stage 1, :class:`bench.compress.generated.GeneratorOptions`: ``d``, ``h``, ``shared``, ``emb_lr``,
+        """Stage 1, :class:`bench.compression.generated.GeneratorOptions`: ``d``, ``h``, ``shared``, ``emb_lr``,
         ``meta_lr``, ``joint_epochs`` (as ``metakan``). Clustering and fine-tune,
-        :class:`bench.compress.codebook.ClusterOptions`: ``K`` (None: 16 for KANs, 256 for ConvKANs),
+        :class:`bench.compression.codebook.ClusterOptions`: ``K`` (None: 16 for KANs, 256 for ConvKANs),
         ``scope`` (``layer`` | ``global``), ``n_init`` (K-means restarts), ``finetune_epochs`` and
         ``finetune_lr`` (None: the shared budget and rule), ``tune_rest`` (also biases and norms),
         ``centroid_bits`` (32 | 16 float16 | 8 … 2 integers with ``centroid_scale`` per centroid or per

@@ -1,6 +1,6 @@
 """``metakan``: MetaKAN (Zhao, Shu, Meng, Xu, ICML 2025), generation only.
 
-Before training, every KAN layer's edge tensor is re-parameterised (:mod:`bench.compress.generated`): each
+Before training, every KAN layer's edge tensor is re-parameterised (:mod:`bench.compression.generated`): each
 edge keeps a learnable embedding ``z in R^d`` and a meta-learner ``Linear(d, h) -> ReLU ->
 Linear(h, n_basis + 1)`` generates its edge vector (one learner per layer, or one shared by all
 layers with ``shared=true``). The model trains from scratch end to end with two AdamW groups:
@@ -15,13 +15,13 @@ once). The results row's ``params_trainable`` / ``optimizer_state_bytes`` / ``pe
 come from training this re-parameterised model, since fewer trainable parameters is MetaKAN's
 claim. ``h`` defaults to the paper's 32 for ``kan`` and 64 for ``convkan``.
 
-Learning rates: 10x the paper's by default; :class:`bench.compress.generated.GeneratorOptions` says why.
+Learning rates: 10x the paper's by default; :class:`bench.compression.generated.GeneratorOptions` says why.
 """
 
 from dataclasses import dataclass
 
-from bench.compress import generated
-from bench.compress.methods import Method, register_method
+from bench.compression import generated
+from bench.compression.methods import Method, register_method
 from bench.model.kan import kan_layers
 
 
@@ -34,7 +34,7 @@ class MetaKAN(Method):
         """``d`` (embedding size per edge), ``h`` (meta-learner width; None: 32 for KANs, 64 for
         ConvKANs), ``shared`` (one learner for all layers), ``emb_lr`` / ``meta_lr`` (stage-1 AdamW
         rates) and ``joint_epochs`` (stage-1 epochs; None: the sweep's), from
-        :class:`bench.compress.generated.GeneratorOptions`."""
+        :class:`bench.compression.generated.GeneratorOptions`."""
 
     grid = {"d": [1, 2], "h": [16, 32, 64]}
     test_config = {"h": 8}

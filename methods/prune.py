@@ -1,6 +1,6 @@
 """``prune``: edge pruning to a requested compression ratio, fine-tuned with the mask fixed.
 
-Recipe (mechanisms in :mod:`bench.compress.pruning`):
+Recipe (mechanisms in :mod:`bench.compression.pruning`):
 
 1. Score every alive edge: ``magnitude`` (edge-vector L2 norm) or ``attribution`` (pykan-style
    activation scale on a calibration batch of training data, propagated back from the outputs).
@@ -30,8 +30,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bench.compress.methods import Method, register_method
-from bench.compress.pruning import (
+from bench.compression.methods import Method, register_method
+from bench.compression.pruning import (
     apply_masks,
     attribution_scores,
     chain_cleanable,
@@ -45,7 +45,7 @@ from bench.compress.pruning import (
     remove_dead_nodes,
     smallest_connected_bits,
 )
-from bench.compress.storage import storage_report
+from bench.compression.storage import storage_report
 from bench.errors import Infeasible, UserError
 from bench.model.kan import kan_layers
 

@@ -1,6 +1,7 @@
 """``quantize``: scalar quantisation of every edge tensor to b-bit integers plus counted scales.
 
-Recipe (mechanisms in :mod:`bench.compress.quant`, :mod:`bench.compress.ptq`, :mod:`bench.compress.mixed_precision`):
+Recipe (mechanisms in :mod:`bench.compression.quant`, :mod:`bench.compression.ptq`,
+:mod:`bench.compression.mixed_precision`):
 
 1. **Formats.** Groups sharing a scale: the whole ``layer``, each output ``node`` (default) or
    each ``edge``; scales stored as float32 or float16; symmetric (``int<b>`` codes) or
@@ -11,7 +12,7 @@ Recipe (mechanisms in :mod:`bench.compress.quant`, :mod:`bench.compress.ptq`, :m
 2. **Mixed precision** (``avg_bits``): the width of every branch of every layer is chosen in
    ``2..bits`` so that the edge tensors store at most ``avg_bits`` bits per value on average
    (all overhead included), from each branch's measured output sensitivity per width on a
-   calibration batch of training data (greedy allocation, :mod:`bench.compress.mixed_precision`).
+   calibration batch of training data (greedy allocation, :mod:`bench.compression.mixed_precision`).
 3. **Grid.** Layer by layer, on the inputs the model with the earlier layers already quantised
    produces for a calibration batch of training data: with ``calibrate`` the clipping factor of
    each branch is grid-searched (per output node for node/edge scales) to minimise the layer's
@@ -43,11 +44,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.compress.methods import Method, register_method
-from bench.compress.mixed_precision import allocate_widths, output_sensitivity
-from bench.compress.ptq import adaround_codes, gptq_codes, layer_hessian, layer_objective
-from bench.compress.quant import GRANULARITIES, LayerGrid, LSQSource, QFormat, QuantSource, branch_slices, search_clip
-from bench.compress.storage import storage_report
+from bench.compression.methods import Method, register_method
+from bench.compression.mixed_precision import allocate_widths, output_sensitivity
+from bench.compression.ptq import adaround_codes, gptq_codes, layer_hessian, layer_objective
+from bench.compression.quant import (
+    GRANULARITIES,
+    LayerGrid,
+    LSQSource,
+    QFormat,
+    QuantSource,
+    branch_slices,
+    search_clip,
+)
+from bench.compression.storage import storage_report
 from bench.errors import UserError
 from bench.model.kan import kan_layers, layer_inputs
 

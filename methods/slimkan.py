@@ -1,7 +1,7 @@
 """``slimkan``: a KAN trained from scratch with every edge tensor in Tucker form (Slim KAN).
 
 Recipe (Gao, Ng, Tan, arXiv 2502.06153, "Slim KANs"): before training, ``prepare`` replaces
-each layer's dense source with a random :class:`bench.compress.tucker_factors.TuckerSource` at the given ranks
+each layer's dense source with a random :class:`bench.compression.tucker_factors.TuckerSource` at the given ranks
 (orthonormal random factors; a Gaussian core scaled so the rebuilt tensor has the dense
 initialisation's scale, RMS ``0.5 / sqrt(in)``). The model is then trained end to end in that
 form, then fine-tuned with the shared fine-tune budget (``finetune_epochs``, every component's
@@ -10,10 +10,10 @@ stored model is the four tensors per layer.
 
 ``ranks``: three numbers (out, in, basis), ints absolute (above a mode's size:
 :class:`~bench.errors.Infeasible`), floats in (0, 1] fractions of each mode, rounded up and at
-least 2 (the whole mode when it is smaller; see :func:`bench.compress.tucker_factors.resolve_ranks`).
+least 2 (the whole mode when it is smaller; see :func:`bench.compression.tucker_factors.resolve_ranks`).
 Learning rates: one optimiser group per component; ``lr_rule = "balanced"`` (default)
 sets each component's rate proportional to its entries' RMS so that all four take the same
-relative step under Adam (see :func:`bench.compress.tucker_factors.component_lrs`); ``"shared"`` uses the
+relative step under Adam (see :func:`bench.compression.tucker_factors.component_lrs`); ``"shared"`` uses the
 sweep's ``train.lr`` for every component (the paper's ablation). Rates are multiples of the
 sweep's ``train.lr`` (``lr_scale`` groups), so every method trains at the same base rate.
 """
@@ -23,8 +23,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from bench.compress.methods import Method, register_method
-from bench.compress.tucker_factors import RANK_GRID, TuckerOptions, TuckerSource, finetune_factors, tucker_param_groups
+from bench.compression.methods import Method, register_method
+from bench.compression.tucker_factors import (
+    RANK_GRID,
+    TuckerOptions,
+    TuckerSource,
+    finetune_factors,
+    tucker_param_groups,
+)
 from bench.model.kan import kan_layers
 
 
@@ -34,7 +40,7 @@ class SlimKAN(Method):
 
     @dataclass
     class Config(TuckerOptions):
-        """:class:`bench.compress.tucker_factors.TuckerOptions`: ``ranks`` (per mode ``[out, in, basis]``, whole or
+        """:class:`bench.compression.tucker_factors.TuckerOptions`: ``ranks`` (per mode ``[out, in, basis]``, whole or
         fractions), ``lr_rule`` (``balanced`` | ``shared``), and the per-component multipliers
         ``lr_core``, ``lr_out``, ``lr_in``, ``lr_basis``."""
 

@@ -3,7 +3,7 @@
 Every floating tensor outside the edge sources (the layers' biases, an RBF basis's LayerNorm, a
 ConvKAN's BatchNorm weights and running statistics) is rounded to ``dtype`` (``float16`` or
 ``bfloat16``) in place, counted at 16 bits and exported at that width
-(:func:`bench.compress.storage.set_small_dtype`); the model is evaluated with the rounded values, so the
+(:func:`bench.compression.storage.set_small_dtype`); the model is evaluated with the rounded values, so the
 accuracy is honest. Edge tensors are untouched. Alone it is the dense base with 16-bit small
 tensors; its use is as the last stage of a pipeline (``prune>kmeans>small_dtype``), where it takes
 no share of the fine-tune budget (it never fine-tunes) and nothing may train after it.
@@ -11,8 +11,8 @@ no share of the fine-tune budget (it never fine-tunes) and nothing may train aft
 
 from dataclasses import dataclass, field
 
-from bench.compress.methods import Method, register_method
-from bench.compress.storage import set_small_dtype
+from bench.compression.methods import Method, register_method
+from bench.compression.storage import set_small_dtype
 
 
 @register_method("small_dtype")

@@ -5,7 +5,7 @@ Recipe (Gao, Ng, Tan, "Low Tensor-Rank Adaptation of KANs", arXiv 2502.06153):
 1. each trained layer's edge tensor ``A [out, in, n+1]`` is decomposed with tensorly's
    ``tucker`` (HOOI from an SVD initialisation, PyTorch backend) into a core ``[r1, r2, r3]``
    and factors ``U_out [out, r1]``, ``U_in [in, r2]``, ``U_basis [n+1, r3]``;
-2. the layer's source is swapped for a :class:`bench.compress.tucker_factors.TuckerSource` (the four tensors
+2. the layer's source is swapped for a :class:`bench.compression.tucker_factors.TuckerSource` (the four tensors
    in float32; the forward contracts through the factors, never rebuilding the full tensor
    unless that is the cheapest order);
 3. core and factors are fine-tuned with the shared budget (the shared fine-tune rate, split
@@ -18,7 +18,7 @@ mode's size, rounded up and at least 2 (the whole mode when it is smaller), so o
 every layer and a small layer (an equation task's ``[8, 2, 9]``) never drops to rank 1.
 Learning rates: ``lr_rule = "balanced"`` (default) gives each component the same relative step
 under Adam, i.e. a rate proportional to its entries' RMS (orthonormal factors: 1/sqrt(mode size)); see
-:func:`bench.compress.tucker_factors.component_lrs`. ``"shared"`` uses one rate for all (the paper's ablation).
+:func:`bench.compression.tucker_factors.component_lrs`. ``"shared"`` uses one rate for all (the paper's ablation).
 ``lr_core`` / ``lr_out`` / ``lr_in`` / ``lr_basis`` multiply the result.
 
 ``requested_ratio``: the edge-tensor compression ratio the ranks ask for before rounding
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from bench.compress.methods import Method, register_method
-from bench.compress.tucker_factors import RANK_GRID, TuckerOptions, TuckerSource, finetune_factors
+from bench.compression.methods import Method, register_method
+from bench.compression.tucker_factors import RANK_GRID, TuckerOptions, TuckerSource, finetune_factors
 from bench.model.kan import kan_layers
 
 
@@ -41,7 +41,7 @@ class Tucker(Method):
 
     @dataclass
     class Config(TuckerOptions):
-        """:class:`bench.compress.tucker_factors.TuckerOptions` (``ranks``, ``lr_rule``, ``lr_core``, ``lr_out``,
+        """:class:`bench.compression.tucker_factors.TuckerOptions` (``ranks``, ``lr_rule``, ``lr_core``, ``lr_out``,
         ``lr_in``, ``lr_basis``, as ``slimkan``) and the decomposition's ``hooi_iters``."""
 
         hooi_iters: int = field(default=100, metadata={"min": 1, "help": "max HOOI iterations"})

@@ -61,7 +61,7 @@ def test_a_compressed_convkan_gets_its_own_statistics_and_the_stages_keep_their_
     assert rows[1]["control_metric"] == rows[0]["control_metric"]  # the same cached control
 
     def stats(spec):
-        from bench.compress.storage import load_model
+        from bench.compression.storage import load_model
 
         m = load_model(Path(tmp_path) / "models" / f"{spec.run_id}.kanb")
         return torch.cat([b.running_var for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)])

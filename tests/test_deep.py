@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from bench.compress import codebook
-from bench.compress.entropy import EntropyCodedSource
-from bench.compress.storage import export_model, header_bytes, load_model, storage_report
+from bench.compression import codebook
+from bench.compression.entropy import EntropyCodedSource
+from bench.compression.storage import export_model, header_bytes, load_model, storage_report
 from bench.model.kan import KAN, kan_layers
 from bench.model.sources import centroid_qmax
 
@@ -79,7 +79,7 @@ def test_quantised_centroids_train_through_the_straight_through_estimator():
 
 
 def test_integer_centroids_need_layer_scope():
-    from bench.compress.methods import METHODS
+    from bench.compression.methods import METHODS
     from bench.errors import UserError
 
     with pytest.raises(UserError, match="needs scope = 'layer'"):
@@ -89,7 +89,7 @@ def test_integer_centroids_need_layer_scope():
 
 @pytest.mark.parametrize("basis", ["rbf", "bspline"])
 def test_small_tensors_at_float16_change_bits_by_the_expected_amount(tmp_path, basis):
-    from bench.compress.storage import other_tensors, set_small_dtype
+    from bench.compression.storage import other_tensors, set_small_dtype
 
     torch.manual_seed(0)
     model = KAN([6, 5, 3], basis=basis).eval()
@@ -119,7 +119,7 @@ def test_small_tensors_at_float16_change_bits_by_the_expected_amount(tmp_path, b
 
 
 def test_small_dtype_must_end_a_pipeline_and_takes_no_budget_share():
-    from bench.compress.pipeline import method_class
+    from bench.compression.pipeline import method_class
     from bench.errors import UserError
 
     with pytest.raises(UserError, match="must be the last stage"):

@@ -1,4 +1,4 @@
-"""Entropy coding of every integer stream (bench/compress/entropy.py, the ``entropy_code`` stage): quantised
+"""Entropy coding of every integer stream (bench/compression/entropy.py, the ``entropy_code`` stage): quantised
 values, pruning masks, codebook indices; coded sizes within reach of the empirical entropy, the
 file on disk equal to the counted bits, exact reload, flat streams left plain, and the chain rules."""
 
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from bench.compress import codebook
-from bench.compress.entropy import CodedStream, EntropyCodedSource, entropy_code_model, lowest
-from bench.compress.pipeline import method_class, parse_entry
-from bench.compress.pruning import MaskedSource
-from bench.compress.quant import QuantSource
-from bench.compress.storage import export_model, header_bytes, load_model, storage_report
+from bench.compression import codebook
+from bench.compression.entropy import CodedStream, EntropyCodedSource, entropy_code_model, lowest
+from bench.compression.pipeline import method_class, parse_entry
+from bench.compression.pruning import MaskedSource
+from bench.compression.quant import QuantSource
+from bench.compression.storage import export_model, header_bytes, load_model, storage_report
 from bench.errors import UserError
 from bench.model.kan import KAN, kan_layers
 
@@ -133,7 +133,7 @@ def _round_trip(model, tmp_path, x):
 
 
 def test_global_codebook_branch_codes_asymmetric_zeros_and_constant_streams_round_trip(tmp_path):
-    from bench.compress.quant import LayerGrid, QFormat
+    from bench.compression.quant import LayerGrid, QFormat
 
     x = torch.randn(5, 48)
     model = KAN([48, 24, 6], "bspline").eval()
@@ -168,7 +168,7 @@ def test_global_codebook_branch_codes_asymmetric_zeros_and_constant_streams_roun
 
 
 def test_entropy_code_after_a_float_only_method_is_infeasible():
-    from bench.compress.methods import METHODS
+    from bench.compression.methods import METHODS
     from bench.errors import Infeasible
 
     model = KAN([8, 4, 2], "bspline")

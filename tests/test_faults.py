@@ -241,7 +241,7 @@ def test_plugin_that_raises_on_import_is_one_line(tmp_path, capsys, no_training)
 
 
 @pytest.mark.parametrize("registers,name,builtin", [
-    ("from bench.compress.methods import Method, register_method\n@register_method('quantize')\n"
+    ("from bench.compression.methods import Method, register_method\n@register_method('quantize')\n"
      "class Q(Method):\n    pass\n", "method 'quantize'", "methods/quantize.py"),
     ("from bench.data import Dataset, register_dataset\n@register_dataset('digits')\nclass D(Dataset):\n    pass\n",
      "dataset 'digits'", "datasets/digits.py"),
@@ -252,7 +252,7 @@ def test_plugin_that_raises_on_import_is_one_line(tmp_path, capsys, no_training)
 ])
 def test_plugin_reregistering_a_builtin_name_names_both_files(tmp_path, capsys, no_training, registers, name,
                                                                builtin):
-    from bench.compress.methods import METHODS
+    from bench.compression.methods import METHODS
     from bench.data import DATASETS
     from bench.model.bases import BASES
     from bench.model.sources import SOURCES
@@ -267,10 +267,10 @@ def test_plugin_reregistering_a_builtin_name_names_both_files(tmp_path, capsys, 
 
 
 def test_reloading_the_same_plugin_file_is_idempotent(tmp_path):
-    from bench.compress.methods import METHODS
+    from bench.compression.methods import METHODS
 
     plugin = tmp_path / "mine.py"
-    plugin.write_text("from bench.compress.methods import Method, register_method\n@register_method('mine_once')\n"
+    plugin.write_text("from bench.compression.methods import Method, register_method\n@register_method('mine_once')\n"
                       "class Mine(Method):\n    pass\n")
     try:
         load_plugin_file(plugin)

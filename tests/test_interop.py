@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bench.cli import main
-from bench.compress.storage import export_model, header_bytes, load_model, set_small_dtype, storage_report
+from bench.compression.storage import export_model, header_bytes, load_model, set_small_dtype, storage_report
 from bench.errors import UserError
 from bench.interop import check_outputs, import_model, read_import_file
 from bench.model.kan import ConvKAN

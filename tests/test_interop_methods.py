@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import TEST_DEVICE
 
-from bench.compress.methods import METHODS
-from bench.compress.storage import export_model, header_bytes, load_model, storage_report
+from bench.compression.methods import METHODS
+from bench.compression.storage import export_model, header_bytes, load_model, storage_report
 from bench.errors import UserError
 from bench.interop import import_model, read_import_file
 from bench.model.kan import ConvKAN, kan_layers

@@ -109,8 +109,8 @@ def test_training_reduces_loss():
 
 
 def _sources():
-    from bench.compress.codebook import cluster_model
-    from bench.compress.quant import QuantSource
+    from bench.compression.codebook import cluster_model
+    from bench.compression.quant import QuantSource
 
     def quant(model):
         for _, layer in kan_layers(model):
@@ -163,7 +163,7 @@ def test_layer_inputs_of_a_fast_conv_are_its_patch_rows():
 
 @pytest.mark.parametrize("norm", ["batch", "instance", "layer", "none"])
 def test_convkan_norms_are_stored_counted_and_reload(tmp_path, norm):
-    from bench.compress.storage import export_model, load_model, storage_report
+    from bench.compression.storage import export_model, load_model, storage_report
 
     torch.manual_seed(0)
     m = ConvKAN((1, 8, 8), 4, channels=[16, 8], norm=norm, basis="rbf")

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.compress import codebook, generated
-from bench.compress.methods import METHODS, CompressContext
-from bench.compress.storage import count_params, export_model, load_model, storage_report
+from bench.compression import codebook, generated
+from bench.compression.methods import METHODS, CompressContext
+from bench.compression.storage import count_params, export_model, load_model, storage_report
 from bench.data import get_dataset
 from bench.errors import Infeasible, UserError
 from bench.model.kan import KAN, ConvKAN, kan_layers

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import TEST_DEVICE
 
-from bench.compress.methods import METHODS
-from bench.compress.storage import header_bytes, load_model, other_tensors, storage_report, zstd_bytes
+from bench.compression.methods import METHODS
+from bench.compression.storage import header_bytes, load_model, other_tensors, storage_report, zstd_bytes
 from bench.model.bases import BASES
 from bench.model.kan import kan_layers
 from bench.registry import load_plugins

@@ -1,4 +1,4 @@
-"""Pipelines (bench/compress/pipeline.py): a chain equals its stages applied by hand, a one-stage pipeline is
+"""Pipelines (bench/compression/pipeline.py): a chain equals its stages applied by hand, a one-stage pipeline is
 the method itself, illegal chains are one-line user errors, the stage-1 cache is the first stage's,
 and clustering a pruned model keeps the pruned edges at exactly zero and counts the pattern."""
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from bench.cli import main
-from bench.compress.codebook import MaskedCodebookSource
-from bench.compress.methods import METHODS
-from bench.compress.pipeline import Pipeline, method_class, parse_entry
-from bench.compress.storage import export_model, header_bytes, load_model, storage_report
+from bench.compression.codebook import MaskedCodebookSource
+from bench.compression.methods import METHODS
+from bench.compression.pipeline import Pipeline, method_class, parse_entry
+from bench.compression.storage import export_model, header_bytes, load_model, storage_report
 from bench.errors import UserError
 from bench.model.kan import kan_layers
 from bench.registry import load_plugins

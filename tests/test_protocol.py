@@ -155,7 +155,7 @@ def test_executor_plan_prepares_the_control_of_each_fine_tune_budget(tmp_path):
 def test_a_stage_trains_for_the_epochs_that_one_function_decides(tmp_path):
     """bench.run.plan.stage_epochs decides a stage's epochs; the cache key, the training, the row and the
     plan's predicted cache file all follow it (a method that does not train its own model cannot set them)."""
-    from bench.compress.methods import get_method_class
+    from bench.compression.methods import get_method_class
     from bench.run.plan import plan_sweep, stage_cache, stage_epochs
 
     sweep = sweep_of(["metakan", "kmeans"], {"metakan": {"joint_epochs": 2}, "kmeans": {"K": 2}},

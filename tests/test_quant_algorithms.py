@@ -1,5 +1,5 @@
-"""Quantisation algorithms beyond round to nearest (bench.compress.ptq, bench.compress.quant,
-bench.compress.mixed_precision,
+"""Quantisation algorithms beyond round to nearest (bench.compression.ptq, bench.compression.quant,
+bench.compression.mixed_precision,
 methods/quantize.py): GPTQ against a straightforward reference, AdaRound and GPTQ against RTN on the
 layer objective, LSQ step sizes that train, branch-aware and mixed-precision bits against hand
 counts, exact export/reload, every algorithm end to end."""
@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 
-from bench.compress.methods import METHODS
-from bench.compress.mixed_precision import allocate_widths
-from bench.compress.ptq import adaround_codes, gptq_codes, layer_hessian, layer_objective
-from bench.compress.quant import BranchSource, LayerGrid, LSQSource, QFormat, QuantSource, branch_slices
-from bench.compress.storage import export_model, load_model, storage_report
+from bench.compression.methods import METHODS
+from bench.compression.mixed_precision import allocate_widths
+from bench.compression.ptq import adaround_codes, gptq_codes, layer_hessian, layer_objective
+from bench.compression.quant import BranchSource, LayerGrid, LSQSource, QFormat, QuantSource, branch_slices
+from bench.compression.storage import export_model, load_model, storage_report
 from bench.errors import Infeasible
 from bench.model.kan import KAN, kan_layers
 from bench.registry import load_plugins

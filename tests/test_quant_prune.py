@@ -1,5 +1,5 @@
-"""Scalar quantisation (bench.compress.quant, methods/quantize.py) and pruning
-(bench.compress.pruning, methods/prune.py):
+"""Scalar quantisation (bench.compression.quant, methods/quantize.py) and pruning
+(bench.compression.pruning, methods/prune.py):
 hand-counted bits, bit-packed files, exact reloads, budgets met, structured node removal exact."""
 
 import copy
@@ -10,8 +10,8 @@ import struct
 import pytest
 import torch
 
-from bench.compress.methods import METHODS
-from bench.compress.pruning import (
+from bench.compression.methods import METHODS
+from bench.compression.pruning import (
     MaskedSource,
     apply_masks,
     attribution_scores,
@@ -26,8 +26,8 @@ from bench.compress.pruning import (
     remove_dead_nodes,
     smallest_connected_bits,
 )
-from bench.compress.quant import FakeQuantSource, QFormat, QuantSource, search_clip
-from bench.compress.storage import MAGIC, export_model, load_model, storage_report
+from bench.compression.quant import FakeQuantSource, QFormat, QuantSource, search_clip
+from bench.compression.storage import MAGIC, export_model, load_model, storage_report
 from bench.errors import Infeasible, UserError
 from bench.model.kan import KAN, ConvKAN, kan_layers
 from bench.registry import load_plugins
@@ -391,7 +391,7 @@ def test_prune_method_iterative_attribution_run(tmp_path):
 
 
 def test_masked_fast_path_skips_dead_inputs_and_matches_dense():
-    from bench.compress.pruning import MaskedSource
+    from bench.compression.pruning import MaskedSource
     from bench.model.sources import EdgeSource
 
     torch.manual_seed(0)

@@ -22,12 +22,12 @@ import torch
 from conftest import TEST_DEVICE
 from test_datasets import idx_arrays, write_cifar, write_idx_set
 
-from bench.compress import codebook, generated
-from bench.compress.entropy import EntropyCodedSource
-from bench.compress.pruning import MaskedSource
-from bench.compress.quant import FakeQuantSource, LayerGrid, QFormat, QuantSource
-from bench.compress.storage import export_model, header_bytes, load_model, storage_report
-from bench.compress.tucker_factors import LoTRASource, TuckerSource
+from bench.compression import codebook, generated
+from bench.compression.entropy import EntropyCodedSource
+from bench.compression.pruning import MaskedSource
+from bench.compression.quant import FakeQuantSource, LayerGrid, QFormat, QuantSource
+from bench.compression.storage import export_model, header_bytes, load_model, storage_report
+from bench.compression.tucker_factors import LoTRASource, TuckerSource
 from bench.data import DATASETS, get_dataset
 from bench.errors import UserError
 from bench.model.kan import KAN, kan_layers

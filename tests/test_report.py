@@ -419,7 +419,7 @@ def test_reads_a_parquet_results_folder(tmp_path):
 
 def test_config_labels_read_the_rows_never_the_plugins():
     """The runner writes what differs from the method's defaults; older rows show what varies."""
-    from bench.compress.methods import METHODS
+    from bench.compression.methods import METHODS
     from bench.registry import load_plugins
     from bench.report import config_labels
     from bench.run.runner import nondefault_config

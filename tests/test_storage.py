@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.compress.storage import export_model, load_model, pack_bits, storage_report, unpack_bits
+from bench.compression.storage import export_model, load_model, pack_bits, storage_report, unpack_bits
 from bench.model.kan import KAN, ConvKAN, kan_layers
 from bench.model.sources import CodebookSource, EdgeSource, index_bits
 
@@ -106,7 +106,7 @@ def test_codebook_fast_path_equals_full_tensor_path():
 
 def test_file_is_counted_bits_plus_header(tmp_path):
     """The exported file holds exactly the counted tensors plus its header: no knots, no centres."""
-    from bench.compress.storage import header_bytes
+    from bench.compression.storage import header_bytes
 
     for basis in ("bspline", "rbf"):
         m = KAN([6, 5, 2], basis=basis)
@@ -121,7 +121,7 @@ def test_file_is_counted_bits_plus_header(tmp_path):
 
 
 def test_zstd_check_measures_redundancy_in_the_file(tmp_path):
-    from bench.compress.storage import zstd_bytes
+    from bench.compression.storage import zstd_bytes
     from bench.report.tables import zstd_note
 
     noise = tmp_path / "noise.bin"

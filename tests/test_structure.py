@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.compress.methods import METHODS
+from bench.compression.methods import METHODS
 from bench.registry import REPO_ROOT, defining_file, load_plugins
 
 load_plugins()
@@ -71,8 +71,8 @@ def test_bench_has_no_import_cycle():
 
 # The layers, lowest first: a module may import its own layer (within its package) and the layers below.
 LAYERS = [{"bench.errors", "bench.registry", "bench.config", "bench.metrics", "bench.provenance", "bench.malloc"},
-          {"bench.model", "bench.data"}, {"bench.compress"}, {"bench.interop"}, {"bench.run"}, {"bench.report"},
-          {"bench.cli", "bench.__main__", "bench"}]
+          {"bench.model", "bench.data"}, {"bench.compression"}, {"bench.interop"}, {"bench.run"}, {"bench.report"},
+          {"bench.cli", "bench.__main__", "bench.api", "bench"}]
 
 
 def layer_of(module: str) -> int:
@@ -112,8 +112,8 @@ def test_module_paths_from_before_the_split_are_the_same_modules():
     from bench.methods import Method
     from bench.storage import load_model
 
-    assert KAN.__module__ == "bench.model.kan" and Method.__module__ == "bench.compress.methods"
-    assert load_model.__module__ == "bench.compress.storage"
+    assert KAN.__module__ == "bench.model.kan" and Method.__module__ == "bench.compression.methods"
+    assert load_model.__module__ == "bench.compression.storage"
 
 
 def test_only_the_entry_point_imports_the_cli():

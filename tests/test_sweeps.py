@@ -22,7 +22,7 @@ def test_expected_sweeps_are_bundled():
 
 
 def test_quick_sweep_covers_every_method_once_per_cell():
-    from bench.compress.methods import METHODS
+    from bench.compression.methods import METHODS
 
     sweep = build_sweep(read_sweep_file(name="quick"))
     real = {n for n, c in METHODS.items() if not getattr(c, "test_only", False) and c.in_all}

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from bench.cli import main as cli_main
-from bench.compress.storage import export_model, load_model
-from bench.compress.tucker_factors import tucker_param_groups
+from bench.compression.storage import export_model, load_model
+from bench.compression.tucker_factors import tucker_param_groups
 from bench.errors import UserError
 from bench.model.kan import KAN, kan_layers
 from bench.report import _decimals, fmt_mean_std, transfer_section
@@ -99,7 +99,7 @@ def test_lotra_model_exports_and_reloads(tmp_path):
 
 
 def test_lotra_file_reloads_in_a_fresh_process(tmp_path):
-    """A fresh interpreter that imports only bench.compress.storage (no bench.run.transfer) rebuilds the model."""
+    """A fresh interpreter that imports only bench.compression.storage (no bench.run.transfer) rebuilds the model."""
     torch.manual_seed(4)
     m = KAN([2, 8, 1], basis="bspline")
     attach_lotra(m, [4, 2, 4])
@@ -112,7 +112,7 @@ def test_lotra_file_reloads_in_a_fresh_process(tmp_path):
     with torch.no_grad():
         expected = m.eval()(x).view(-1).tolist()
     code = ("import json, sys, torch\n"
-            "from bench.compress.storage import load_model\n"
+            "from bench.compression.storage import load_model\n"
             "assert 'bench.run.transfer' not in sys.modules\n"
             "m = load_model(sys.argv[1])\n"
             "print(json.dumps({'types': [type(l.source).__name__ for l in m.layers],\n"

@@ -8,9 +8,9 @@ import pytest
 import tensorly as tl
 import torch
 
-from bench.compress.methods import METHODS, CompressContext
-from bench.compress.storage import export_model, load_model, storage_report
-from bench.compress.tucker_factors import ORDERS, TuckerSource, component_lrs, requested_coef_ratio, resolve_ranks
+from bench.compression.methods import METHODS, CompressContext
+from bench.compression.storage import export_model, load_model, storage_report
+from bench.compression.tucker_factors import ORDERS, TuckerSource, component_lrs, requested_coef_ratio, resolve_ranks
 from bench.data import get_dataset
 from bench.errors import Infeasible, UserError
 from bench.model.kan import KAN, kan_layers

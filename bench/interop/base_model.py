@@ -16,7 +16,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.compress.storage import load_model, read_header
+from bench.compression.storage import load_model, read_header
 from bench.errors import UserError
 from bench.model.kinds import ModelKind, from_config, register_model
 

@@ -6,7 +6,7 @@ Every KAN layer owns a *source*, a small module with
   then the base-branch weight last);
 - ``storage() -> list[StorageItem]``: every tensor a deployed model must keep for this layer's
   edges, at the width it is stored at (this is what storage accounting counts and what
-  :func:`bench.compress.storage.export_model` writes);
+  :func:`bench.compression.storage.export_model` writes);
 - ``contract(features[B, in, n+1]) -> [B, out]``: the layer's matrix product. The default
   builds the edge tensor and does one matmul; a source may override it with a cheaper path
   (a codebook can skip rebuilding the full tensor).

@@ -15,7 +15,7 @@ built on synthetic inputs of the dataset's shape and
 
 The samples each setup processes come from the plan: every stage trains ``stage_epochs`` epochs
 (the dense base also its ``dense_ft`` control, ``finetune_epochs``), every run fine-tunes as its
-method says (:meth:`bench.compress.methods.Method.finetune_epochs`) and is scored on validation and test;
+method says (:meth:`bench.compression.methods.Method.finetune_epochs`) and is scored on validation and test;
 each epoch of training is scored on validation too (a forward pass, a third of a step). Split sizes
 come from :meth:`bench.data.Dataset.split_sizes` (loaded only if a dataset cannot say).
 Patience may stop training early, so the estimate is an upper bound of the work asked for.
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from bench.compress.pipeline import method_class
+from bench.compression.pipeline import method_class
 from bench.data import get_dataset
 
 from .plan import Plan, stage_epochs

@@ -97,7 +97,7 @@ def _worker_env(out: str, data_dir: str, device: str, plugins: list[str], thread
 def prepare_stage(spec: dict, own_model: bool, out: str, data_dir: str, device: str, plugins: list[str],
                   threads: int = 1) -> dict:
     """Phase 1 task: train (or find cached) the dense base, or the method's own stage-1 model."""
-    from bench.compress.pipeline import method_class
+    from bench.compression.pipeline import method_class
 
     from .runner import error_text
     from .sweep import RunSpec

@@ -161,7 +161,7 @@ def step_memory(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torc
 
 
 def _compress(dense: nn.Module, method: str, hyper: dict, x: torch.Tensor, y: torch.Tensor, device) -> nn.Module:
-    from bench.compress.methods import CompressContext, get_method_class
+    from bench.compression.methods import CompressContext, get_method_class
 
     model = copy.deepcopy(dense)
     n = x.shape[0]

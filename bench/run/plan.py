@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from bench.compress.pipeline import method_class
+from bench.compression.pipeline import method_class
 
 from .results import ResultsStore
 from .sweep import RunSpec, Sweep

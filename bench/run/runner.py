@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from bench.compress.methods import CompressContext, control_finetune
-from bench.compress.pipeline import is_pipeline_class, method_class
-from bench.compress.storage import count_params, export_model, header_bytes, load_model, storage_report, zstd_bytes
+from bench.compression.methods import CompressContext, control_finetune
+from bench.compression.pipeline import is_pipeline_class, method_class
+from bench.compression.storage import count_params, export_model, header_bytes, load_model, storage_report, zstd_bytes
 from bench.data import Splits, get_dataset
 from bench.errors import Infeasible, UserError
 from bench.model import kinds as model_specs
@@ -164,7 +164,7 @@ class RunEnv:
 
     def control(self, spec: RunSpec, trainer: Trainer, base) -> tuple[object, dict]:
         """The ``dense_ft`` control of this spec's base: ``base`` fine-tuned with the shared budget
-        (:func:`bench.compress.methods.control_finetune`), cached, with its validation and test scores."""
+        (:func:`bench.compression.methods.control_finetune`), cached, with its validation and test scores."""
         key, name = control_cache(spec)
         path = self.out / "cache" / name
         model = copy.deepcopy(base)

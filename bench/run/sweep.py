@@ -57,8 +57,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.compress.methods import DEFAULT_FINETUNE_LR_SCALE, METHODS
-from bench.compress.pipeline import is_pipeline_class, method_class, parse_entry, split_methods
+from bench.compression.methods import DEFAULT_FINETUNE_LR_SCALE, METHODS
+from bench.compression.pipeline import is_pipeline_class, method_class, parse_entry, split_methods
 from bench.config import build_config
 from bench.data import DATASETS, get_dataset
 from bench.errors import UserError, unknown
@@ -246,7 +246,7 @@ def _dataset_points(cls, general: dict | list[dict], per_dataset: dict | list[di
 def _method_entries(value) -> dict[str, tuple[str, dict]]:
     """The sweep's ``methods``: entry text -> (method or pipeline name, inline options), in order
     (``all``: every registered method; an entry may be ``kmeans(K=8)`` or ``prune(ratio=2)>kmeans``,
-    see :mod:`bench.compress.pipeline`)."""
+    see :mod:`bench.compression.pipeline`)."""
     if isinstance(value, str):
         value = split_methods(value)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

@@ -27,14 +27,14 @@ budget, so a changed budget gives new rows. At the end the command writes ``DIR/
 (:func:`bench.report.transfer_section`: per target a table sorted by per-task stored bits, and
 ``transfer_rmse_vs_bits.png``); ``python -m bench report DIR`` rewrites it.
 
-Exported adapted models (:func:`bench.compress.storage.export_model`) hold ``A0`` and the update, and reload
-in a fresh process: :class:`LoTRASource` lives in :mod:`bench.compress.tucker_factors` beside the Tucker source it
-extends, which :func:`bench.compress.storage.load_model` registers.
+Exported adapted models (:func:`bench.compression.storage.export_model`) hold ``A0`` and the update, and reload
+in a fresh process: :class:`LoTRASource` lives in :mod:`bench.compression.tucker_factors` beside the Tucker source it
+extends, which :func:`bench.compression.storage.load_model` registers.
 
 LoTRA's update starts at zero (zero core, random orthonormal factors, as LoRA starts with a
 zero factor), so adaptation starts exactly from the pre-trained model. Learning rates are
-:func:`bench.compress.tucker_factors.tucker_param_groups`'s: the ``balanced`` rule of
-:func:`bench.compress.tucker_factors.component_lrs` with the pre-trained tensor as the scale reference (the update
+:func:`bench.compression.tucker_factors.tucker_param_groups`'s: the ``balanced`` rule of
+:func:`bench.compression.tucker_factors.component_lrs` with the pre-trained tensor as the scale reference (the update
 itself is zero at the start), or one ``shared`` rate.
 """
 
@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.compress.tucker_factors import LoTRASource, check_rank_spec, check_ranks_fit, tucker_param_groups
+from bench.compression.tucker_factors import LoTRASource, check_rank_spec, check_ranks_fit, tucker_param_groups
 from bench.data import Splits
 from bench.errors import UserError
 from bench.model.kan import KAN, kan_layers

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from bench.cli import main as bench_main
-from bench.compress.storage import export_model
+from bench.compression.storage import export_model
 from bench.data import get_dataset
 from bench.interop import import_model
 from bench.registry import load_plugins

@@ -4,7 +4,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.compress.methods import Method, register_method
+from bench.compression.methods import Method, register_method
 
 
 @register_method("crash_once")

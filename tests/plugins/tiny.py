@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.compress.methods import Method, register_method
+from bench.compression.methods import Method, register_method
 from bench.data import Dataset, Splits, register_dataset, split_indices
 
 

@@ -90,7 +90,7 @@ class SharedCodebookSource(CodebookSource):
 class MaskedCodebookSource(SparsePattern, CodebookSource):
     """A codebook over the surviving edges of a pruned layer (``prune>kmeans``): ``centroids [K, n+1]``
     (float32, trainable), one ``ceil(log2 K)``-bit index per *surviving* edge, and the sparsity
-    pattern at whichever is cheaper, exactly as :class:`bench.compress.pruning.MaskedSource` stores it (a
+    pattern at whichever is cheaper, exactly as :class:`bench.compression.pruning.MaskedSource` stores it (a
     1-bit mask over ``out * in`` edges, or the sorted flat positions at ``ceil(log2(out * in))``
     bits each). Pruned edges are exactly zero and stay zero (no centroid reaches them)."""
 
@@ -262,7 +262,7 @@ def codebook_bits(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------- entropy-coded indices
 def entropy_code_indices(model: nn.Module) -> dict:
     """Store every codebook's indices ANS-coded under each layer's own index histogram
-    (:func:`bench.compress.entropy.entropy_code_model` with only the ``index`` streams): the model computes
+    (:func:`bench.compression.entropy.entropy_code_model` with only the ``index`` streams): the model computes
     the same; only its storage changes. Returns, per layer, the index bits at ``ceil(log2 K)`` each,
     the coded bits (stream + code table) and the empirical entropy."""
     for _, layer in kan_layers(model):

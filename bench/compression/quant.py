@@ -28,7 +28,7 @@ Branch-aware quantisation (QuantKAN, arXiv 2511.18689): :class:`BranchSource` ho
 coefficients ``[out, in, n]`` and the base-branch weight ``[out, in, 1]`` in two sources, each
 with its own scales and width. :class:`LayerGrid` is the integer grid of one layer (a format and
 calibrated scales per branch); post-training algorithms (round to nearest here, GPTQ and
-AdaRound in :mod:`bench.compress.ptq`) choose the codes on it.
+AdaRound in :mod:`bench.compression.ptq`) choose the codes on it.
 """
 
 from __future__ import annotations

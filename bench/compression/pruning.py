@@ -58,7 +58,7 @@ class SparsePattern:
     """The sparsity pattern of a pruned edge source (``flat_index``: the surviving edges' sorted flat
     positions ``o * in + i``), stored as a 1-bit mask or as the positions at ``ceil(log2(out * in))``
     bits, whichever is smaller (:func:`pattern_bits`). Shared by :class:`MaskedSource` and the
-    codebook over a pruned model (:class:`bench.compress.codebook.MaskedCodebookSource`)."""
+    codebook over a pruned model (:class:`bench.compression.codebook.MaskedCodebookSource`)."""
 
     positions_name = "index"  # the stored tensor's name when the pattern is the position list
 

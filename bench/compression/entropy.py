@@ -2,7 +2,7 @@
 position lists, each stored as an ANS stream (constriction, a kept entropy-coding library) under its
 own symbol histogram instead of at a fixed width.
 
-**What is stored for a coded stream** (and counted, and written by :func:`bench.compress.storage.export_model`):
+**What is stored for a coded stream** (and counted, and written by :func:`bench.compression.storage.export_model`):
 ``<name>.counts`` (one count per value from the smallest its plain encoding allows, 0 for ``uint<b>``
 and ``-2^(b-1)`` for ``int<b>``, up to the largest present, each at ``ceil(log2(n + 1))`` bits: the
 code table both coder and decoder build the same probabilities from) and ``<name>.words`` (the ANS

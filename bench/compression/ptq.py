@@ -2,7 +2,7 @@
 
 A KAN layer is a linear map from its features ``X [B, in*(n+1)]`` (basis values, then silu) to
 ``[B, out]`` through ``W [out, in*(n+1)]``, the flattened edge tensor. Given a grid (per value:
-scale ``s``, zero point ``z``, code range ``[qmin, qmax]``; :class:`bench.compress.quant.LayerGrid`), the
+scale ``s``, zero point ``z``, code range ``[qmin, qmax]``; :class:`bench.compression.quant.LayerGrid`), the
 layer objective of codes ``q`` is ``||X (W - (q - z) s)^T||^2``, i.e. ``tr(dW H dW^T)`` with
 ``H = X^T X / B``. Round to nearest ignores ``H``; these two use it:
 
