@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=int, help="training epochs (overrides the sweep)")
     r.add_argument("--finetune-epochs", type=int, dest="finetune_epochs", help="fine-tune budget in epochs")
     r.add_argument("--grid", action="store_true", default=None, help="expand every method's hyperparameter grid")
+    r.add_argument("--against", metavar="REFERENCE",
+                   help="a results or report folder (e.g. reports/cpu): run only what it lacks, reuse its trained "
+                        "models when its cache/ is there, check re-trained controls against it, and write the "
+                        "combined leaderboard into --out")
     r.add_argument("--base-model", dest="base_model", metavar="FILE",
                    help="every dataset's base model: a model file (python -m bench import writes one; {seed} in the "
                         "name is replaced by the seed), not trained; --models and --bases then do not apply")
@@ -193,6 +197,11 @@ def cmd_run(args) -> int:
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     options = _executor_options(args)
     out = Path(args.out) if args.out else default_out(args, sweep.name)
+    reference = None
+    if args.against:
+        from bench.run import against
+
+        sweep, reference = against.prepare(sweep, args.against, out, log=print)
     if args.dry_run:  # no data, no GPU needed: it says what is missing and estimates on what is here
         return dry_run(sweep, out, data_dir, args.device or sweep.device)
     check_data(sweep, data_dir)
@@ -225,6 +234,10 @@ def cmd_run(args) -> int:
         for line in not_ok_lines(sweep, out):
             print(line)
         log_invocation(out, command, took, counts, args.executor)
+        if reference is not None:  # the re-run controls checked, the reference rows copied in
+            from bench.run import against
+
+            against.finish(args.against, reference, [s for s in sweep.runs if s.method in against.CHECKED], out)
         if not args.no_report:
             md = report_folder(out, out, command=command)
         print(f"results: {out}/ (runs.parquet, runs.csv, rows/)")
