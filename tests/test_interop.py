@@ -281,3 +281,91 @@ def test_a_live_chebykan_stack_is_recognised_by_its_class():
     live.insert(0, torch.nn.LayerNorm(6))
     with pytest.raises(UserError, match="LayerNorm first"):
         import_model(live)
+
+
+# -- torch-conv-kan's fully connected KAGN and SimpleConvKAGN: no fixture file, so their forwards are
+# written out here from the library's code (kans/layers.py GRAMLayer, kan_convs/kagn_conv.py,
+# models/baselines/conv_kagn_baseline.py) and run on random weights in the library's state_dict layout.
+def _gram_basis(t, beta, degree, dim):
+    polys = [torch.ones_like(t), t][: degree + 1]
+    for i in range(2, degree + 1):
+        n, m = i - 1, i
+        polys.append(t * polys[-1] - ((m + n) * (m - n) * n ** 2) / (m ** 2 / (4.0 * n ** 2 - 1.0)) * beta[n]
+                     * polys[-2])
+    return torch.stack(polys, dim=-1) if dim == -1 else torch.cat(polys, dim=1)
+
+
+def _gram_layer(sd, p, x):
+    silu = torch.nn.functional.silu
+    degree = sd[p + "beta_weights"].shape[0] - 1
+    basis = torch.nn.functional.linear(silu(x), sd[p + "base_weights"])
+    g = silu(_gram_basis(torch.tanh(x), sd[p + "beta_weights"], degree, -1))
+    y = torch.einsum("bld,lod->bo", g, sd[p + "grams_basis_weights"])
+    out = y.shape[1]
+    return silu(torch.nn.functional.layer_norm(y + basis, (out,), sd[p + "norm.weight"], sd[p + "norm.bias"]))
+
+
+def _kagn_conv(sd, p, x, stride, padding, norm):
+    silu, F = torch.nn.functional.silu, torch.nn.functional
+    degree = sd[p + "beta_weights"].shape[0] - 1
+    basis = F.conv2d(silu(x), sd[p + "base_conv.0.weight"], stride=stride, padding=padding)
+    g = silu(_gram_basis(torch.tanh(x), sd[p + "beta_weights"], degree, 1))  # degree-major channels
+    y = F.conv2d(g, sd[p + "poly_weights"][0], stride=stride, padding=padding) + basis
+    n = p + "layer_norm.0."
+    y = F.batch_norm(y, sd[n + "running_mean"], sd[n + "running_var"], sd[n + "weight"], sd[n + "bias"]) \
+        if norm == "batch" else F.instance_norm(y)
+    return silu(y)
+
+
+def _random_gram_state(prefix, inp, out, degree, g):
+    return {prefix + "beta_weights": torch.randn(degree + 1, generator=g) * 0.1,
+            prefix + "grams_basis_weights": torch.randn(inp, out, degree + 1, generator=g) * 0.3,
+            prefix + "base_weights": torch.randn(out, inp, generator=g) * 0.3,
+            prefix + "norm.weight": 1 + 0.1 * torch.randn(out, generator=g),
+            prefix + "norm.bias": 0.1 * torch.randn(out, generator=g)}
+
+
+def test_kagn_fully_connected_imports_exactly():
+    g = torch.Generator().manual_seed(5)
+    widths, degree = [6, 5, 3], 3
+    sd = {}
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        sd.update(_random_gram_state(f"layers.{i}.", a, b, degree, g))
+    x = torch.randn(16, 6, generator=g) * 2
+    y = x
+    for i in range(2):
+        y = _gram_layer(sd, f"layers.{i}.", y)
+    model = import_model(sd, "torch-conv-kan", {"layers_hidden": widths, "degree": degree}, "kans.KAGN")
+    assert check_outputs(model, x, y) <= 1e-5
+    sd64 = {k: v.double() for k, v in sd.items()}
+    y64 = x.double()
+    for i in range(2):
+        y64 = _gram_layer(sd64, f"layers.{i}.", y64)
+    assert check_outputs(import_model(sd, "torch-conv-kan", {}, "KAGN", dtype=torch.float64), x, y64) <= 1e-10
+
+
+def test_simple_conv_kagn_imports_exactly():
+    g = torch.Generator().manual_seed(6)
+    sizes, degree, classes = [4, 6, 6, 8], 3, 5
+    sd, c_in = {}, 1
+    for i, c in enumerate(sizes):
+        p = "layers.0." if i == 0 else f"layers.{i}.module."  # layers 1-3 sit in utils.L1
+        sd[p + "poly_weights"] = torch.randn(1, c, c_in * (degree + 1), 3, 3, generator=g) * 0.2
+        sd[p + "beta_weights"] = torch.randn(degree + 1, generator=g) * 0.1
+        sd[p + "base_conv.0.weight"] = torch.randn(c, c_in, 3, 3, generator=g) * 0.2
+        n = p + "layer_norm.0."
+        sd.update({n + "weight": 1 + 0.1 * torch.randn(c, generator=g), n + "bias": 0.1 * torch.randn(c, generator=g),
+                   n + "running_mean": 0.1 * torch.randn(c, generator=g),
+                   n + "running_var": 1 + torch.rand(c, generator=g), n + "num_batches_tracked": torch.tensor(7)})
+        c_in = c
+    sd.update(_random_gram_state("output.layers.0.", sizes[-1], classes, degree, g))
+    x = torch.randn(8, 1, 12, 12, generator=g)
+    y = x
+    for i, stride in enumerate([1, 2, 2, 1]):
+        y = _kagn_conv(sd, "layers.0." if i == 0 else f"layers.{i}.module.", y, stride, 1, "batch")
+    y = _gram_layer(sd, "output.layers.0.", y.mean(dim=(2, 3)))
+    model = import_model(sd, "torch-conv-kan", {"layer_sizes": sizes, "num_classes": classes, "degree": degree},
+                         "SimpleConvKAGN", input_shape=(1, 12, 12))
+    assert check_outputs(model, x, y) <= 1e-5
+    with pytest.raises(UserError, match="groups=2"):
+        import_model(sd, "torch-conv-kan", {"groups": 2}, "SimpleConvKAGN")
