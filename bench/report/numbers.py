@@ -336,6 +336,8 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
                             + _MEANS + [f"{c}_std" for c in _STDS])
     named = {c: (c, "mean") for c in _MEANS}
     named.update({f"{c}_std": (c, "std") for c in _STDS})
+    if "base_library" in rows:  # a given base model (imported): where it came from, for the titles
+        named.update(base_library=("base_library", _first), base_class=("base_class", _first))
     points = rows.groupby(POINT, dropna=False, sort=True).agg(
         n_seeds=("seed", "size"), seeds=("seed", _seed_list), metric_name=("metric_name", _first),
         higher_better=("higher_better", "first"), config=("config", "first"), arch=("arch", _first),

@@ -355,7 +355,10 @@ def group_title(points: pd.DataFrame, dataset, model, budget) -> str:
     sub = points[(points["dataset"] == dataset) & (points["model"] == model)]
     arch = _arch_of(sub[sub["budget"] == budget]) or model
     multi = sub["budget"].nunique() > 1
-    return f"{dataset}, {arch}" + (f" ({budget})" if multi and budget else "")
+    given = ""
+    if "base_library" in sub and (lib := _first(sub["base_library"])):  # a given base: say so, it was not trained
+        given = f", {lib} {_first(sub['base_class']) or ''} given as the base (not trained here)".replace("  ", " ")
+    return f"{dataset}, {arch}{given}" + (f" ({budget})" if multi and budget else "")
 
 
 def _metric_words(name, higher: bool) -> str:
