@@ -86,7 +86,8 @@ def user_dataset(splits: Splits) -> str:
 
 
 def compress(model: nn.Module, method: str, data: str | Splits, *, seed: int = 0, device: str = "auto",
-             out: str | Path | None = None, data_dir: str | Path = "data", **budget) -> Compressed:
+             out: str | Path | None = None, data_dir: str | Path = "data", plugins: list | tuple = (),
+             **budget) -> Compressed:
     """Compress ``model`` with ``method`` on ``data`` under the sweep's shared budget; one run of the runner.
 
     ``model``: a project model (:class:`~bench.model.kan.KAN`, :class:`~bench.model.kan.ConvKAN`, one
@@ -97,7 +98,8 @@ def compress(model: nn.Module, method: str, data: str | Splits, *, seed: int = 0
     (``epochs``, ``finetune_epochs``, ``lr``, ``finetune_lr_scale``, ``batch_size``, ...; the sweep's
     defaults otherwise); ``epochs`` only matters to methods that train their own model. ``out``: where
     the model files and caches go (default: one temporary folder per process, so repeated calls on the
-    same model reuse its control).
+    same model reuse its control). ``plugins``: method or dataset files (or folders) to load first, as
+    ``--plugin`` does. A setting the model cannot meet raises :class:`bench.errors.Infeasible`.
     """
     from bench.interop import import_model as _import
     from bench.interop import recognise
@@ -105,7 +107,7 @@ def compress(model: nn.Module, method: str, data: str | Splits, *, seed: int = 0
     from bench.run.runner import RunEnv, run_one
     from bench.run.sweep import build_sweep
 
-    load_plugins()
+    load_plugins(list(plugins))
     if not isinstance(model, nn.Module):
         raise UserError(f"model must be a torch module, got {type(model).__name__}")
     config = getattr(model, "config", None)
@@ -129,6 +131,6 @@ def compress(model: nn.Module, method: str, data: str | Splits, *, seed: int = 0
                         "one: give single values, not lists")
     (spec,) = sweep.runs
     env = RunEnv(work, Path(data_dir), device)
-    row = run_one(spec, env)
+    row = run_one(spec, env)  # raises Infeasible for a setting the model cannot meet
     file = work / "models" / f"{spec.run_id}.kanb"
     return Compressed(load_model(file), row, file)

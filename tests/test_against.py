@@ -66,3 +66,10 @@ def test_against_mistakes_are_one_line(reference, tmp_path, capsys):
     shutil.copytree(reference, same)
     assert main(["run", *ASK, "--methods", "kmeans(K=4)", "--against", str(same), "--out", str(same)]) == 2
     assert "same folder" in capsys.readouterr().err
+
+
+def test_another_budget_matches_nothing_and_says_so(reference, tmp_path, capsys):
+    other = [a if a != "2" else "3" for a in ASK]  # --epochs 3: other run ids, other bases
+    assert main(["run", *other, "--methods", "kmeans(K=4)", "--against", str(reference), "--dry-run",
+                 "--out", str(tmp_path / "o")]) == 0
+    assert "none of the runs asked share a base" in capsys.readouterr().err

@@ -80,6 +80,12 @@ def prepare(sweep: Sweep, reference: str | Path, out: Path, log=print) -> tuple[
             if check.run_id in rows and check.run_id not in seen:
                 seen.add(check.run_id)
                 checks.append(check)
+    known = [s for s in sweep.runs if s.run_id in rows or dataclasses.replace(
+        s, method="dense_ft", method_config={}).run_id in rows]
+    if not known:
+        print(f"warning: none of the runs asked share a base with {ref}'s runs: ask its sweep and budget (e.g. "
+              "--sweep cpu for reports/cpu, with the same --epochs/--finetune-epochs) to be compared with it",
+              file=__import__("sys").stderr)
     log(f"against {ref}: {len(sweep.runs) - len(todo)} of the {len(sweep.runs)} runs asked are in the reference; "
         f"{len(todo)} to run" + (f", {len(checks)} dense/dense_ft runs of re-trained bases to check against it"
                                  if checks else "") + (f"; {reused} trained models reused from its cache" if reused
