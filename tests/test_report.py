@@ -175,7 +175,9 @@ def test_headline_ranks_methods_by_bits_within_each_budget(report):
         "12.0×", "bspline", "91.50 ± 0.30", "92.50 ± 0.50")
     assert bar["test Δ vs control"] == "-1.00" and bar["val Δ vs control"] == "-0.50"
     assert _headline(md)[1]["test Δ vs control"] == "+0.0040 (+4.0%)"
-    assert "Nothing within 0.5 pt: foo." in _section(md, "## Headline")
+    # a method with nothing within a budget says what it was tried at and how close it came (on validation)
+    assert ("Nothing within 0.5 pt: foo (2 operating points, 8.00×–30.0×; closest -1.00 pt at 8.00×)."
+            in _section(md, "## Headline"))
 
 
 def test_summary_names_the_winner_in_plain_words(report):
@@ -184,7 +186,8 @@ def test_summary_names_the_winner_in_plain_words(report):
     assert ("**mnist, kan[4,8,3]** (accuracy, higher is better). Within 0.5 pt of the fine-tuned control on "
             "validation, **bar** (p=0.9, bspline) stores the model in **8.3 KiB** (12.0× smaller than the dense "
             "100.0 KiB); test accuracy 91.50 ± 0.30 vs the control's 92.50 ± 0.50.") in summary
-    assert "Nothing within 0.5 pt: foo. Within 1 pt: the same winner; foo now also qualifies." in summary
+    assert ("Nothing within 0.5 pt: foo (2 operating points, 8.00×–30.0×; closest -1.00 pt at 8.00×). Within 1 pt: "
+            "the same winner; foo now also qualifies.") in summary
     assert "Next: foo 12.5 KiB (8.00×)." in summary  # feynman's runner-up
 
 
@@ -347,7 +350,7 @@ def test_without_validation_metric_nothing_is_within_tolerance(tmp_path):
     assert not within_tolerance(pts).any()
     md = write_report(df, tmp_path).read_text()
     assert "no decision could be made on validation" in md
-    assert _headline(md) == [] and "Nothing within 1 pt: bar, foo." in md
+    assert _headline(md) == [] and "Nothing within 1 pt: bar (" in md and "), foo (" in md
     marks = {r["within tol. (val)"] for r in _table_dicts(_section(md, "## mnist (accuracy)"))}
     assert marks == {"control", "—"}
 
@@ -358,7 +361,7 @@ def test_ratio_below_one_is_never_headline_compression(tmp_path):
             for s in SEEDS for m, c, ratio in (("dense_ft", "{}", 1.0), ("foo", '{"K": 1}', 0.99))]
     md = write_report(rows_to_frame(rows), tmp_path).read_text()
     assert _headline(md) == []  # within tolerance, but it stores more than the control: not compression
-    assert "Nothing within 0.5 pt: foo." in md and "No compressed point is within 1 pt" in md
+    assert "Nothing within 0.5 pt: foo (" in md and "No compressed point is within 1 pt" in md
 
 
 def test_single_seed_renders_honestly(tmp_path):
@@ -408,7 +411,7 @@ def test_method_with_no_point_within_tolerance_says_none(tmp_path):
     rows = [r for r in synthetic_rows() if r["status"] == "ok" and r["dataset"] == "mnist"
             and (r["method"] in ("dense", "dense_ft") or r["method_config"] == '{"K": 4}')]
     md = write_report(rows_to_frame(rows), tmp_path).read_text()
-    assert _headline(md) == [] and "Nothing within 1 pt: foo." in md
+    assert _headline(md) == [] and "Nothing within 1 pt: foo (" in md
 
 
 def test_reads_a_parquet_results_folder(tmp_path):
@@ -469,3 +472,28 @@ def test_extra_figures_and_self_contained_html(report):
     assert 'src="metric' not in page and 'src="http' not in page  # nothing fetched: it opens offline
     assert not re.search(r"<(script|link|img)[^>]+(src|href)=\"?https?:", page)  # no CDN, no remote file
     assert "Plotly.newPlot" in page
+
+
+@pytest.mark.parametrize("metric_name", ["accuracy", "rmse"])
+def test_nothing_within_budget_says_what_was_tried(tmp_path, metric_name):
+    """A method tried at one size has not been compared: the report flags it and names its range."""
+    acc = metric_name == "accuracy"
+    ctrl = (90.0, 90.0) if acc else (0.10, 0.10)
+    rows = []
+    for seed in SEEDS:
+        r = dict(dataset="d", metric_name=metric_name, seed=seed, control=ctrl, dense=ctrl)
+        rows += [_row(method="dense", config="{}", metric=ctrl[0], val=ctrl[1], ratio=1.0, **r),
+                 _row(method="dense_ft", config="{}", metric=ctrl[0], val=ctrl[1], ratio=1.0, **r),
+                 _row(method="single", config='{"r": 1}', metric=ctrl[0] - 6 if acc else 0.2,
+                      val=ctrl[1] - 6 if acc else 0.2, ratio=4.7, **r)]
+        for k, (gap, ratio) in enumerate(((3.0, 2.0), (8.0, 4.0), (20.0, 8.0), (40.0, 16.0))):
+            val = ctrl[1] - gap if acc else ctrl[1] * (1 + gap / 10)
+            rows.append(_row(method="curve", config=json.dumps({"k": k}), metric=val, val=val, ratio=ratio, **r))
+    md = write_report(rows_to_frame(rows), tmp_path).read_text()
+    head = _section(md, "## Headline")
+    if acc:
+        assert "curve (4 operating points, 2.00×–16.0×; closest -3.00 pt at 2.00×)" in head
+        assert "single (one operating point: 4.70×; closest -6.00 pt at 4.70×)" in head
+    else:
+        assert "curve (4 operating points, 2.00×–16.0×; closest +30.0% RMSE at 2.00×)" in head
+        assert "single (one operating point: 4.70×; closest +100.0% RMSE at 4.70×)" in head
