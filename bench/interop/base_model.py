@@ -53,7 +53,7 @@ def _checked(options) -> Path:
 
 @register_model("imported")
 class ImportedModel(ModelKind):
-    """A base model read from a file (imported from another library, or exported by a sweep): not trained."""
+    """A base model read from a file (``[dataset.X] base_model = FILE`` or ``--base-model FILE``): not trained."""
 
     Options = ImportedOptions
     given = True
