@@ -43,6 +43,14 @@ class StateReader:
     def keys_under(self, prefix: str) -> list[str]:
         return [k for k in self.state if k.startswith(prefix)]
 
+    def numbered(self, root: str) -> list[str]:
+        """The prefixes ``root0.``, ``root1.``, ... of a numbered module list (``layers.``), in order;
+        one refusal line if there is none."""
+        n = len({k[len(root):].split(".")[0] for k in self.keys_under(root)})
+        if n == 0:
+            raise Refused(f"state_dict does not fit {self.what}: no {root}N.* tensors")
+        return [f"{root}{i}." for i in range(n)]
+
     def ignore(self, *keys: str) -> None:
         """Keys the forward never reads (buffers such as ChebyKAN's ``arange``, BatchNorm's counter)."""
         self.read.update(k for k in keys if k in self.state)

@@ -69,10 +69,7 @@ def _model(r: StateReader, prefixes: list[str], constructor: dict, what: str):
 def import_kan(state, constructor):
     what = f"efficient-kan KAN({constructor or ''})"
     r = StateReader(state, what)
-    n = len({k.split(".")[1] for k in r.keys_under("layers.")})
-    if n == 0:
-        raise Refused(f"state_dict does not fit {what}: no layers.N.* tensors")
-    return _model(r, [f"layers.{i}." for i in range(n)], constructor, what)
+    return _model(r, r.numbered("layers."), constructor, what)
 
 
 def import_kanlinear(state, constructor):

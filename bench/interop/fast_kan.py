@@ -73,10 +73,7 @@ def _model(r: StateReader, prefixes: list[str], constructor: dict, what: str, us
 def import_fastkan(state, constructor):
     what = f"fast-kan FastKAN({constructor or ''})"
     r = StateReader(state, what)
-    n = len({k.split(".")[1] for k in r.keys_under("layers.")})
-    if n == 0:
-        raise Refused(f"state_dict does not fit {what}: no layers.N.* tensors")
-    return _model(r, [f"layers.{i}." for i in range(n)], constructor, what, use_norm=True)
+    return _model(r, r.numbered("layers."), constructor, what, use_norm=True)
 
 
 def import_fastkan_layer(state, constructor):

@@ -47,9 +47,7 @@ def import_kan(state, constructor):
         if mult:
             raise Refused(f"{what}: multiplication nodes have no exact mapping (a node is a product, not a sum of "
                           "edges)")
-    depth = len({k.split(".")[1] for k in r.keys_under("act_fun.")})
-    if depth == 0:
-        raise Refused(f"state_dict does not fit {what}: no act_fun.N.* tensors")
+    depth = len(r.numbered("act_fun."))
     layers = []
     for li in range(depth):
         p = f"act_fun.{li}."
