@@ -73,3 +73,10 @@ def test_another_budget_matches_nothing_and_says_so(reference, tmp_path, capsys)
     assert main(["run", *other, "--methods", "kmeans(K=4)", "--against", str(reference), "--dry-run",
                  "--out", str(tmp_path / "o")]) == 0
     assert "none of the runs asked share a base" in capsys.readouterr().err
+
+
+def test_combined_leaderboard_says_where_its_rows_were_run(reference, tmp_path):
+    out = tmp_path / "c"
+    assert main(["run", *ASK, "--methods", "kmeans(K=4)", "--against", str(reference), "--out", str(out)]) == 0
+    board = (out / "LEADERBOARD.md").read_text()
+    assert f"6 from `{reference.resolve()}`; 2 from `this folder`" in board

@@ -289,8 +289,12 @@ def header_section(df: pd.DataFrame, title: str, tolerance_acc: float, tolerance
                       "`dense` base model as the control, which got no fine-tune; their tables say so.", ""]
     if header_lines:
         lines += [f"- {line}" for line in header_lines] + [""]
+    if "source" in df.columns and df["source"].notna().any():  # rows merged in (bench merge, run --against)
+        by = df["source"].fillna("this folder").value_counts()
+        lines += ["Rows by where they were run (`source`; `run --against` copies a reference's rows in, `bench "
+                  "merge` combines folders): " + "; ".join(f"{int(n)} from `{src}`" for src, n in by.items())
+                  + ". Each keeps its own host, device, git commit and torch version (`runs.csv`).", ""]
     return lines
-
 
 
 def group_notes(points: pd.DataFrame) -> list[str]:
