@@ -369,3 +369,12 @@ def test_simple_conv_kagn_imports_exactly():
     assert check_outputs(model, x, y) <= 1e-5
     with pytest.raises(UserError, match="groups=2"):
         import_model(sd, "torch-conv-kan", {"groups": 2}, "SimpleConvKAGN")
+
+
+def test_pykan_selected_inputs_and_a_linear_kagn_head_are_refused(pykan_dir):
+    model = pykan.KAN(width=[3, 2, 1], grid=3, k=3, seed=0, auto_save=False)
+    model.input_id = torch.tensor([2, 0, 1])  # what prune_input leaves: the model reads its inputs reordered
+    with pytest.raises(UserError, match="input_id"):
+        import_model(model)
+    with pytest.raises(UserError, match="degree_out < 2"):
+        import_model({}, "torch-conv-kan", {"degree_out": 1}, "SimpleConvKAGN")
