@@ -110,8 +110,8 @@ def compress(model: nn.Module, method: str, data: str | Splits, *, seed: int = 0
     load_plugins(list(plugins))
     if not isinstance(model, nn.Module):
         raise UserError(f"model must be a torch module, got {type(model).__name__}")
-    config = getattr(model, "config", None)
-    if not (callable(config) and isinstance(config(), dict) and config().get("model") in MODELS):
+    config = model.config() if callable(getattr(model, "config", None)) else None
+    if not (isinstance(config, dict) and config.get("model") in MODELS):
         if recognise(model) is None:
             raise UserError(f"bench.compress takes a project model (KAN, ConvKAN, load_model, import_model) or a "
                             f"module of a supported KAN library; got {type(model).__name__}")

@@ -244,25 +244,25 @@ def zstd_bytes(path: str | Path, level: int = ZSTD_LEVEL) -> int:
     return len(zstandard.ZstdCompressor(level=level).compress(Path(path).read_bytes()))
 
 
+def _header_length(head: bytes, path) -> int:
+    """The compressed header's length, from a file's first ``len(MAGIC) + 4`` bytes."""
+    if not head.startswith(MAGIC):
+        raise ValueError(f"{path} is not an exported KAN model file")
+    return struct.unpack_from("<I", head, len(MAGIC))[0]
+
+
 def header_bytes(path: str | Path) -> int:
     """Bytes of an exported file that are not counted tensors: the magic line, the header length
     and the compressed JSON header (architecture, source types and configs, tensor table)."""
     with open(path, "rb") as fh:
-        head = fh.read(len(MAGIC) + 4)
-    if not head.startswith(MAGIC):
-        raise ValueError(f"{path} is not an exported KAN model file")
-    (hlen,) = struct.unpack_from("<I", head, len(MAGIC))
-    return len(MAGIC) + 4 + hlen
+        return len(MAGIC) + 4 + _header_length(fh.read(len(MAGIC) + 4), path)
 
 
 def read_header(path: str | Path) -> dict:
     """The JSON header of an exported model file (``model``: its config, ``sources``, ``tensors``,
     and ``imported_from`` for an imported model), without reading the tensors."""
     with open(path, "rb") as fh:
-        head = fh.read(len(MAGIC) + 4)
-        if not head.startswith(MAGIC):
-            raise ValueError(f"{path} is not an exported KAN model file")
-        (hlen,) = struct.unpack_from("<I", head, len(MAGIC))
+        hlen = _header_length(fh.read(len(MAGIC) + 4), path)
         return json.loads(zlib.decompress(fh.read(hlen)))
 
 
@@ -271,11 +271,8 @@ def load_model(path: str | Path) -> nn.Module:
     are always known; a source defined in a plugin must be registered first (``--plugin``), else
     one :class:`~bench.errors.UserError` line names the unknown type."""
     raw = Path(path).read_bytes()
-    if not raw.startswith(MAGIC):
-        raise ValueError(f"{path} is not an exported KAN model file")
-    pos = len(MAGIC)
-    (hlen,) = struct.unpack_from("<I", raw, pos)
-    pos += 4
+    hlen = _header_length(raw[:len(MAGIC) + 4], path)
+    pos = len(MAGIC) + 4
     header = json.loads(zlib.decompress(raw[pos:pos + hlen]))
     pos += hlen
     tensors = {}

@@ -17,6 +17,7 @@ REFERENCE is a results folder or a committed report folder (``reports/cpu`` hold
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -25,7 +26,7 @@ from pathlib import Path
 from bench.errors import UserError
 
 from .plan import stage_cache
-from .results import ResultsStore, read_results, row_problem
+from .results import ResultsStore, atomic_write_bytes, read_results, row_problem, warn_stderr
 from .sweep import RunSpec, Sweep
 
 CHECKED = ("dense", "dense_ft")
@@ -83,9 +84,9 @@ def prepare(sweep: Sweep, reference: str | Path, out: Path, log=print) -> tuple[
     known = [s for s in sweep.runs if s.run_id in rows or dataclasses.replace(
         s, method="dense_ft", method_config={}).run_id in rows]
     if not known:
-        print(f"warning: none of the runs asked share a base with {ref}'s runs: ask its sweep and budget (e.g. "
-              "--sweep cpu for reports/cpu, with the same --epochs/--finetune-epochs) to be compared with it",
-              file=__import__("sys").stderr)
+        warn_stderr(f"none of the runs asked share a base with {ref}'s runs: ask its sweep and budget "
+                    "(e.g. --sweep cpu for reports/cpu, with the same --epochs/--finetune-epochs) to be compared "
+                    "with it")
     log(f"against {ref}: {len(sweep.runs) - len(todo)} of the {len(sweep.runs)} runs asked are in the reference; "
         f"{len(todo)} to run" + (f", {len(checks)} dense/dense_ft runs of re-trained bases to check against it"
                                  if checks else "") + (f"; {reused} trained models reused from its cache" if reused
@@ -108,11 +109,7 @@ def _spread(rows: dict[str, dict], row: dict, key: str) -> float:
 def finish(reference: str | Path, rows: dict[str, dict], checks: list[RunSpec], out: Path, log=print,
            warn=None) -> dict:
     """Compare the re-run controls with the reference, then copy the reference rows into ``out``."""
-    import json
-
-    from .results import atomic_write_bytes
-
-    warn = warn or (lambda m: print(m, file=__import__("sys").stderr))
+    warn = warn or warn_stderr
     store = ResultsStore(out)
     new = {r["run_id"]: r for r in store.rows()}
     worst = {"test": 0.0, "val": 0.0}
@@ -130,7 +127,7 @@ def finish(reference: str | Path, rows: dict[str, dict], checks: list[RunSpec], 
         log(f"reference check: {len(checks)} re-trained dense/dense_ft rows against {reference}: largest "
             f"|difference| test {worst['test']:.3g}, validation {worst['val']:.3g}")
     if off:
-        warn(f"warning: re-trained controls differ from the reference by more than its seed spread (another CPU "
+        warn(f"re-trained controls differ from the reference by more than its seed spread (another CPU "
              f"or torch version?): {'; '.join(dict.fromkeys(off))}")
     source = str(Path(reference).resolve())
     copied = 0
