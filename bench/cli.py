@@ -114,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ConvKAN channels for the conv rows (default 16,32,64; empty string: no conv rows)")
     pf.add_argument("--conv-batch", type=int, default=64, help="batch of the ConvKAN rows (default 64)")
     pf.add_argument("--fused", action="store_true",
-                    help="also time the ConvKAN step with fused (torch.compile) basis features against eager")
+                    help="also time the ConvKAN step with compiled (the default) against eager basis features")
+    pf.add_argument("--anchors", action="store_true",
+                    help="also time the public fast KAN layers flashkan and inkan (extra 'anchors'; skipped with a "
+                         "reason when not installed) against the same MLP and against the project's bspline KAN")
     pf.add_argument("--out", default="results/perf.csv", help="CSV to write (default results/perf.csv)")
 
     from bench.run.transfer import (

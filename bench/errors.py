@@ -7,6 +7,8 @@ never a traceback.
 
 from __future__ import annotations
 
+import sys
+
 
 class UserError(Exception):
     """A mistake in what the user asked for; the message is one line naming the fix."""
@@ -25,3 +27,8 @@ class Infeasible(Exception):
     Not a user mistake in the sweep file's syntax and not a failure: the runner records the run
     with ``status = "infeasible"`` and this message as the reason, and a rerun does not retry it.
     """
+
+
+def warn_stderr(message: str) -> None:
+    """One ``warning:`` line on stderr (what the harness says about a run without stopping it)."""
+    print(f"warning: {message}", file=sys.stderr)

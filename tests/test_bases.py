@@ -98,27 +98,91 @@ def test_rbf_fast_path_matches_reference_values_and_gradients():
     assert torch.autograd.gradcheck(b, (x[:2, :].detach().clone().requires_grad_(),))
 
 
-@pytest.mark.parametrize("name,kwargs", [("bspline", {}), ("rbf", {"norm": False}), ("chebyshev", {}),
-                                         ("gram", {}), ("fourier", {}), ("bspline", {"grid": 3, "lo": -1.0})])
+@pytest.mark.parametrize("name,kwargs", [("bspline", {}), ("rbf", {"norm": False}), ("rbf", {}), ("chebyshev", {}),
+                                         ("gram", {}), ("fourier", {}), ("bspline", {"grid": 3, "lo": -1.0}),
+                                         ("bspline", {"extrapolate": True})])
 def test_kernel_expression_matches_the_basis_values_and_gradients(name, kwargs):
-    """What the fused features compile is the basis (values, then silu) in values and gradients."""
-    b = make_basis(name, 5, **kwargs)
+    """What the fused features compile is the basis (values, then silu) in values and gradients,
+    the RBF's LayerNorm parameters included."""
+    b = make_basis(name, 5, **kwargs).double()
     fn, args = b.kernel()
     x = (3 * torch.randn(64, 5, dtype=torch.float64)).requires_grad_()
     g = torch.randn(64, 5, b.n_basis + 1, dtype=torch.float64)
+    wrt = [x, *b.parameters()]
     want = torch.cat([b(x), torch.nn.functional.silu(x).unsqueeze(-1)], dim=-1)
-    got = fn(x, *args)
+    got = fn(x, *args).transpose(1, 2)  # basis-major underneath
     assert torch.allclose(got, want, atol=1e-10)
-    assert torch.allclose(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0], atol=1e-6)
+    assert torch.allclose(b.features(x), want, atol=1e-12)  # the eager features: one tensor, same values
+    for a, r in zip(torch.autograd.grad(got, wrt, g), torch.autograd.grad(want, wrt, g)):
+        assert torch.allclose(a, r, atol=1e-6)
 
 
-def test_bases_without_a_pointwise_kernel_run_eagerly():
-    assert make_basis("rbf", 8).kernel() is None  # LayerNorm mixes a row's inputs
+def test_bases_without_a_kernel_run_eagerly():
     assert make_basis("bspline", 4, order=2).kernel() is None  # only the cubic has a closed form here
+    assert make_basis("bspline", 4, knots="per_input").kernel() is None  # knots are data: the recursion
+    assert make_basis("kagn", 4).kernel() is None  # learned recurrence coefficients
 
 
+def _reference(b, x):
+    """Each basis from its definition, independently of the code under test, in float64."""
+    import math
+
+    if b.name == "bspline":
+        from bench.model.bases import cox_de_boor
+        xc = x if b.extrapolate else x.clamp(b.lo, b.hi - 1e-6 * (b.hi - b.lo))
+        return cox_de_boor(xc, b.knots.double(), b.order)
+    if b.name == "rbf":
+        centers = torch.linspace(b.lo, b.hi, b.n_basis, dtype=x.dtype)
+        return torch.exp(-(((b.norm(x).unsqueeze(-1) - centers) / ((b.hi - b.lo) / (b.n_basis - 1))) ** 2))
+    t = torch.tanh(x)
+    if b.name == "chebyshev":  # T_k(t) = cos(k acos t)
+        t = t.clamp(-1 + b.margin, 1 - b.margin)
+        return torch.cos(torch.arange(b.n_basis, dtype=x.dtype) * torch.acos(t).unsqueeze(-1))
+    if b.name == "gram":  # monic orthogonal on m points (2k - m + 1) / m: Gram-Schmidt of 1, t, t^2, ... there
+        t = t.clamp(-1 + b.margin, 1 - b.margin)
+        m = b.n_basis
+        pts = (2 * torch.arange(m, dtype=x.dtype) - (m - 1)) / m
+        q = []
+        for k in range(m):
+            coef = torch.zeros(m, dtype=x.dtype)
+            coef[k] = 1.0
+            for qc in q:  # subtract projections (discrete inner product on the points)
+                pv, qv = _poly(coef, pts), _poly(qc, pts)
+                coef = coef - (pv * qv).sum() / (qv * qv).sum() * qc
+            q.append(coef)
+        return torch.stack([_poly(c, t) for c in q], dim=-1)
+    if b.name == "fourier":
+        a = (math.pi * t).unsqueeze(-1) * torch.arange(1, b.frequencies + 1, dtype=x.dtype)
+        return torch.cat([torch.cos(a), torch.sin(a)], dim=-1)
+    raise AssertionError(b.name)
+
+
+def _poly(coef, t):
+    return sum(c * t**k for k, c in enumerate(coef))
+
+
+@pytest.mark.parametrize("name,kwargs", [("bspline", {}), ("bspline", {"extrapolate": True}),
+                                         ("bspline", {"order": 2}), ("rbf", {}), ("rbf", {"norm": False}),
+                                         ("chebyshev", {}), ("gram", {}), ("fourier", {})])
+def test_features_far_outside_the_grid_are_finite_and_exact(name, kwargs):
+    """Speed must not cost exactness: at +-1e3 (and in between) the features, eager and compiled
+    expression alike, are finite and equal the basis's definition in float64 to 1e-6 (flashkan's
+    truncated-power form gives 8.0 for a value that is 0 at x = 200)."""
+    from bench.model.bases import features_path
+
+    b = make_basis(name, 6, **kwargs).double()
+    x = torch.tensor([[-1e3, -200.0, -3.0, -0.3, 0.7, 1e3], [1e3, 200.0, 2.5, -2.0, 2.0, -1e3]], dtype=torch.float64)
+    want = torch.cat([_reference(b, x), torch.nn.functional.silu(x).unsqueeze(-1)], dim=-1)
+    paths = {"eager": b.features(x)}
+    if b.kernel() is not None:
+        fn, args = b.kernel()
+        paths["expression"] = fn(x, *args).transpose(1, 2)
+    for path, got in paths.items():
+        assert torch.isfinite(got).all(), path
+        assert torch.allclose(got, want, atol=1e-6, rtol=0), (path, (got - want).abs().max())
+    assert features_path() in ("compiled", "eager")
 def test_fused_features_give_the_eager_convkan_outputs_and_gradients():
-    """With train.compile on, a ConvKAN's step runs the compiled features and matches eager."""
+    """By default a ConvKAN's step runs the compiled features, and matches the eager step."""
     from bench.model.bases import _FUSED, use_fused_features
     from bench.model.kan import ConvKAN
 
@@ -132,12 +196,47 @@ def test_fused_features_give_the_eager_convkan_outputs_and_gradients():
         y.square().sum().backward()
         return y.detach(), [p.grad.clone() for p in model.parameters()]
 
-    y_eager, g_eager = step()
-    use_fused_features(True)
+    use_fused_features(False)
     try:
-        y_fused, g_fused = step()
+        y_eager, g_eager = step()
     finally:
-        use_fused_features(False)
+        use_fused_features(None)
+    y_fused, g_fused = step()  # the default
     assert _FUSED["compiled"], "the compiled path was not taken"
     assert torch.allclose(y_fused, y_eager, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(g_fused, g_eager))
+
+
+def test_compiled_features_are_the_default_and_a_compiler_failure_falls_back_in_one_line(monkeypatch, capsys):
+    """Library use gets the compiled features without asking (basis-major underneath, equal to eager);
+    BENCH_EAGER=1 asks for eager; a compiler that fails is said once and every layer runs eagerly."""
+    from bench.model import bases
+    from bench.model.kan import KAN
+
+    torch.manual_seed(0)
+    model, x = KAN([6, 5, 3], "gram"), torch.randn(16, 6)
+    feats = model.layers[0].features(x)
+    assert bases.features_path() == "compiled" and bases.basis_major(feats)
+    eager = model.layers[0].basis.features(x)
+    assert not bases.basis_major(eager) and torch.allclose(feats, eager, atol=1e-6)
+    y = model(x)
+    monkeypatch.setenv("BENCH_EAGER", "1")
+    assert bases.features_path() == "eager" and not bases.basis_major(model.layers[0].features(x))
+    assert torch.allclose(model(x), y, atol=1e-5)
+    monkeypatch.delenv("BENCH_EAGER")
+
+    def broken(fn):
+        def call(*args):
+            raise RuntimeError("no C compiler found\nmore detail")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setitem(bases._FUSED, "compiled", {})
+    try:
+        assert torch.allclose(model(x), y, atol=1e-5)
+        assert torch.allclose(model(x), y, atol=1e-5)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "compiled KAN features unavailable (RuntimeError: no C compiler found)" in err[0]
+        assert bases.features_path() == "eager"
+    finally:
+        bases._FUSED["failed"] = None

@@ -64,4 +64,40 @@ def test_run_perf_fused_rows_time_the_compiled_features_against_eager():
     assert len(row) == 1 and (row["value"] > 0).all() and (row["reference"] > 0).all()
     from bench.model.bases import _FUSED
 
-    assert not _FUSED["on"]  # switched back off
+    assert _FUSED["mode"] is None  # back to the default
+
+
+def test_perf_anchors_time_installed_libraries_and_skip_absent_ones(monkeypatch):
+    """--anchors: an installed library's KAN is timed against the MLP and against the project's bspline
+    (ratio project / anchor), one it cannot import is skipped with its reason."""
+    import sys
+    import types
+
+    import torch
+
+    from bench.run import perf
+
+    lib = types.ModuleType("fake_fastkan_lib")
+    lib.__version__ = "9.9"
+
+    class KANNetwork(torch.nn.Module):  # a stand-in with the libraries' constructor: widths
+        def __init__(self, widths):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(widths[0], widths[1]), torch.nn.SiLU(),
+                                           torch.nn.Linear(widths[1], widths[-1]))
+
+        def forward(self, x):
+            return self.net(x)
+
+    lib.KANNetwork = KANNetwork
+    monkeypatch.setitem(sys.modules, "fake_fastkan_lib", lib)
+    monkeypatch.setattr(perf, "ANCHORS", {"fake": ("fake_fastkan_lib", "KANNetwork", lambda c, w: c(w)),
+                                          "absent": ("no_such_kan_library", "KANNetwork", lambda c, w: c(w))})
+    said = []
+    df = run_perf("cpu", batch=16, widths=[20, 8, 4], bases=["bspline"], repeats=1, log=said.append,
+                  compressed=False, conv_channels=[], anchors=True)
+    rows = df[df.kind.isin(["anchor_train_step", "anchor_inference"])]
+    assert set(rows["subject"]) == {"fake 9.9 kan[20, 8, 4] / mlp", "project bspline / fake 9.9"}
+    assert len(rows) == 4 and (rows["value"] > 0).all() and (rows["reference"] > 0).all()
+    assert rows.loc[rows.subject.str.startswith("project"), "target"].eq(1.0).all()
+    assert any(line.startswith("anchor absent: skipped, not installed") for line in said)

@@ -10,14 +10,16 @@ Every default basis has 8 functions, so edge vectors are comparable (9 values) a
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.errors import UserError
+from bench.errors import UserError, warn_stderr
 from bench.registry import Registry
 
 BASES = Registry("basis")
@@ -52,9 +54,15 @@ class Basis(nn.Module):
         """Constructor keyword arguments that rebuild this basis (used by export/load)."""
         return {}
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, in] -> [B, in, n_basis + 1]``: the basis values, then ``silu(x)`` (the eager path; a
+        basis may override it with a cheaper one, and :func:`fused_features` replaces it when compiled)."""
+        return torch.cat([self(x), F.silu(x).unsqueeze(-1)], dim=-1)
+
     def kernel(self) -> tuple[Callable, tuple] | None:
-        """``(fn, args)``: ``fn(x, *args)`` is this basis's values followed by ``silu(x)`` (a KAN layer's
-        features) as one pure function of ``x`` and constants (numbers, fixed buffers), for the fused features
+        """``(fn, args)``: ``fn(x, *args) -> [B, n_basis + 1, in]`` is a KAN layer's features (this basis's
+        values, then ``silu(x)``) laid out basis-major, as one pure function of ``x`` and constants
+        (numbers, fixed buffers, the RBF's norm parameters), for the compiled features
         (:func:`fused_features`); None where the basis has none (it then always runs eagerly)."""
         return None
 
@@ -204,16 +212,22 @@ class _UniformCubic(torch.autograd.Function):
 # The pure expressions the fused features compile. Constant vectors come in as tensors: built inside
 # a compiled graph (arange, linspace) they are recomputed on every call and cost more than they save.
 def _cubic_formula(x: torch.Tensor, lo: float, hi: float, grid: int, offsets: torch.Tensor,
-                   clamp: bool = True) -> torch.Tensor:
-    """:class:`_UniformCubic` as one differentiable expression; ``offsets`` is ``arange(grid + 3) + 2``."""
+                   clamp: bool = True, dim: int = -1) -> torch.Tensor:
+    """:class:`_UniformCubic` as one differentiable expression; ``offsets`` is ``arange(grid + 3) + 2``.
+    The basis index is dimension ``dim`` (-1: ``[B, in, n]``; 1: basis-major ``[B, n, in]``)."""
     h = (hi - lo) / grid
     u = ((x.clamp(lo, hi - 1e-6 * (hi - lo)) if clamp else x) - lo) * (1.0 / h) + 3.0
-    a = (u.unsqueeze(-1) - offsets.to(x.dtype)).abs()
+    a = (u.unsqueeze(dim) - _along(offsets.to(x.dtype), dim)).abs()
     return ((2.0 - a).clamp(min=0.0) ** 3 - 4.0 * (1.0 - a).clamp(min=0.0) ** 3) * (1.0 / 6.0)
 
 
-def _gaussian_formula(x: torch.Tensor, centers: torch.Tensor, inv_width: float) -> torch.Tensor:
-    z = (x.unsqueeze(-1) - centers.to(x.dtype)) * inv_width
+def _along(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """A ``[n]`` vector shaped to broadcast along ``dim`` of ``x.unsqueeze(dim)`` for a 2-D ``x``."""
+    return v if dim == -1 else v.view(-1, 1)
+
+
+def _gaussian_formula(x: torch.Tensor, centers: torch.Tensor, inv_width: float, dim: int = -1) -> torch.Tensor:
+    z = (x.unsqueeze(dim) - _along(centers.to(x.dtype), dim)) * inv_width
     return torch.exp(-z * z)
 
 
@@ -273,7 +287,10 @@ class RBFBasis(Basis):
         return _gaussian_formula(self.norm(x), self.centers, self.inv_width)
 
     def kernel(self):
-        return None if self.use_norm else (_rbf_features, (self.centers, self.inv_width))
+        if self.use_norm:
+            n = self.norm
+            return _rbf_norm_features, (n.weight, n.bias, n.eps, self.centers, self.inv_width)
+        return _rbf_features, (self.centers, self.inv_width)
 
 
 def _squash(x: torch.Tensor, margin: float) -> torch.Tensor:
@@ -281,26 +298,29 @@ def _squash(x: torch.Tensor, margin: float) -> torch.Tensor:
     return torch.tanh(x).clamp(-1.0 + margin, 1.0 - margin)
 
 
-def _chebyshev_formula(x: torch.Tensor, degree: int, margin: float) -> torch.Tensor:
+def _chebyshev_formula(x: torch.Tensor, degree: int, margin: float, *last: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``T_0..T_degree`` of the squashed ``x`` stacked on the last dim, then the ``last`` columns (the
+    features' ``silu(x)``: one stack writes the whole feature tensor, no second concatenation)."""
     x = _squash(x, margin)
     polys = [torch.ones_like(x), x]
     for _ in range(2, degree + 1):
         polys.append(2 * x * polys[-1] - polys[-2])
-    return torch.stack(polys, dim=-1)
+    return torch.stack([*polys, *last], dim=dim)
 
 
-def _gram_formula(x: torch.Tensor, degree: int, margin: float) -> torch.Tensor:
+def _gram_formula(x: torch.Tensor, degree: int, margin: float, *last: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Gram polynomials of the squashed ``x``, then the ``last`` columns (as :func:`_chebyshev_formula`)."""
     x = _squash(x, margin)
     m = degree + 1
     polys = [torch.ones_like(x), x]
     for n in range(1, degree):
         polys.append(x * polys[-1] - (n * n * (m * m - n * n) / (m * m * (4 * n * n - 1))) * polys[-2])
-    return torch.stack(polys, dim=-1)
+    return torch.stack([*polys, *last], dim=dim)
 
 
-def _fourier_formula(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    a = (math.pi * torch.tanh(x)).unsqueeze(-1) * k.to(x.dtype)
-    return torch.cat([torch.cos(a), torch.sin(a)], dim=-1)
+def _fourier_formula(x: torch.Tensor, k: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    a = (math.pi * torch.tanh(x)).unsqueeze(dim) * _along(k.to(x.dtype), dim)
+    return torch.cat([torch.cos(a), torch.sin(a)], dim=dim)
 
 
 @register_basis("chebyshev")
@@ -319,6 +339,9 @@ class ChebyshevBasis(Basis):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _chebyshev_formula(x, self.degree, self.margin)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return _chebyshev_formula(x, self.degree, self.margin, F.silu(x))
 
     def kernel(self):
         return _chebyshev_features, (self.degree, self.margin)
@@ -344,6 +367,9 @@ class GramBasis(Basis):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _gram_formula(x, self.degree, self.margin)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return _gram_formula(x, self.degree, self.margin, F.silu(x))
 
     def kernel(self):
         return _gram_features, (self.degree, self.margin)
@@ -401,64 +427,121 @@ class FourierBasis(Basis):
         return _fourier_features, (self.k,)
 
 
-# -- fused features (opt-in, the sweep's ``train.compile``) ------------------------------------------
+# -- fused features (the default) ----------------------------------------------------------------
 # A KAN layer's features, the basis values and silu(x), are a chain of elementwise passes over an
-# [N, in, n_basis + 1] tensor; on a CPU they, not the matrix product, dominate a KAN convolution's
-# step. torch.compile (inductor) fuses each basis's expression, forward and backward, into one
-# loop. Compiled once per basis kind with dynamic shapes (every layer and batch size reuses it);
-# the first call pays the compilation (tens of seconds on 2 cores; cached on disk after that).
-_FUSED: dict = {"on": False, "compiled": {}}
+# [B, in, n_basis + 1] tensor; on a CPU they, not the matrix product, dominate a KAN's step. torch.compile
+# (inductor) fuses each basis's expression, forward and backward, into one loop: measured with
+# `python -m bench perf`, 2-4x cheaper features than the eager passes. Compiled once per basis kind with
+# dynamic shapes (every layer and batch size reuses it); the first call in a process pays the
+# compilation (about 20 s on 2 cores the first time on a machine, about 1 s once inductor's disk
+# cache has it). Where compiling fails (no C compiler, a device inductor does not support) the first
+# failure is said in one line and every layer runs eagerly from then on: same values, slower.
+_FUSED: dict = {"mode": None, "compiled": {}, "failed": None}
+FUSED_DEVICES = ("cpu", "cuda")
 
 
-def _silu_column(x: torch.Tensor) -> torch.Tensor:
-    return F.silu(x).unsqueeze(-1)
+# One function per basis kind (torch.compile caches per code object): basis values, then silu(x), laid
+# out basis-major, [B, n_basis + 1, in]: the compiled loop then runs along the inputs (vectorised) and
+# is about twice as fast as writing [B, in, n_basis + 1] (measured: bspline 0.38 vs 0.72 ms forward at
+# [256, 784]). fused_features hands it on as a [B, in, n_basis + 1] view (see basis_major).
+def _silu_row(x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x).unsqueeze(1)
 
 
-# One function per basis kind (torch.compile caches per code object): basis values, then silu(x).
 def _bspline_features(x, lo, hi, grid, offsets, clamp):
-    return torch.cat([_cubic_formula(x, lo, hi, grid, offsets, clamp), _silu_column(x)], dim=-1)
+    return torch.cat([_cubic_formula(x, lo, hi, grid, offsets, clamp, dim=1), _silu_row(x)], dim=1)
 
 
 def _rbf_features(x, centers, inv_width):
-    return torch.cat([_gaussian_formula(x, centers, inv_width), _silu_column(x)], dim=-1)
+    return torch.cat([_gaussian_formula(x, centers, inv_width, dim=1), _silu_row(x)], dim=1)
+
+
+def _rbf_norm_features(x, weight, bias, eps, centers, inv_width):
+    """FastKAN's layer: Gaussians of the LayerNorm'ed input, silu of the raw input. Compiled as one
+    expression, the norm, the Gaussians and both their backwards are one loop each way."""
+    xn = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    return torch.cat([_gaussian_formula(xn, centers, inv_width, dim=1), _silu_row(x)], dim=1)
 
 
 def _chebyshev_features(x, degree, margin):
-    return torch.cat([_chebyshev_formula(x, degree, margin), _silu_column(x)], dim=-1)
+    return _chebyshev_formula(x, degree, margin, F.silu(x), dim=1)
 
 
 def _gram_features(x, degree, margin):
-    return torch.cat([_gram_formula(x, degree, margin), _silu_column(x)], dim=-1)
+    return _gram_formula(x, degree, margin, F.silu(x), dim=1)
 
 
 def _fourier_features(x, k):
-    return torch.cat([_fourier_formula(x, k), _silu_column(x)], dim=-1)
+    return torch.cat([_fourier_formula(x, k, dim=1), _silu_row(x)], dim=1)
 
 
-def use_fused_features(on: bool) -> None:
-    """Turn the fused (compiled) features on or off for every KAN layer in this process."""
-    _FUSED["on"] = bool(on)
-    if on:  # inductor's CPU build looks for CUDA headers and warns on every CPU-only machine
-        import logging
+def basis_major(features: torch.Tensor) -> bool:
+    """Whether ``features [B, in, E]`` is a view of a contiguous basis-major ``[B, E, in]`` tensor (what
+    the compiled features give): a matmul then reads it as ``[B, E * in]`` against the edge tensor
+    permuted to ``[out, E, in]`` (:meth:`bench.model.sources.EdgeSource.contract`), with no copy."""
+    if features.dim() != 3 or features.shape[1] < 2:
+        return False
+    _, n, e = features.shape
+    return features.stride() == (n * e, 1, n)
 
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+def use_fused_features(on: bool | None) -> bool | None:
+    """Compiled basis features for every KAN layer in this process: ``True``/``None`` (the default:
+    wherever a compiler works) or ``False`` (always eager); returns the mode it replaces.
+    ``BENCH_EAGER=1`` in the environment makes the default eager."""
+    old, _FUSED["mode"] = _FUSED["mode"], None if on is None else bool(on)
+    return old
+
+
+@contextlib.contextmanager
+def eager_features():
+    """Within the block every layer runs its eager features (FLOP counting, quick timing probes)."""
+    old = _FUSED["mode"]
+    _FUSED["mode"] = False
+    try:
+        yield
+    finally:
+        _FUSED["mode"] = old
+
+
+def fused_on() -> bool:
+    """Whether layers try the compiled features now (the mode, else ``BENCH_EAGER``)."""
+    mode = _FUSED["mode"]
+    if mode is None:
+        mode = os.environ.get("BENCH_EAGER", "") in ("", "0")
+    return bool(mode) and _FUSED["failed"] is None
+
+
+def features_path() -> str:
+    """``"compiled"`` or ``"eager"``, what a layer's features run now (for a results row)."""
+    return "compiled" if fused_on() else "eager"
 
 
 def fused_features(basis: Basis, x: torch.Tensor) -> torch.Tensor | None:
-    """``[B, in] -> [B, in, n_basis + 1]`` through the compiled expression of ``basis``, or None when
-    fused features are off or the basis has no kernel (the caller then runs eagerly)."""
-    if not _FUSED["on"]:
-        return None
+    """``[B, in] -> [B, in, n_basis + 1]`` through the compiled expression of ``basis``, or None where
+    the eager path runs instead (compiled features off or failed, a basis without a kernel, a batch
+    of one row, a device inductor does not compile for)."""
+    if not fused_on() or x.shape[0] < 2 or x.device.type not in FUSED_DEVICES:
+        return None  # rows 0 and 1 are specialised by the compiler: one more graph each, not worth it
     kernel = basis.kernel()
     if kernel is None:
         return None
-    if x.shape[0] < 2:  # size 0 and 1 are specialised by the compiler: one more graph each, not worth it
-        return None
     fn, args = kernel
-    if fn not in _FUSED["compiled"]:
-        _FUSED["compiled"][fn] = torch.compile(fn)
+    compiled = _FUSED["compiled"].get(fn)
+    if compiled is None:
+        import logging  # inductor's CPU build looks for CUDA headers and warns on every CPU-only machine
+
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        compiled = _FUSED["compiled"][fn] = torch.compile(fn)
     # rows and inputs vary from layer to layer and batch to batch: dynamic from the first call, so one
     # graph serves them all (otherwise each new size compiles once more, up to dynamo's recompile limit)
     torch._dynamo.maybe_mark_dynamic(x, 0)
     torch._dynamo.maybe_mark_dynamic(x, 1)
-    return _FUSED["compiled"][fn](x, *args)
+    try:
+        return compiled(x, *args).transpose(1, 2)  # [B, in, n_basis + 1], basis-major underneath
+    except Exception as exc:  # noqa: BLE001 - any compiler failure: say it once, run eagerly from now on
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        _FUSED["failed"] = f"{type(exc).__name__}: {first}"
+        warn_stderr(f"note: compiled KAN features unavailable ({_FUSED['failed']}); running eagerly (same "
+                    "values, slower)")
+        return None

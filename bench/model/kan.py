@@ -25,7 +25,7 @@ from torch import nn
 
 from bench.errors import UserError
 
-from .bases import fused_features, make_basis
+from .bases import basis_major, fused_features, make_basis
 from .sources import DenseSource, EdgeSource
 
 
@@ -90,12 +90,10 @@ class KANLayer(nn.Module):
         self.source = source
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, in] -> [B, in, n_basis + 1]``: the basis values, then silu(x) (fused by torch.compile
-        when :func:`bench.model.bases.use_fused_features` is on)."""
+        """``[B, in] -> [B, in, n_basis + 1]``: the basis values, then silu(x), fused by torch.compile
+        wherever a compiler works (:func:`bench.model.bases.fused_features`), else eagerly."""
         fused = fused_features(self.basis, x)
-        if fused is not None:
-            return fused
-        return torch.cat([self.basis(x), F.silu(x).unsqueeze(-1)], dim=-1)
+        return fused if fused is not None else self.basis.features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.source.contract(self.features(x))
@@ -201,21 +199,30 @@ class KANConv2d(nn.Module):
         return ((h + 2 * self.padding - self.kernel) // self.stride + 1,
                 (w + 2 * self.padding - self.kernel) // self.stride + 1)
 
-    def pixel_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The basis values and silu of every pixel, ``[B, C * (n_basis + 1), H, W]`` (channel-major)."""
+    def pixel_features(self, x: torch.Tensor, any_order: bool = False) -> tuple[torch.Tensor, bool]:
+        """The basis values and silu of every pixel, ``[B, C * (n_basis + 1), H, W]``, and whether its
+        channels are basis-major (``(n_basis + 1) * C``, what compiled features give when ``any_order``:
+        no copy) rather than channel-major (``C * (n_basis + 1)``)."""
         b, c, h, w = x.shape
+        n1 = self.kan.edge_dim
         feats = self.kan.features(x.permute(0, 2, 3, 1).reshape(-1, c))  # [B*H*W, C, n+1]
-        return feats.reshape(b, h, w, c * self.kan.edge_dim).permute(0, 3, 1, 2)
+        if basis_major(feats):
+            feats = feats.transpose(1, 2).reshape(b, h, w, n1 * c).permute(0, 3, 1, 2)  # a view
+            if any_order:
+                return feats, True
+            return feats.reshape(b, n1, c, h, w).transpose(1, 2).reshape(b, c * n1, h, w), False
+        return feats.reshape(b, h, w, c * n1).permute(0, 3, 1, 2), False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fast:
             return self.forward_unfold(x)
         c, k, n1 = x.shape[1], self.kernel, self.kan.edge_dim
         if self.pad == "input":  # pad the inputs: the basis sees the zeros
-            feats, padding = self.pixel_features(F.pad(x, (self.padding,) * 4)), 0
+            (feats, by_basis), padding = self.pixel_features(F.pad(x, (self.padding,) * 4), True), 0
         else:  # pad the features with zeros (torch-conv-kan)
-            feats, padding = self.pixel_features(x), self.padding
-        weight = self.kan.edge_tensor().to(feats.dtype).reshape(self.out_channels, c, k, k, n1).permute(0, 1, 4, 2, 3)
+            (feats, by_basis), padding = self.pixel_features(x, True), self.padding
+        weight = self.kan.edge_tensor().to(feats.dtype).reshape(self.out_channels, c, k, k, n1)
+        weight = weight.permute(0, 4, 1, 2, 3) if by_basis else weight.permute(0, 1, 4, 2, 3)
         return F.conv2d(feats, weight.reshape(self.out_channels, c * n1, k, k), self.kan.bias, stride=self.stride,
                         padding=padding)
 
@@ -228,7 +235,7 @@ class KANConv2d(nn.Module):
             y = self.kan(self.patches(x))  # [B*L, out]
         else:
             n1, k = self.kan.edge_dim, self.kernel
-            p = F.unfold(self.pixel_features(x), k, padding=self.padding, stride=self.stride)  # [B, C*n1*k*k, L]
+            p = F.unfold(self.pixel_features(x)[0], k, padding=self.padding, stride=self.stride)  # [B, C*n1*k*k, L]
             rows = p.transpose(1, 2).reshape(-1, c, n1, k * k).transpose(2, 3).reshape(-1, c * k * k, n1)
             y = self.kan.source.contract(rows)
             y = y if self.kan.bias is None else y + self.kan.bias

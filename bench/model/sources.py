@@ -27,6 +27,8 @@ from torch import nn
 
 from bench.registry import Registry
 
+from .bases import basis_major
+
 SOURCES = Registry("source", "a source defined in a plugin registers when its file is loaded "
                               "(pass the file with --plugin)")
 
@@ -78,21 +80,28 @@ class EdgeSource(nn.Module):
         raise NotImplementedError
 
     def contract(self, features: torch.Tensor) -> torch.Tensor:
-        """``features[B, in, n+1] -> [B, out]`` (one matmul over the flattened edge tensor)."""
-        w = self.inference_tensor().reshape(self.out_features, -1)
-        return features.reshape(features.shape[0], -1) @ w.t()
+        """``features[B, in, n+1] -> [B, out]`` (one matmul over the flattened edge tensor). Compiled
+        features are basis-major underneath (:func:`bench.model.bases.basis_major`): they are read
+        as ``[B, (n+1) * in]`` against the edge tensor permuted to match, and never copied."""
+        b = features.shape[0]
+        if basis_major(features):
+            w = self.inference_tensor(basis_major=True).reshape(self.out_features, -1)
+            return features.transpose(1, 2).reshape(b, -1) @ w.t()
+        return features.reshape(b, -1) @ self.inference_tensor().reshape(self.out_features, -1).t()
 
-    def inference_tensor(self) -> torch.Tensor:
-        """``edge_tensor()``; without autograd (inference) a decompressed tensor is kept and reused
-        until one of the source's parameters or buffers changes (decompress once, as a deployed
-        model would at load time)."""
+    def inference_tensor(self, basis_major: bool = False) -> torch.Tensor:
+        """``edge_tensor()`` (``basis_major``: permuted to ``[out, n+1, in]``, contiguous); without
+        autograd (inference) a decompressed tensor is kept and reused until one of the source's
+        parameters or buffers changes (decompress once, as a deployed model would at load time)."""
         if torch.is_grad_enabled():
             self._cache = None
-            return self.edge_tensor()
-        key = tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+            w = self.edge_tensor()
+            return w.transpose(1, 2).contiguous() if basis_major else w
+        key = (tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers())), basis_major)
         cache = getattr(self, "_cache", None)
         if cache is None or cache[0] != key:
-            cache = (key, self.edge_tensor().detach())
+            w = self.edge_tensor().detach()
+            cache = (key, w.transpose(1, 2).contiguous() if basis_major else w)
             self._cache = cache
         return cache[1]
 

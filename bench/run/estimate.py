@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from bench.compression.pipeline import method_class
 from bench.data import get_dataset
+from bench.model.bases import eager_features
 
 from .plan import Plan, stage_epochs
 
@@ -75,7 +76,7 @@ class Setup:
 def setup_key(spec) -> str:
     t = spec.train
     return json.dumps([spec.dataset, spec.dataset_options, spec.model, spec.model_options, spec.basis,
-                       spec.basis_options, t.get("batch_size"), bool(t.get("compile", False)),
+                       spec.basis_options, t.get("batch_size"), t.get("compile") is not False,
                        bool(t.get("amp", False))], sort_keys=True, default=str)
 
 
@@ -168,7 +169,7 @@ def step_flops(spec, batch: int = 1, device=None) -> float:
     device = torch.device(device)
     ds, model = build_probe_model(spec, device)
     x, y = _inputs(ds, batch, device)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, eager_features():
         out = model(x)
         loss = F.cross_entropy(out, y) if ds.task == "classification" else F.mse_loss(out, y)
         loss.backward()
@@ -188,28 +189,29 @@ def probe(s: Setup, device, deadline: float) -> None:
     threads = torch.get_num_threads()
     if device.type == "cpu":  # the threads a run pins (bench.run.runner)
         torch.set_num_threads(int(s.spec.train.get("threads", threads)))
-    try:
-        times = []
-        for i in range(PROBE_WARMUP + PROBE_STEPS):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            _step(model, opt, x, y, ds.task, amp, device)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i >= PROBE_WARMUP:
-                times.append(time.perf_counter() - t0)
-            if time.perf_counter() >= deadline:
-                break
-    finally:
-        torch.set_num_threads(threads)
+    times = []
+    with eager_features():
+        try:
+            for i in range(PROBE_WARMUP + PROBE_STEPS):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                _step(model, opt, x, y, ds.task, amp, device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i >= PROBE_WARMUP:
+                    times.append(time.perf_counter() - t0)
+                if time.perf_counter() >= deadline:
+                    break
+        finally:
+            torch.set_num_threads(threads)
     if not times:  # out of time during warm-up: the last (slower) warm-up step
         times = [time.perf_counter() - t0]
         s.notes.append("timed a warm-up step only")
     s.probe_batch = batch
     s.seconds_per_sample = min(times) / batch  # the fastest step: the least disturbed by other work
-    if s.spec.train.get("compile"):
-        s.notes.append("timed eager (compile not probed)")
+    if s.spec.train.get("compile") is not False:
+        s.notes.append("timed eager (the run compiles its features: faster)")
 
 
 def human(seconds: float) -> str:

@@ -21,13 +21,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
+from bench.errors import warn_stderr  # noqa: F401 - run modules import it from here
 
 # Column order of runs.parquet / runs.csv. Numbers are numeric; method_config is JSON text.
 COLUMNS = [
@@ -41,7 +42,7 @@ COLUMNS = [
     "requested_ratio", "theoretical_speedup", "file_bytes", "header_bytes", "dense_file_bytes",
     "file_compression_ratio", "zstd_file_bytes", "epochs", "finetune_epochs", "lr", "batch_size",
     "finetune_lr_scale", "schedule",
-    "patience", "weight_decay", "threads", "compile", "bn_recalibration",
+    "patience", "weight_decay", "threads", "compile", "features", "bn_recalibration",
     "dataset_options", "model_options", "basis_options",
     "train_seconds", "compress_seconds", "peak_memory_bytes", "peak_memory_kind", "device",
     "host", "torch_version", "git_sha", "started_at", "finished_at",
@@ -62,10 +63,6 @@ STATUSES = ("ok", "failed", "diverged", "infeasible")
 REQUIRED = ("run_id", "status", "dataset", "method", "seed")  # what every row carries
 REQUIRED_OK = ("metric_name", "metric", "val_metric", "stored_bits", "dense_bits", "compression_ratio")
 ROW_FILE_ONLY = ("traceback",)  # kept in the row file (the full error), not in runs.parquet / runs.csv
-
-
-def warn_stderr(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 def _is_number(v) -> bool:

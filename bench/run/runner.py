@@ -35,7 +35,7 @@ from bench.compression.storage import count_params, export_model, header_bytes, 
 from bench.data import Splits, get_dataset
 from bench.errors import Infeasible, UserError
 from bench.model import kinds as model_specs
-from bench.model.bases import use_fused_features
+from bench.model.bases import features_path, use_fused_features
 from bench.provenance import git_sha
 
 from .lock import results_writer
@@ -93,7 +93,7 @@ class RunEnv:
 
     def trainer(self, spec: RunSpec, ds, splits: Splits) -> Trainer:
         t = spec.train
-        use_fused_features(bool(t.get("compile", False)))  # every run of this process, as its budget says
+        use_fused_features(t.get("compile"))  # every run of this process, as its budget says (unset: compiled)
         return Trainer(splits, ds.task, self.device, batch_size=t["batch_size"], lr=t["lr"],
                        weight_decay=t["weight_decay"], seed=derive_seed(spec.seed, spec.dataset, spec.model,
                                                                          spec.basis, "shuffle"),
@@ -331,6 +331,7 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
     row["info"] = json.dumps(ctx.result.details, sort_keys=True, default=str)
     row["status"] = "diverged" if _metric_is_bad(row["metric"]) else "ok"
     row["error"] = "non-finite test metric" if row["status"] == "diverged" else None
+    row["features"] = features_path()  # what computed the KAN features: "compiled" or "eager" (same values)
     row["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     return row
 

@@ -99,9 +99,10 @@ class TrainBudget:
     bn_recalibration: int = field(default=0, metadata={
         "min": 0, "help": "after a method compresses, re-estimate BatchNorm statistics on this many training "
                           "batches (0: off); the control and the dense base keep their own"})
-    compile: bool = field(default=False, metadata={
-        "help": "fuse each basis's evaluation with torch.compile (bench.model.bases.fused_features): ~2-3x faster "
-                "KAN convolutions on CPU, after tens of seconds of compilation per basis"})
+    compile: bool | None = field(default=None, metadata={
+        "help": "compiled basis features (torch.compile, bench.model.bases.fused_features); unset: wherever a "
+                "compiler works (the default; a one-line notice and eager where not), false: always eager. "
+                "Either gives the same values up to float rounding"})
 
 
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainBudget)}
@@ -355,9 +356,12 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
         ds_train[d] = dataclasses.asdict(build_config(TrainBudget, {**base_train, **tr}, f"sweep [dataset.{d}]"))
         if train_over:  # CLI flags beat per-dataset settings
             ds_train[d].update(train_over)
-        for key in ("compile", "bn_recalibration"):  # off: left out, so run ids and caches match earlier ones
-            if not ds_train[d][key]:
-                del ds_train[d][key]
+        # unset / off: left out, so run ids and caches match earlier ones (an explicit compile = true or false
+        # stays: the conv sweep's ids have it, and false is how a run asks for the eager path)
+        if ds_train[d]["compile"] is None:
+            del ds_train[d]["compile"]
+        if not ds_train[d]["bn_recalibration"]:
+            del ds_train[d]["bn_recalibration"]
     mo = {m: dataclasses.asdict(model_options(m, mtables.get(m, {}))) for m in models}
     bo = {}
     for b in bases:
