@@ -163,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--input-shape", dest="input_shape", metavar="C,H,W",
                     help="image input shape for the convolutional classes (default: the file's x, else C,32,32)")
 
+    ex = sub.add_parser("export", help="write a model file as ONNX, each layer in its compressed form, and check "
+                                       "it with onnxruntime")
+    ex.add_argument("model", metavar="MODEL.kanb",
+                    help="a model file (bench run's models/, bench import, bench.compress)")
+    ex.add_argument("--onnx", required=True, metavar="OUT.onnx", help="the ONNX file to write")
+    ex.add_argument("--plugin", metavar="PATH", action="append", default=[],
+                    help="a plugin file or folder defining a source the model uses (repeatable)")
+
     gc = sub.add_parser("gpucheck", help="the prepared GPU check: device tests, perf, quick and conv sweeps on CUDA "
                                          "into one folder (--device cpu --smoke: the same, small, here)")
     gc.add_argument("--out", required=True, metavar="DIR", help="a new folder for the results (at most 7 files)")
@@ -413,6 +421,38 @@ def cmd_transfer(args) -> int:
 IMPORT_TOLERANCE = 1e-5  # float32 max |error| against the library's recorded outputs (relative to max(1, |y|))
 
 
+def cmd_export(args) -> int:
+    import torch
+
+    from bench.compression.storage import load_model
+    from bench.deploy import check_onnx, export_onnx
+    from bench.deploy.onnx_export import input_shape
+
+    from .registry import load_plugins
+
+    src, out = Path(args.model), Path(args.onnx)
+    if not src.is_file():
+        raise UserError(f"{src}: no such model file")
+    if out.is_dir():
+        raise UserError(f"--onnx {out} is a folder; give the ONNX file's path (OUT.onnx)")
+    load_plugins(args.plugin)
+    try:
+        model = load_model(src)
+    except ValueError as exc:  # not a model file, or a damaged one
+        raise UserError(str(exc)) from None
+    export = export_onnx(model, out)
+    x = 2 * torch.randn(64, *input_shape(model)[1:], generator=torch.Generator().manual_seed(0))
+    diff = check_onnx(model, out, x)
+    print(f"wrote {out}: {export.bytes:,} bytes (model file {src.stat().st_size:,} bytes; counted "
+          f"{export.counted_bytes:,.0f} bytes)")
+    for where, form in export.forms.items():
+        print(f"  {where}: {form}")
+    for note in export.notes:
+        print(f"  note: {note}")
+    print(f"onnxruntime against PyTorch on 64 random inputs: max |difference| {diff:.1e} of the output scale")
+    return 0
+
+
 def cmd_import(args) -> int:
     import json
 
@@ -528,7 +568,7 @@ def main(argv: list[str] | None = None, command: str | None = None) -> int:
             build_parser().print_help()
             return 2
         return {"run": cmd_run, "report": cmd_report, "list": cmd_list, "merge": cmd_merge,
-                "perf": cmd_perf, "transfer": cmd_transfer, "import": cmd_import,
+                "perf": cmd_perf, "transfer": cmd_transfer, "import": cmd_import, "export": cmd_export,
                 "gpucheck": cmd_gpucheck}[args.command](args)
     except UserError as exc:
         msg = " ".join(str(exc).split())

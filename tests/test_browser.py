@@ -90,14 +90,14 @@ def _kib(cell: str) -> float:
 def test_clicking_a_header_sorts_the_rows(page):
     driver, _ = page
     table = driver.find_element("xpath", "//h3[starts-with(., 'mnist / kan / bspline')]/following::table[1]")
-    before = _column(driver, table, "stored KiB (file)")
-    header = [th for th in table.find_elements("css selector", "thead th") if th.text == "stored KiB (file)"][0]
+    before = _column(driver, table, "stored KiB (file; ONNX)")
+    header = [th for th in table.find_elements("css selector", "thead th") if th.text == "stored KiB (file; ONNX)"][0]
     header.click()
-    ascending = _column(driver, table, "stored KiB (file)")
+    ascending = _column(driver, table, "stored KiB (file; ONNX)")
     assert ascending != before and [_kib(c) for c in ascending] == sorted(_kib(c) for c in before)
     assert header.get_attribute("aria-sort") == "ascending"
     header.click()
-    assert [_kib(c) for c in _column(driver, table, "stored KiB (file)")] == sorted(
+    assert [_kib(c) for c in _column(driver, table, "stored KiB (file; ONNX)")] == sorted(
         (_kib(c) for c in before), reverse=True)
 
 

@@ -144,7 +144,7 @@ def test_ranking_control_first_then_within_tolerance_by_ratio(report, heading, o
 def test_stored_and_file_size(report):
     _, md = report
     rows = {(r["method"], r["config"]): r for r in _table_dicts(_section(md, "## mnist (accuracy)"))}
-    assert rows["bar", "p=0.9"]["stored KiB (file)"] == "8.3 (8.4)"  # 100 KiB / 12, 101 KiB / 12
+    assert rows["bar", "p=0.9"]["stored KiB (file; ONNX)"] == "8.3 (8.4; —)"  # 100, 101 KiB / 12; no ONNX here
 
 
 def _headline(md: str) -> list[dict]:

@@ -133,12 +133,13 @@ class QuantSource(EdgeSource):
         qmin, qmax = qrange(self.bits, self.symmetric)
         if q.numel() and (int(q.min()) < qmin or int(q.max()) > qmax):
             raise ValueError(f"codes outside [{qmin}, {qmax}] for {bits}-bit {'' if symmetric else 'a'}symmetric")
-        self.register_buffer("q", q.detach().to(torch.int16).clone())
+        codes = torch.int16 if self.bits < 16 else torch.int32  # unsigned 16-bit codes do not fit int16
+        self.register_buffer("q", q.detach().to(codes).clone())
         self.register_buffer("scale", scale.detach().clone())
         if zero is None:
             self.zero = None
         else:
-            self.register_buffer("zero", zero.detach().to(torch.int16).clone())
+            self.register_buffer("zero", zero.detach().to(codes).clone())
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bits: int, granularity: str = "node", symmetric: bool = True,

@@ -158,8 +158,9 @@ def point_table(points: pd.DataFrame, group_arch) -> pd.DataFrame:
                                       zip(points["metric"], points["metric_std"], points["n_seeds"])],
         "test Δ vs control": [fmt_delta(d, c, name, dec, up) for d, c in
                               zip(points["metric_delta"], points["control_metric"])],
-        "stored KiB (file)": [f"{fmt_kib(b / 8)} ({fmt_kib(f)}{zstd_note(f, z)})" for b, f, z in
-                              zip(points["stored_bits"], points["file_bytes"], points["zstd_file_bytes"])],
+        "stored KiB (file; ONNX)": [f"{fmt_kib(b / 8)} ({fmt_kib(f)}{zstd_note(f, z)}; {fmt_kib(o)})" for b, f, z, o in
+                                    zip(points["stored_bits"], points["file_bytes"], points["zstd_file_bytes"],
+                                        points["onnx_bytes"])],
         "ratio (file, coef)": [f"{fmt_ratio(r)} ({fmt_ratio(f)}, {fmt_ratio(c)})" for r, f, c in
                                zip(points["compression_ratio"], points["file_compression_ratio"],
                                    points["coef_compression_ratio"])],

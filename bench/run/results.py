@@ -40,7 +40,8 @@ COLUMNS = [
     "optimizer_state_bytes", "stored_bits", "dense_bits",
     "compression_ratio", "coef_stored_bits", "coef_dense_bits", "coef_compression_ratio",
     "requested_ratio", "theoretical_speedup", "file_bytes", "header_bytes", "dense_file_bytes",
-    "file_compression_ratio", "zstd_file_bytes", "epochs", "finetune_epochs", "lr", "batch_size",
+    "file_compression_ratio", "zstd_file_bytes", "onnx_bytes", "onnx_max_diff", "onnx_error",
+    "epochs", "finetune_epochs", "lr", "batch_size",
     "finetune_lr_scale", "schedule",
     "patience", "weight_decay", "threads", "compile", "features", "bn_recalibration",
     "dataset_options", "model_options", "basis_options",
@@ -54,7 +55,8 @@ NUMERIC = {
     "finetune_lr_scale", "patience", "weight_decay", "threads", "bn_recalibration", "params_total", "params_trainable",
     "optimizer_state_bytes", "stored_bits", "dense_bits", "compression_ratio", "coef_stored_bits",
     "coef_dense_bits", "coef_compression_ratio", "requested_ratio", "theoretical_speedup", "file_bytes",
-    "epochs", "finetune_epochs", "train_seconds", "compress_seconds", "peak_memory_bytes",
+    "epochs", "finetune_epochs", "train_seconds", "compress_seconds", "peak_memory_bytes", "onnx_bytes",
+    "onnx_max_diff",
 }
 
 

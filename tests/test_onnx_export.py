@@ -1,0 +1,147 @@
+"""ONNX export keeping the compressed form: every basis and model kind, every stored width, and the
+file size against the counted bits. (Every method x basis x model is exported and checked by the
+runner in tests/test_methods.py: its rows carry onnx_bytes and onnx_max_diff.)"""
+
+import pytest
+import torch
+
+from bench.cli import main
+from bench.compression.quant import QuantSource
+from bench.compression.storage import export_model, storage_report
+from bench.deploy import ExportRefused, check_onnx, export_onnx, onnx_row
+from bench.model.kan import KAN, ConvKAN, kan_layers
+from bench.model.sources import CodebookSource
+
+BASES = [("bspline", {}), ("bspline", {"order": 2}), ("bspline", {"knots": "per_input"}),
+         ("bspline", {"extrapolate": True}), ("rbf", {}), ("rbf", {"norm": False}), ("chebyshev", {}), ("gram", {}),
+         ("fourier", {}), ("kagn", {})]
+OVERHEAD = 6000  # bytes of graph (operators, shapes, small constants) a 2-layer KAN's file adds to its tensors
+
+
+def _kan(basis="bspline", kwargs=None, **options):
+    torch.manual_seed(0)
+    return KAN([12, 7, 3], basis, basis_kwargs=kwargs or {}, **options).eval()
+
+
+@pytest.mark.parametrize("basis,kwargs", BASES)
+def test_every_basis_exports_and_matches_pytorch(tmp_path, basis, kwargs):
+    model = _kan(basis, kwargs)
+    export = export_onnx(model, tmp_path / "m.onnx")
+    x = 3 * torch.randn(64, 12)  # inside and well outside the grids
+    assert check_onnx(model, tmp_path / "m.onnx", x) <= 1e-5
+    assert set(export.forms.values()) == {"DenseSource: dense"}
+
+
+def test_layer_options_export(tmp_path):
+    model = _kan("chebyshev", bias=[False, True], norms=["layer", "none"], acts=["silu", "none"])
+    export_onnx(model, tmp_path / "m.onnx")
+    assert check_onnx(model, tmp_path / "m.onnx", torch.randn(32, 12)) <= 1e-5
+
+
+@pytest.mark.parametrize("basis", ["bspline", "gram", "rbf"])
+@pytest.mark.parametrize("options", [{}, {"norm": "instance", "pad": "features", "act": "silu"},
+                                     {"norm": "layer", "head": False}])
+def test_convkan_exports_and_matches_pytorch(tmp_path, basis, options):
+    torch.manual_seed(0)
+    model = ConvKAN((2, 12, 12), 4, [3, 5], basis=basis, **options).eval()
+    export_onnx(model, tmp_path / "c.onnx")
+    assert check_onnx(model, tmp_path / "c.onnx", torch.randn(5, 2, 12, 12)) <= 1e-5
+
+
+def _quantised(bits, granularity, symmetric, scale_dtype):
+    model = _kan()
+    for _, layer in kan_layers(model):
+        layer.set_source(QuantSource.from_float(layer.edge_tensor().detach(), bits, granularity, symmetric,
+                                                scale_dtype))
+    return model
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8, 16])
+@pytest.mark.parametrize("granularity,symmetric,scale_dtype", [("node", True, "float32"), ("layer", False, "float32"),
+                                                               ("edge", True, "float16"), ("edge", False, "float32")])
+def test_quantised_codes_keep_their_width(tmp_path, bits, granularity, symmetric, scale_dtype):
+    """Integer codes at exactly their width (INT4/UINT4 and 8/16-bit types, others bit-packed and
+    unpacked in the graph), DequantizeLinear per tensor, per node or per edge: equal to PyTorch, and
+    the file is the counted bytes plus the graph."""
+    model = _quantised(bits, granularity, symmetric, scale_dtype)
+    export = export_onnx(model, tmp_path / "q.onnx")
+    assert check_onnx(model, tmp_path / "q.onnx", 3 * torch.randn(64, 12)) <= 1e-5
+    assert set(export.forms.values()) == {"QuantSource: compressed"}
+    counted = storage_report(model).stored_bits / 8
+    assert export.bytes <= counted + OVERHEAD, (export.bytes, counted)
+
+
+def _codebook(k, centroid_bits):
+    model = _kan()
+    for _, layer in kan_layers(model):
+        w = layer.edge_tensor().detach()
+        flat = w.reshape(-1, w.shape[-1])
+        src = CodebookSource(flat[torch.randperm(flat.shape[0])[:k]], torch.randint(0, k, w.shape[:2]))
+        src.set_centroid_format(centroid_bits)
+        layer.set_source(src)
+    return model
+
+
+@pytest.mark.parametrize("k,centroid_bits", [(16, 32), (16, 16), (8, 8), (5, 6), (3, 32)])
+def test_codebook_keeps_centroids_and_narrow_indices(tmp_path, k, centroid_bits):
+    model = _codebook(k, centroid_bits)
+    export = export_onnx(model, tmp_path / "k.onnx")
+    assert check_onnx(model, tmp_path / "k.onnx", 3 * torch.randn(64, 12)) <= 1e-5
+    assert set(export.forms.values()) == {"CodebookSource: compressed"}
+    counted = storage_report(model).stored_bits / 8
+    assert export.bytes <= counted + OVERHEAD, (export.bytes, counted)
+
+
+def test_a_larger_codebook_model_is_its_counted_bytes_plus_a_fixed_graph(tmp_path):
+    """On kan [784, 64, 10] (K = 16): the ONNX file over the counted bytes is the graph alone."""
+    torch.manual_seed(0)
+    model = KAN([784, 64, 10]).eval()
+    for _, layer in kan_layers(model):
+        w = layer.edge_tensor().detach()
+        layer.set_source(CodebookSource(w.reshape(-1, w.shape[-1])[:16], torch.randint(0, 16, w.shape[:2])))
+    export = export_onnx(model, tmp_path / "big.onnx")
+    counted = storage_report(model).stored_bits / 8
+    assert counted < export.bytes <= counted + OVERHEAD
+    assert export.bytes <= 1.3 * counted
+    assert check_onnx(model, tmp_path / "big.onnx", torch.randn(16, 784)) <= 1e-5
+
+
+def test_no_onnx_form_is_refused_in_one_line_and_recorded_in_the_row(tmp_path):
+    from bench.model.bases import Basis, register_basis
+
+    @register_basis("test_only_square")
+    class Square(Basis):
+        def __init__(self, in_features, degree=2):
+            super().__init__(in_features)
+            self.n_basis = 2
+
+        def forward(self, x):
+            return torch.stack([x, x * x], dim=-1)
+
+    try:
+        model = KAN([4, 3, 2], "test_only_square").eval()
+        with pytest.raises(ExportRefused, match="basis 'test_only_square' has no ONNX form"):
+            export_onnx(model, tmp_path / "s.onnx")
+        row = onnx_row(model, tmp_path / "s.onnx", torch.randn(8, 4))
+        assert row["onnx_bytes"] is None and "has no ONNX form" in row["onnx_error"]
+    finally:
+        from bench.model.bases import BASES as REGISTRY
+
+        REGISTRY.pop("test_only_square", None)
+        REGISTRY._origins.pop("test_only_square", None)
+
+
+def test_export_command_writes_checks_and_refuses_mistakes_in_one_line(tmp_path, capsys):
+    model = _quantised(4, "node", True, "float32")
+    kanb = tmp_path / "m.kanb"
+    export_model(model, kanb)
+    assert main(["export", str(kanb), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "layers.0: QuantSource: compressed" in out and "max |difference|" in out
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+    assert main(["export", str(tmp_path / "none.kanb"), "--onnx", str(tmp_path / "x.onnx")]) == 2
+    (tmp_path / "bad.kanb").write_bytes(b"not a model")
+    assert main(["export", str(tmp_path / "bad.kanb"), "--onnx", str(tmp_path / "x.onnx")]) == 2
+    assert main(["export", str(kanb), "--onnx", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
