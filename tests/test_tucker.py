@@ -166,13 +166,67 @@ def test_requested_ratio_hand_count_and_grid_spans_2x_to_30x():
     assert requested_coef_ratio(small, [0.5, 0.125, 0.5]) == pytest.approx(216 / asked)
     m = KAN([784, 64, 10], basis="bspline")
     ratios = []
-    for ranks in METHODS["tucker"].grid["ranks"]:
+    for ranks in METHODS["slimkan"].grid["ranks"]:
         for _, layer in kan_layers(m):
             layer.set_source(TuckerSource.random(layer.source.shape, ranks, rms=0.01))
         ratios.append(storage_report(m).coef_compression_ratio)
         assert ratios[-1] == pytest.approx(requested_coef_ratio(shapes, ranks), rel=0.05)
     assert ratios == sorted(ratios) and ratios[0] < 3 and ratios[-1] > 25, ratios
-    assert METHODS["slimkan"].grid == METHODS["tucker"].grid
+    assert METHODS["tucker"].grid == {"ratio": [2.0, 4.0, 8.0, 16.0]}  # tucker: ranks chosen per layer
+
+
+def test_rank_allocation_meets_the_ratio_keeps_small_layers_dense_and_prefers_low_error_splits():
+    """allocate_ranks: the edge tensors stored ratio times smaller; a layer under 5 % of the values stays
+    dense; within a layer the split with the smallest truncation bound (a tensor that is exactly low rank
+    in two modes gets exactly those ranks)."""
+    from bench.compression.tucker_factors import allocate_ranks, best_ranks, mode_tails, tucker_count
+
+    g = torch.Generator().manual_seed(0)
+    big, small = torch.randn(64, 784, 9, generator=g), torch.randn(10, 64, 9, generator=g)
+    for ratio in (2.0, 4.8, 16.0):
+        r_big, r_small = allocate_ranks([big, small], ratio)
+        assert r_small is None
+        assert tucker_count(big.shape, r_big) + small.numel() <= (big.numel() + small.numel()) / ratio
+        assert tucker_count(big.shape, r_big) > 0.9 * ((big.numel() + small.numel()) / ratio - small.numel())
+    # exactly rank (3, *, 2) in the out and basis modes: the budget goes to the input mode
+    low = torch.einsum("oa,aic,ec->oie", torch.randn(16, 3, generator=g), torch.randn(3, 100, 2, generator=g),
+                       torch.randn(9, 2, generator=g))
+    r = best_ranks(low, 16 * 100 * 9 / 4)
+    assert r[0] >= 3 and r[2] >= 2 and sum(float(t[k]) for t, k in zip(mode_tails(low), r)) < 1e-9 * float(
+        mode_tails(low)[0][0])
+    assert allocate_ranks([small], 2.0)[0] is not None  # a model of small layers only: every layer decomposed
+    with pytest.raises(Infeasible):
+        allocate_ranks([torch.randn(2, 3, 2, generator=g)], 50.0)
+
+
+def test_tucker_ratio_allocation_beats_the_uniform_fraction_rule_on_a_trained_output_layer(monkeypatch):
+    """The implementation fix of issue 26, on a model with a trained (structured) output layer: the same
+    fractions in every layer (ratio = 0) cut the small output layer; the allocation leaves it dense and
+    the reconstruction of the model's outputs is closer at a similar stored size. (The tiny data's
+    output layer holds 6 % of the edge values: the small-layer share is raised to 10 % here.)"""
+    from bench.compression import tucker_factors
+
+    monkeypatch.setattr(tucker_factors, "SMALL_LAYER_SHARE", 0.10)
+    torch.manual_seed(0)
+    trainer = _tiny_trainer(lr=1e-2)
+    model = KAN([64, 16, 4], basis="bspline")
+    trainer.fit(model, epochs=8)
+    x = trainer.splits.x_val
+    with torch.no_grad():
+        want = model(x)
+    outs = {}
+    for ratio in (0.0, 3.0):
+        m = copy.deepcopy(model)
+        method = METHODS["tucker"](ranks=[0.5, 0.25, 0.5], ratio=ratio)
+        ctx = CompressContext(trainer=trainer, finetune_epochs=0, seed=0, device=torch.device("cpu"),
+                              finetune_lr=trainer.lr)
+        method.compress(m, ctx)
+        with torch.no_grad():
+            outs[ratio] = (float((m(x) - want).norm() / want.norm()), storage_report(m).coef_compression_ratio,
+                           ctx.result.details["tucker_ranks"])
+    assert outs[3.0][2]["layers.1"] == "dense" and outs[0.0][2]["layers.1"] != "dense"
+    assert outs[3.0][1] >= 0.95 * 3.0
+    assert outs[3.0][0] < outs[0.0][0], outs
 
 
 def test_balanced_learning_rates_follow_component_scale():
@@ -199,7 +253,7 @@ def test_tucker_finetune_changes_every_factor_and_records_info():
     torch.manual_seed(0)
     trainer = _tiny_trainer()
     model = KAN([64, 6, 4], basis="bspline")  # untrained: fine-tuning surely improves validation
-    method = METHODS["tucker"](ranks=[0.5, 0.5, 0.5])
+    method = METHODS["tucker"](ranks=[0.5, 0.5, 0.5], ratio=0)  # the same fractions in every layer
     decomposed = copy.deepcopy(model)
     for _, layer in kan_layers(decomposed):
         layer.set_source(TuckerSource.from_tensor(layer.edge_tensor(), [0.5, 0.5, 0.5]))

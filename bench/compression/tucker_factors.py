@@ -117,6 +117,67 @@ def tucker_count(shape, ranks) -> float:
     return math.prod(ranks) + sum(s * r for s, r in zip(shape, ranks))
 
 
+SMALL_LAYER_SHARE = 0.05  # a layer holding less of the model's edge values than this stays dense under ``ratio``
+
+
+def mode_tails(t: torch.Tensor) -> list[torch.Tensor]:
+    """Per mode, ``tail[r]``: the squared singular values of that mode's unfolding beyond the first
+    ``r`` (``tail[0]`` is the whole energy). Their sum over the modes at ranks ``(r1, r2, r3)`` bounds the
+    squared error of the truncated HOSVD (De Lathauwer et al. 2000), which HOOI then lowers."""
+    t = t.detach().to("cpu", torch.float64)
+    tails = []
+    for m in range(3):
+        sv2 = torch.linalg.svdvals(t.movedim(m, 0).reshape(t.shape[m], -1)) ** 2
+        sv2 = torch.cat([sv2, sv2.new_zeros(t.shape[m] - sv2.numel())])
+        tails.append(torch.cat([sv2.flip(0).cumsum(0).flip(0), sv2.new_zeros(1)]))
+    return tails
+
+
+def best_ranks(t: torch.Tensor, budget: float) -> tuple[int, int, int] | None:
+    """The ranks of ``t [out, in, n+1]`` whose Tucker form stores at most ``budget`` values with the smallest
+    truncation bound (:func:`mode_tails`): every ``(r1, r3)``, with the largest ``r2`` the budget leaves;
+    None when not even ranks (1, 1, 1) fit."""
+    (o, i, e), tails = t.shape, mode_tails(t)
+    best, best_key = None, None
+    for r1 in range(1, o + 1):
+        for r3 in range(1, e + 1):
+            r2 = min(i, math.floor((budget - o * r1 - e * r3) / (r1 * r3 + i)))
+            if r2 < 1:
+                continue
+            r = (min(r1, r2 * r3), min(r2, r1 * r3), min(r3, r1 * r2))  # a redundant rank stores, adds nothing
+            key = (round(float(sum(tail[k] for tail, k in zip(tails, r))), 9), tucker_count(t.shape, r))
+            if best_key is None or key < best_key:  # the smallest bound, then the fewest values
+                best, best_key = r, key
+    return best
+
+
+def allocate_ranks(tensors: list[torch.Tensor], ratio: float) -> list[tuple[int, int, int] | None]:
+    """Per-layer ranks storing the edge tensors ``ratio`` times smaller than dense, the whole model
+    together: a layer holding less than :data:`SMALL_LAYER_SHARE` of the edge values stays dense (None:
+    truncating a 10-class output layer costs more accuracy than its few values save), the others
+    share the rest of the budget in proportion to their size, and each takes the ranks with the
+    smallest truncation bound within its share (:func:`best_ranks`). Raises
+    :class:`~bench.errors.Infeasible` when a layer cannot be stored that small."""
+    sizes = [t.numel() for t in tensors]
+    total, budget = sum(sizes), sum(sizes) / ratio
+    small = [n < SMALL_LAYER_SHARE * total for n in sizes]
+    if all(small) or sum(n for n, s in zip(sizes, small) if s) > budget / 2:
+        small = [False] * len(sizes)  # the small layers would take most of the budget: decompose all
+    left = budget - sum(n for n, s in zip(sizes, small) if s)
+    big = sum(n for n, s in zip(sizes, small) if not s)
+    out = []
+    for t, n, s in zip(tensors, sizes, small):
+        if s:
+            out.append(None)
+            continue
+        r = best_ranks(t, left * n / big)
+        if r is None:
+            raise Infeasible(f"a Tucker form of {list(t.shape)} cannot be {ratio}x smaller than dense (ranks "
+                             f"(1, 1, 1) store {tucker_count(t.shape, (1, 1, 1))} of its {n} values)")
+        out.append(r)
+    return out
+
+
 def orthonormal(rows: int, cols: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """A random ``[rows, cols]`` matrix with orthonormal columns (``cols <= rows``)."""
     q, r = torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64))
@@ -423,8 +484,10 @@ def finetune_factors(model: nn.Module, ctx, options: TuckerOptions, desc: str) -
     groups = tucker_param_groups(model, ctx.finetune_lr, options.lr_rule, options.multipliers())
     ctx.finetune(model, param_groups=[{k: v for k, v in g.items() if k != "name"} for g in groups], desc=desc)
     layers = kan_layers(model)
-    ctx.result.details.update(tucker_ranks={n: list(layer.source.ranks) for n, layer in layers},
+    ctx.result.details.update(tucker_ranks={n: list(layer.source.ranks) if hasattr(layer.source, "ranks") else "dense"
+                                            for n, layer in layers},
                               component_lrs={g["name"]: g["lr"] for g in groups})
-    ctx.result.requested_ratio = requested_coef_ratio([tuple(layer.source.shape) for _, layer in layers],
-                                                      options.ranks)
+    ratio = getattr(options, "ratio", None)
+    ctx.result.requested_ratio = ratio if ratio else requested_coef_ratio(
+        [tuple(layer.source.shape) for _, layer in layers], options.ranks)
     ctx.result.theoretical_speedup = model_speedup(model, ctx.trainer.batch_size)
