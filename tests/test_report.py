@@ -497,3 +497,18 @@ def test_nothing_within_budget_says_what_was_tried(tmp_path, metric_name):
     else:
         assert "curve (4 operating points, 2.00×–16.0×; closest +30.0% RMSE at 2.00×)" in head
         assert "single (one operating point: 4.70×; closest +100.0% RMSE at 4.70×)" in head
+
+
+def test_the_figure_flags_a_method_tried_at_one_operating_point():
+    """Issue 26: a method with a single point per facet is a point, not a curve; the figure's legend
+    labels it so."""
+    from bench.report.plots import _legend_handles, single_point_methods
+
+    rows = [r for r in synthetic_rows() if r["status"] == "ok"]
+    assert single_point_methods(aggregate(rows_to_frame(rows))) == set()  # foo and bar: two points each
+    foo_configs = sorted({r["method_config"] for r in rows if r["method"] == "foo"})
+    one_foo = [r for r in rows if r["method"] != "foo" or r["method_config"] == foo_configs[0]]
+    assert single_point_methods(aggregate(rows_to_frame(one_foo))) == {"foo"}
+    labels = [h.get_label() for h in _legend_handles({"foo": "red", "bar": "blue"}, {"dense_ft"}, True, 1.0,
+                                                     0.05, {"foo"})]
+    assert labels[:2] == ["foo (one operating point)", "bar"]

@@ -96,8 +96,11 @@ def _draw_facet(ax, points: pd.DataFrame, palette: dict, tolerance_acc: float, t
     ax.margins(x=0.08, y=0.06)  # autoscaled: every point is inside the axes
 
 
-def _legend_handles(palette: dict, controls: set, up: bool, tolerance_acc: float, tolerance_rmse_rel: float) -> list:
-    handles = [Line2D([], [], color=c, marker="o", lw=1.5, label=m) for m, c in palette.items()]
+def _legend_handles(palette: dict, controls: set, up: bool, tolerance_acc: float, tolerance_rmse_rel: float,
+                    single: set = frozenset()) -> list:
+    """The legend; a method in ``single`` is labelled as tried at one operating point (not a curve)."""
+    handles = [Line2D([], [], color=c, marker="o", lw=0 if m in single else 1.5,
+                      label=f"{m} (one operating point)" if m in single else m) for m, c in palette.items()]
     label = "control: dense_ft" if controls == {CONTROL} else f"control: {'/'.join(sorted(controls))}"
     handles += [Line2D([], [], color="black", marker="*", markersize=10, ls="--", lw=1, label=label + " (test)")]
     tol = f"−{tolerance_acc:g} pt" if up else f"+{tolerance_rmse_rel:.0%}"
@@ -109,6 +112,17 @@ def _legend_handles(palette: dict, controls: set, up: bool, tolerance_acc: float
                        label="outside tolerance / undecided"),
                 Line2D([], [], color="grey", lw=1.5, label="Pareto frontier of a method (≥ 2 points, validation)")]
     return handles
+
+
+def single_point_methods(points: pd.DataFrame) -> set:
+    """Methods (not the references) tried at a single operating point in every facet of ``points``: a
+    point, not a curve; the figure's legend says so."""
+    others = points[~points["method"].isin(REFERENCES)]
+    if others.empty:
+        return set()
+    facet = [c for c in ("dataset", "model", "basis", "budget") if c in others.columns]
+    per_facet = others.groupby([*facet, "method"], dropna=False).size()
+    return {m for m, n in per_facet.groupby(level="method").max().items() if n == 1}
 
 
 def plot_dataset(points: pd.DataFrame, dataset: str, path: Path, palette: dict, tolerance_acc: float = 1.0,
@@ -136,7 +150,7 @@ def plot_dataset(points: pd.DataFrame, dataset: str, path: Path, palette: dict, 
                  + ("" if up else "; a lower bar that would reach 0 stops at a tenth of the mean") + ")",
                  fontsize=11)
     handles = _legend_handles(dict(sorted(used.items())), set(points["control"]), up, tolerance_acc,
-                              tolerance_rmse_rel)
+                              tolerance_rmse_rel, single_point_methods(points))
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
