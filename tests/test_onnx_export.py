@@ -145,3 +145,20 @@ def test_export_command_writes_checks_and_refuses_mistakes_in_one_line(tmp_path,
     assert main(["export", str(kanb), "--onnx", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("error: ") for line in err)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_small_dtype_tensors_are_written_at_16_bits(tmp_path, dtype):
+    """small_dtype stores biases and norms at 16 bits; the ONNX file keeps them at 16 bits too (the
+    values are already rounded, so the cast back is exact)."""
+    import onnx
+
+    from bench.compression.storage import set_small_dtype
+
+    model = _kan("rbf", norms=["layer", "none"])
+    set_small_dtype(model, dtype)
+    export_onnx(model, tmp_path / "s.onnx")
+    assert check_onnx(model, tmp_path / "s.onnx", torch.randn(16, 12)) <= 1e-5
+    types = {t.name.rsplit("_", 1)[0]: t.data_type for t in onnx.load(str(tmp_path / "s.onnx")).graph.initializer}
+    want = onnx.TensorProto.FLOAT16 if dtype == "float16" else onnx.TensorProto.BFLOAT16
+    assert types["bias"] == types["ln_w"] == want

@@ -17,11 +17,17 @@ def test_run_perf_tiny(tmp_path):
                   conv_channels=[4, 6], conv_batch=4, conv_shape=(1, 8, 8))
     kinds = set(df["kind"])
     assert kinds == {"train_step", "inference", "train_memory", "largest_saved_tensor", "compressed_inference",
-                     "conv_train_step", "conv_inference", "conv_fast_vs_unfold"}
+                     "compressed_runtime", "conv_train_step", "conv_inference", "conv_fast_vs_unfold"}
     assert df["ratio"].map(math.isfinite).all() and (df["value"] > 0).all()
     subjects = set(df.loc[df.kind == "compressed_inference", "subject"])
-    assert subjects == {"codebook K=16 / dense", "quantised 8-bit / dense", "pruned 8x / dense",
-                        "tucker default / dense"}
+    assert subjects == {"codebook K=16 / dense", "quantised 8-bit / dense", "quantised 4-bit / dense",
+                        "pruned 8x / dense", "tucker default / dense"}
+    runtime = df[df.kind == "compressed_runtime"]
+    assert len(runtime) == 2 * 3 * 4  # bases x forms x (batch 1, batch B, bytes deployed, bytes evaluated)
+    held = runtime[runtime.subject.str.contains("bytes held deployed")].set_index(["basis", "subject"])["ratio"]
+    evaluated = runtime[runtime.subject.str.contains("bytes held as evaluated")].set_index(["basis", "subject"])["ratio"]
+    # codes and indices, no float copy (on this tiny model the bases' fixed buffers are a visible part)
+    assert (held <= 2.5).all() and (held.to_numpy() < evaluated.to_numpy()).all(), (held, evaluated)
     assert "train_step" in format_table(df)
 
 

@@ -77,6 +77,7 @@ class Graph:
         self.helper, self.T = helper, TensorProto
         self.nodes, self.inits, self._n = [], [], 0
         self._consts: dict = {}
+        self.small_dtype: str | None = None  # the model's small_dtype (biases and norms at 16 bits)
 
     def name(self, hint: str) -> str:
         self._n += 1
@@ -112,6 +113,27 @@ class Graph:
         self.inits.append(self.helper.make_tensor(name, onnx_type, list(np.asarray(values).shape), raw, raw=True))
         return name
 
+    def floats(self, t: torch.Tensor, hint: str) -> str:
+        """A float tensor at its own dtype (float16/bfloat16 cast to float32 in the graph)."""
+        if t.dtype == torch.float32:
+            return self.init(_np(t), hint)
+        if t.dtype == torch.float16:
+            return self.op("Cast", self.init(_np(t), hint), to=self.T.FLOAT)
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: the raw 16-bit words
+            raw = t.detach().cpu().contiguous().view(torch.int16).numpy().tobytes()
+            name = self.name(hint)
+            self.inits.append(self.helper.make_tensor(name, self.T.BFLOAT16, list(t.shape), raw, raw=True))
+            return self.op("Cast", name, to=self.T.FLOAT)
+        return self.init(_f32(t), hint)
+
+    def param(self, t: torch.Tensor, hint: str) -> str:
+        """A tensor outside the edge sources (bias, norm): at 16 bits when the model is stored so
+        (``small_dtype``: its values are already rounded to that width, so the cast back is exact)."""
+        small = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(self.small_dtype or "")
+        if small is not None and t.dtype == torch.float32:
+            return self.floats(t.detach().to(small), hint)
+        return self.floats(t, hint)
+
     def silu(self, x: str) -> str:
         return self.op("Mul", x, self.op("Sigmoid", x))
 
@@ -137,17 +159,7 @@ class Stored:
         self.g, self.export, self.where = g, export, where
 
     def float(self, t: torch.Tensor, hint: str) -> str:
-        """A float tensor at its own dtype (float16/bfloat16 cast to float32 in the graph)."""
-        if t.dtype == torch.float32:
-            return self.g.init(_np(t), hint)
-        if t.dtype == torch.float16:
-            return self.g.op("Cast", self.g.init(_np(t), hint), to=self.g.T.FLOAT)
-        if t.dtype == torch.bfloat16:  # numpy has no bfloat16: the raw 16-bit words
-            raw = t.detach().cpu().contiguous().view(torch.int16).numpy().tobytes()
-            name = self.g.name(hint)
-            self.g.inits.append(self.g.helper.make_tensor(name, self.g.T.BFLOAT16, list(t.shape), raw, raw=True))
-            return self.g.op("Cast", name, to=self.g.T.FLOAT)
-        return self.g.init(_f32(t), hint)
+        return self.g.floats(t, hint)
 
     def ints(self, t: torch.Tensor, bits: int, signed: bool, hint: str) -> str:
         """Integer codes of ``bits`` bits at exactly that width: INT4/UINT4, (U)INT8, (U)INT16 where ONNX
@@ -358,7 +370,7 @@ def _features(g: Graph, layer: KANLayer, x: str, where: str) -> str:
         xn = x
         if basis.use_norm:
             n = basis.norm
-            xn = g.op("LayerNormalization", x, _param(g, n.weight, "ln_w"), _param(g, n.bias, "ln_b"), axis=-1,
+            xn = g.op("LayerNormalization", x, g.param(n.weight, "ln_w"), g.param(n.bias, "ln_b"), axis=-1,
                       epsilon=float(n.eps))
         z = g.op("Mul", g.op("Sub", g.op("Unsqueeze", xn, unsq), g.const(_f32(basis.centers))),
                  g.const(basis.inv_width))
@@ -373,10 +385,6 @@ def _features(g: Graph, layer: KANLayer, x: str, where: str) -> str:
         raise ExportRefused(f"{where}: basis {name!r} has no ONNX form (built in: bspline, rbf, chebyshev, gram, "
                             "kagn, fourier)")
     return g.op("Concat", values, g.op("Unsqueeze", g.silu(x), unsq), axis=-1)
-
-
-def _param(g: Graph, t: torch.Tensor, hint: str) -> str:
-    return Stored(g, None, "").float(t, hint)  # type: ignore[arg-type]
 
 
 def _bspline(g: Graph, basis, x: str) -> str:
@@ -454,9 +462,9 @@ def _kan_layer(g: Graph, layer: KANLayer, x: str, shared: dict, export: OnnxExpo
     w2 = g.op("Reshape", w, g.const([layer.out_features, -1], np.int64))
     y = g.op("Gemm", flat, w2, transB=1)
     if layer.bias is not None:
-        y = g.op("Add", y, _param(g, layer.bias, "bias"))
+        y = g.op("Add", y, g.param(layer.bias, "bias"))
     if layer.norm_kind == "layer":
-        y = g.op("LayerNormalization", y, _param(g, layer.norm.weight, "ln_w"), _param(g, layer.norm.bias, "ln_b"),
+        y = g.op("LayerNormalization", y, g.param(layer.norm.weight, "ln_w"), g.param(layer.norm.bias, "ln_b"),
                  axis=-1, epsilon=float(layer.norm.eps))
     return g.silu(y) if layer.act_kind == "silu" else y
 
@@ -484,7 +492,7 @@ def _conv(g: Graph, conv: KANConv2d, x: str, shared: dict, export: OnnxExport, w
     w = _edges(g, layer.source, shared, export, where)  # [out, C*k*k, n1] (channel, row, column)
     w = g.op("Transpose", g.op("Reshape", w, g.const([conv.out_channels, c, k, k, n1], np.int64)), perm=[0, 1, 4, 2, 3])
     w = g.op("Reshape", w, g.const([conv.out_channels, c * n1, k, k], np.int64))
-    args = [nchw, w] + ([_param(g, layer.bias, "bias")] if layer.bias is not None else [])
+    args = [nchw, w] + ([g.param(layer.bias, "bias")] if layer.bias is not None else [])
     return g.op("Conv", *args, kernel_shape=[k, k], strides=[conv.stride] * 2, pads=[pad] * 4)
 
 
@@ -499,15 +507,15 @@ def _module(g: Graph, m: nn.Module, x: str, shared: dict, export: OnnxExport, wh
             x = _module(g, sub, x, shared, export, f"{where}.{name}")
         return x
     if isinstance(m, nn.BatchNorm2d):
-        return g.op("BatchNormalization", x, _param(g, m.weight, "bn_w"), _param(g, m.bias, "bn_b"),
-                    _param(g, m.running_mean, "bn_mean"), _param(g, m.running_var, "bn_var"), epsilon=float(m.eps))
+        return g.op("BatchNormalization", x, g.param(m.weight, "bn_w"), g.param(m.bias, "bn_b"),
+                    g.param(m.running_mean, "bn_mean"), g.param(m.running_var, "bn_var"), epsilon=float(m.eps))
     if isinstance(m, nn.InstanceNorm2d):
         c = m.num_features
-        scale = _param(g, m.weight, "in_w") if m.affine else g.const(np.ones(c))
-        bias = _param(g, m.bias, "in_b") if m.affine else g.const(np.zeros(c))
+        scale = g.param(m.weight, "in_w") if m.affine else g.const(np.ones(c))
+        bias = g.param(m.bias, "in_b") if m.affine else g.const(np.zeros(c))
         return g.op("InstanceNormalization", x, scale, bias, epsilon=float(m.eps))
     if isinstance(m, nn.GroupNorm):
-        return g.op("GroupNormalization", x, _param(g, m.weight, "gn_w"), _param(g, m.bias, "gn_b"),
+        return g.op("GroupNormalization", x, g.param(m.weight, "gn_w"), g.param(m.bias, "gn_b"),
                     num_groups=m.num_groups, epsilon=float(m.eps))
     if isinstance(m, nn.MaxPool2d):
         ks = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
@@ -577,6 +585,7 @@ def export_onnx(model: nn.Module, path: str | Path) -> OnnxExport:
     counted = storage_report(model).stored_bits / 8
     export = OnnxExport(path, 0, counted)
     g = Graph()
+    g.small_dtype = getattr(model, "small_dtype", None)
     shape = input_shape(model)
     x = g.helper.make_tensor_value_info("x", g.T.FLOAT, shape)
     with torch.no_grad():

@@ -93,9 +93,11 @@ class EdgeSource(nn.Module):
         """``edge_tensor()`` (``basis_major``: permuted to ``[out, n+1, in]``, contiguous); without
         autograd (inference) a decompressed tensor is kept and reused until one of the source's
         parameters or buffers changes (decompress once, as a deployed model would at load time)."""
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or getattr(self, "runtime_compact", False):
+            # training, or a deployed source that keeps only its compact form (bench.deploy.compact):
+            # rebuilt on every call, never held
             self._cache = None
-            w = self.edge_tensor()
+            w = self.edge_tensor() if torch.is_grad_enabled() else self.edge_tensor().detach()
             return w.transpose(1, 2).contiguous() if basis_major else w
         key = (tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers())), basis_major)
         cache = getattr(self, "_cache", None)
@@ -225,7 +227,7 @@ class CodebookSource(EdgeSource):
         return c.float() * scale.reshape(-1, 1), {"bits": bits, "scale": scale}
 
     def edge_tensor(self) -> torch.Tensor:
-        return self.codebook()[self.index]
+        return self.codebook()[self.index.long()]  # (a deployed source keeps a narrow index: bench.deploy.compact)
 
     def storage(self) -> list[StorageItem]:
         b = index_bits(self.k)
@@ -243,7 +245,7 @@ class CodebookSource(EdgeSource):
         return gather_path < self.out_features * self.in_features * n1
 
     def contract(self, features: torch.Tensor) -> torch.Tensor:
-        if self.use_fast_path():
+        if self.use_fast_path() or (getattr(self, "runtime_compact", False) and not torch.is_grad_enabled()):
             return self.contract_gather(features)
         return super().contract(features)
 
@@ -253,7 +255,7 @@ class CodebookSource(EdgeSource):
         ``[B, out, in]`` nor the full edge tensor."""
         b = features.shape[0]
         p = (features @ self.codebook().t()).reshape(b, -1)  # [B, in*K]
-        offsets = self.index + self.k * torch.arange(self.in_features, device=self.index.device)
+        offsets = self.index.long() + self.k * torch.arange(self.in_features, device=self.index.device)
         return F.embedding_bag(offsets, p.t().contiguous(), mode="sum").t()
 
     def export_config(self) -> dict:

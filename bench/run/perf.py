@@ -12,8 +12,12 @@ are shared and noisy; ratios travel, milliseconds do not):
   autograd saves for backward), plus the largest saved tensor relative to ``[B, in, n_basis]``
   of the widest layer;
 - **compressed inference**: each compressed form made by the real method (``kmeans`` K=16
-  codebook, ``quantize`` 8-bit, ``prune`` at 8x, ``tucker`` at its default ranks) against the
+  codebook, ``quantize`` 8-bit and 4-bit, ``prune`` at 8x, ``tucker`` at its default) against the
   dense model it came from (ratio compressed / dense, below 1 is faster);
+- **compressed run time** (codebook and quantised): the deployed form (:func:`bench.deploy.compact`:
+  integer codes, a narrow index, the codebook's gather path) against the dense model at batch 1
+  and at the batch size, and the bytes it holds at run time over its counted bytes (the form as the
+  harness evaluates it, with its decompressed cache, for reference);
 - **ConvKAN** (``--conv-channels``, default ``16,32,64`` on 1x28x28 inputs, BatchNorm, 2x2
   max-pooling after each layer) per basis at ``--conv-batch``: train step and inference against a
   CNN of the same layout (3x3 ``Conv2d`` + BatchNorm + ReLU + max-pool per layer, average pool,
@@ -56,6 +60,7 @@ CONV_TRAIN_TARGET = 1.2  # ConvKAN train step / same-parameter CNN
 COMPRESSED = {  # name -> (method, hyperparameters, target ratio compressed/dense inference or None)
     "codebook K=16": ("kmeans", {"K": 16, "n_init": 1}, 1.0),
     "quantised 8-bit": ("quantize", {"bits": 8, "calibrate": False}, None),
+    "quantised 4-bit": ("quantize", {"bits": 4, "calibrate": False}, None),
     "pruned 8x": ("prune", {"ratio": 8.0}, 1 / 8),
     "tucker default": ("tucker", {}, None),
 }
@@ -268,11 +273,39 @@ def run_perf(device: str = "auto", batch: int = 256, widths=(784, 64, 10), bases
             with torch.no_grad():
                 t, t_dense = timer.compare(lambda m=small: m(x), lambda m=kan: m(x))
             add("compressed_inference", basis, f"{name} / dense", t * 1e3, t_dense * 1e3, target)
+            if name in RUNTIME_TARGETS:
+                _runtime_rows(add, timer, name, basis, small, kan, x)
     if anchors:
         _anchor_rows(add, timer, dev, widths, x, y, mlp, mlp_step, log)
     if conv_channels:
         _conv_rows(add, timer, dev, bases, list(conv_channels), conv_batch, tuple(conv_shape), widths[-1], log, fused)
     return pd.DataFrame(rows)
+
+
+# The run-time forms that stay compressed (bench.deploy.compact): target batch-1 latency ratio to dense
+RUNTIME_TARGETS = {"codebook K=16": 0.5, "quantised 8-bit": None, "quantised 4-bit": None}
+HELD_TARGET = 2.0  # bytes held at run time / counted bytes
+
+
+def _runtime_rows(add, timer, name, basis, small, dense, x) -> None:
+    """The compressed form as deployed (:func:`bench.deploy.compact`) against its dense model: batch-1
+    latency, batch-256 time, and the bytes each holds at run time over the compressed model's counted
+    bytes (the dense model's own bytes for reference)."""
+    from bench.compression.storage import storage_report
+    from bench.deploy import compact, held_bytes
+
+    deployed = compact(small)
+    counted = storage_report(small).stored_bits / 8
+    with torch.no_grad():
+        for rows, label in ((x[:1], "batch 1"), (x, f"batch {x.shape[0]}")):
+            t, t_dense = timer.compare(lambda m=deployed, r=rows: m(r), lambda r=rows: dense(r))
+            add("compressed_runtime", basis, f"{name} {label}: deployed / dense", t * 1e3, t_dense * 1e3,
+                RUNTIME_TARGETS[name] if label == "batch 1" else None)
+        small(x)  # the loaded form as the harness evaluates it (its decompressed cache included)
+    add("compressed_runtime", basis, f"{name}: bytes held deployed / counted", held_bytes(deployed) / 2**20,
+        counted / 2**20, HELD_TARGET, unit="MiB")
+    add("compressed_runtime", basis, f"{name}: bytes held as evaluated / counted", held_bytes(small) / 2**20,
+        counted / 2**20, unit="MiB")
 
 
 def _anchor_rows(add, timer, dev, widths, x, y, mlp, mlp_step, log) -> None:
