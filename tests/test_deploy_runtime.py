@@ -53,3 +53,17 @@ def test_a_deployed_codebook_layer_never_builds_its_edge_tensor(monkeypatch):
     with torch.no_grad():
         assert deployed(torch.randn(4, 784)).shape == (4, 10)
     assert all(src.index.dtype == torch.uint8 for src in (layer.source for _, layer in kan_layers(deployed)))
+
+
+@pytest.mark.parametrize("batch", [1, 7, 40])
+def test_both_gather_paths_equal_the_full_tensor(batch, monkeypatch):
+    """contract_gather: one indexing gather for few rows, the embedding-bag sum for many (the switch
+    moved so that both run here), each equal to the matmul over the rebuilt edge tensor."""
+    torch.manual_seed(0)
+    src = CodebookSource(torch.randn(5, 9), torch.randint(0, 5, (6, 11)))
+    feats = torch.randn(batch, 11, 9)
+    full = feats.reshape(batch, -1) @ src.edge_tensor().reshape(6, -1).t()
+    for direct in (1 << 20, 0):
+        monkeypatch.setattr(CodebookSource, "GATHER_DIRECT", direct)
+        with torch.no_grad():
+            assert torch.allclose(src.contract_gather(feats), full, atol=1e-5)

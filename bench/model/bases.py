@@ -532,6 +532,12 @@ def fused_features(basis: Basis, x: torch.Tensor) -> torch.Tensor | None:
         import logging  # inductor's CPU build looks for CUDA headers and warns on every CPU-only machine
 
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        # one graph per grad mode x which inputs need gradients x dtype: the RBF kernel (its norm's
+        # parameters are inputs) reaches dynamo's default of 8 in a sweep, which then runs it eagerly
+        config = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit"):
+            if getattr(config, name, 64) < 64:
+                setattr(config, name, 64)
         compiled = _FUSED["compiled"][fn] = torch.compile(fn)
     # rows and inputs vary from layer to layer and batch to batch: dynamic from the first call, so one
     # graph serves them all (otherwise each new size compiles once more, up to dynamo's recompile limit)

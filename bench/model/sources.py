@@ -233,6 +233,10 @@ class CodebookSource(EdgeSource):
         b = index_bits(self.k)
         return [*self.centroid_items(), StorageItem("index", self.index.numel(), b, f"uint{b}", self.index)]
 
+    # Below this many gathered values (batch x out x in) one indexing gather and a sum beat the
+    # embedding-bag (whose per-lookup cost dominates at batch 1: measured with `python -m bench perf`)
+    GATHER_DIRECT = 1 << 20
+
     # One gathered add costs about as much as this many BLAS multiply-adds on a CPU (measured
     # with `python -m bench perf`: the embedding-bag sum is memory-bound, the matmul is not).
     GATHER_COST = 32
@@ -256,6 +260,8 @@ class CodebookSource(EdgeSource):
         b = features.shape[0]
         p = (features @ self.codebook().t()).reshape(b, -1)  # [B, in*K]
         offsets = self.index.long() + self.k * torch.arange(self.in_features, device=self.index.device)
+        if b * offsets.numel() <= self.GATHER_DIRECT:  # a few rows: one gather, then a sum per output
+            return p[:, offsets.reshape(-1)].reshape(b, self.out_features, self.in_features).sum(-1)
         return F.embedding_bag(offsets, p.t().contiguous(), mode="sum").t()
 
     def export_config(self) -> dict:
