@@ -63,6 +63,9 @@ def test_method_runs_counts_and_reloads(env, method, basis, model):
         assert row["onnx_error"] is None, row["onnx_error"]
         assert row["onnx_bytes"] == path.with_suffix(".onnx").stat().st_size > 0
         assert row["onnx_max_diff"] <= 1e-5, row["onnx_max_diff"]
+    assert row["runtime_bytes"] > 0
+    if method in ("kmeans", "metacluster", "quantize") and model == "kan":  # codes and indices held, no float copy
+        assert row["runtime_bytes"] < row["dense_bits"] / 8, (row["runtime_bytes"], row["dense_bits"] / 8)
     if method in ("dense", "dense_ft"):
         assert row["stored_bits"] == row["dense_bits"]
     else:  # a compression method stores fewer bits than the dense model ...

@@ -206,7 +206,8 @@ def _hover(r: dict) -> str:
              f"val {fmt_delta(r['val_delta'], r['control_val_metric'], name, dec, up)}",
              f"stored: {fmt_kib(r['stored_bits'] / 8)} KiB ({r['stored_bits']:,.0f} bits), "
              f"ratio {fmt_ratio(r['compression_ratio'])}",
-             f"file: {fmt_kib(r['file_bytes'])} KiB on disk; ONNX: {fmt_kib(r.get('onnx_bytes'))} KiB"]
+             f"file: {fmt_kib(r['file_bytes'])} KiB on disk; ONNX: {fmt_kib(r.get('onnx_bytes'))} KiB; "
+             f"held at run time (deployed): {fmt_kib(r.get('runtime_bytes'))} KiB"]
     if r["method"] not in REFERENCES:
         within = r.get("within_tol")
         lines.append("within tolerance (validation): " + ("—" if _isnan(r.get("val_delta")) else

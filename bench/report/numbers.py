@@ -59,7 +59,7 @@ REL_BUDGETS = (0.05,)
 _MEANS = ["metric", "val_metric", "control_metric", "control_val_metric", "metric_delta", "val_delta",
           "dense_metric", "dense_val_metric", "dense_delta", "compression_ratio", "coef_compression_ratio",
           "file_compression_ratio", "requested_ratio", "stored_bits", "dense_bits", "file_bytes", "header_bytes",
-          "zstd_file_bytes", "onnx_bytes",
+          "zstd_file_bytes", "onnx_bytes", "runtime_bytes",
           "params_trainable", "theoretical_speedup", "train_seconds", "peak_memory_bytes", "best_epoch",
           "epochs_run", "finetune_best_epoch"]
 _STDS = ["metric", "val_metric", "control_metric", "metric_delta", "val_delta", "compression_ratio"]

@@ -40,7 +40,7 @@ COLUMNS = [
     "optimizer_state_bytes", "stored_bits", "dense_bits",
     "compression_ratio", "coef_stored_bits", "coef_dense_bits", "coef_compression_ratio",
     "requested_ratio", "theoretical_speedup", "file_bytes", "header_bytes", "dense_file_bytes",
-    "file_compression_ratio", "zstd_file_bytes", "onnx_bytes", "onnx_max_diff", "onnx_error",
+    "file_compression_ratio", "zstd_file_bytes", "onnx_bytes", "onnx_max_diff", "onnx_error", "runtime_bytes",
     "epochs", "finetune_epochs", "lr", "batch_size",
     "finetune_lr_scale", "schedule",
     "patience", "weight_decay", "threads", "compile", "features", "bn_recalibration",
@@ -56,7 +56,7 @@ NUMERIC = {
     "optimizer_state_bytes", "stored_bits", "dense_bits", "compression_ratio", "coef_stored_bits",
     "coef_dense_bits", "coef_compression_ratio", "requested_ratio", "theoretical_speedup", "file_bytes",
     "epochs", "finetune_epochs", "train_seconds", "compress_seconds", "peak_memory_bytes", "onnx_bytes",
-    "onnx_max_diff",
+    "onnx_max_diff", "runtime_bytes",
 }
 
 

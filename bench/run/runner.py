@@ -33,7 +33,7 @@ from bench.compression.methods import CompressContext, control_finetune
 from bench.compression.pipeline import is_pipeline_class, method_class
 from bench.compression.storage import count_params, export_model, header_bytes, load_model, storage_report, zstd_bytes
 from bench.data import Splits, get_dataset
-from bench.deploy import onnx_row
+from bench.deploy import compact, held_bytes, onnx_row
 from bench.errors import Infeasible, UserError
 from bench.model import kinds as model_specs
 from bench.model.bases import features_path, use_fused_features
@@ -330,6 +330,7 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
     with torch.no_grad():
         row["reload_max_abs_diff"] = float((reloaded(x_check) - model(x_check)).abs().max())
     row.update(onnx_row(reloaded, path.with_suffix(".onnx"), x_check))  # the deployable graph, checked
+    row["runtime_bytes"] = held_bytes(compact(reloaded))  # what the deployed PyTorch model holds in memory
     row["info"] = json.dumps(ctx.result.details, sort_keys=True, default=str)
     row["status"] = "diverged" if _metric_is_bad(row["metric"]) else "ok"
     row["error"] = "non-finite test metric" if row["status"] == "diverged" else None
