@@ -60,12 +60,6 @@ class OnnxExport:
     forms: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def initializer_bytes(self) -> int:
-        import onnx
-
-        return sum(len(t.raw_data) for t in onnx.load(str(self.path)).graph.initializer)
-
 
 # ----------------------------------------------------------------------------- graph building
 class Graph:
@@ -209,10 +203,6 @@ def _bits(encoding: str) -> tuple[int, bool]:
     return int(encoding[3 if signed else 4:]), signed
 
 
-def _items(source) -> dict:
-    return {it.name: it for it in source.storage()}
-
-
 # ----------------------------------------------------------------------------- edge tensors
 def _dense(g: Graph, st: Stored, src) -> str:
     return g.init(_f32(src.edge_tensor()), "edges")
@@ -221,8 +211,7 @@ def _dense(g: Graph, st: Stored, src) -> str:
 def _quant(g: Graph, st: Stored, src) -> str:
     """``(q - zero) * scale`` as DequantizeLinear: per tensor, per output node (axis 0) or per edge
     (blocked along the edge vector)."""
-    items = _items(src)
-    bits, signed = _bits(items["q"].encoding)
+    bits, signed = _bits(next(it for it in src.storage() if it.name == "q").encoding)
     q = st.ints(src.q, bits, signed, "q")
     out, inp, e = src.shape
     # the scale (and zero point) written at the shape DequantizeLinear wants: a scalar per tensor, [out]
