@@ -128,6 +128,38 @@ class Graph:
             return self.floats(t.detach().to(small), hint)
         return self.floats(t, hint)
 
+    def ints(self, t: torch.Tensor, bits: int, signed: bool, hint: str) -> str:
+        """Integer codes of ``bits`` bits at exactly that width: INT4/UINT4, (U)INT8, (U)INT16 where ONNX
+        has the type; any other width bit-packed into UINT8 bytes (as the ``.kanb`` file packs them) and
+        unpacked in the graph to INT32 (constant-folded when the session loads: no run-time cost)."""
+        v = _np(t).astype(np.int64)
+        T = self.T
+        if bits == 4:
+            return self.packed(v, T.INT4 if signed else T.UINT4, hint)
+        if bits in (8, 16):
+            types = {8: (np.int8, np.uint8), 16: (np.int16, np.uint16)}[bits]
+            return self.init(v.astype(types[0] if signed else types[1]), hint)
+        return self.unpacked(v, bits, signed, hint)
+
+    def unpacked(self, v: np.ndarray, bits: int, signed: bool, hint: str) -> str:
+        """``v`` stored ``bits`` bits per value (signed values offset by ``2^(bits-1)``), as INT32 in the graph."""
+        from bench.compression.storage import pack_bits
+
+        shape, offset = list(v.shape), (1 << (bits - 1)) if signed else 0
+        flat = v.reshape(-1) + offset
+        packed = np.frombuffer(pack_bits(flat, bits), dtype=np.uint8)
+        planes = _bit_planes(self, self.init(packed, f"{hint}_bits"), flat.size * bits)  # UINT8 [n * bits] of 0/1
+        words = self.op("Reshape", self.op("Cast", planes, to=self.T.INT32), self.const([flat.size, bits], np.int64))
+        value = self.op("ReduceSum", self.op("Mul", words, self.const(1 << np.arange(bits), np.int32)),
+                        self.const([1], np.int64), keepdims=0)
+        if offset:
+            value = self.op("Sub", value, self.const(offset, np.int32))
+        return self.op("Reshape", value, self.const(shape, np.int64))
+
+    def index(self, t: torch.Tensor, bits: int, hint: str) -> str:
+        """Unsigned indices, cast to INT64 at run time (Gather and ScatterND take no narrower type)."""
+        return self.op("Cast", self.ints(t, bits, False, hint), to=self.T.INT64)
+
     def silu(self, x: str) -> str:
         return self.op("Mul", x, self.op("Sigmoid", x))
 
@@ -143,49 +175,6 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 def _f32(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().float().numpy()
-
-
-# ----------------------------------------------------------------------------- stored tensors
-class Stored:
-    """Initializers for a source's stored tensors at the narrowest ONNX type that holds them."""
-
-    def __init__(self, g: Graph, export: OnnxExport, where: str):
-        self.g, self.export, self.where = g, export, where
-
-    def float(self, t: torch.Tensor, hint: str) -> str:
-        return self.g.floats(t, hint)
-
-    def ints(self, t: torch.Tensor, bits: int, signed: bool, hint: str) -> str:
-        """Integer codes of ``bits`` bits at exactly that width: INT4/UINT4, (U)INT8, (U)INT16 where ONNX
-        has the type; any other width bit-packed into UINT8 bytes (as the ``.kanb`` file packs them) and
-        unpacked in the graph to INT32 (constant-folded when the session loads: no run-time cost)."""
-        v = _np(t).astype(np.int64)
-        T = self.g.T
-        if bits == 4:
-            return self.g.packed(v, T.INT4 if signed else T.UINT4, hint)
-        if bits in (8, 16):
-            types = {8: (np.int8, np.uint8), 16: (np.int16, np.uint16)}[bits]
-            return self.g.init(v.astype(types[0] if signed else types[1]), hint)
-        return self.unpacked(v, bits, signed, hint)
-
-    def unpacked(self, v: np.ndarray, bits: int, signed: bool, hint: str) -> str:
-        """``v`` stored ``bits`` bits per value (signed values offset by ``2^(bits-1)``), as INT32 in the graph."""
-        from bench.compression.storage import pack_bits
-
-        g, shape, offset = self.g, list(v.shape), (1 << (bits - 1)) if signed else 0
-        flat = v.reshape(-1) + offset
-        packed = np.frombuffer(pack_bits(flat, bits), dtype=np.uint8)
-        planes = _bit_planes(g, g.init(packed, f"{hint}_bits"), flat.size * bits)  # UINT8 [n * bits] of 0/1
-        words = g.op("Reshape", g.op("Cast", planes, to=g.T.INT32), g.const([flat.size, bits], np.int64))
-        value = g.op("ReduceSum", g.op("Mul", words, g.const(1 << np.arange(bits), np.int32)),
-                     g.const([1], np.int64), keepdims=0)
-        if offset:
-            value = g.op("Sub", value, g.const(offset, np.int32))
-        return g.op("Reshape", value, g.const(shape, np.int64))
-
-    def index(self, t: torch.Tensor, bits: int, hint: str) -> str:
-        """Unsigned indices, cast to INT64 at run time (Gather and ScatterND take no narrower type)."""
-        return self.g.op("Cast", self.ints(t, bits, False, hint), to=self.g.T.INT64)
 
 
 def _bit_planes(g: Graph, packed: str, n: int) -> str:
@@ -204,58 +193,58 @@ def _bits(encoding: str) -> tuple[int, bool]:
 
 
 # ----------------------------------------------------------------------------- edge tensors
-def _dense(g: Graph, st: Stored, src) -> str:
+def _dense(g: Graph, src) -> str:
     return g.init(_f32(src.edge_tensor()), "edges")
 
 
-def _quant(g: Graph, st: Stored, src) -> str:
+def _quant(g: Graph, src) -> str:
     """``(q - zero) * scale`` as DequantizeLinear: per tensor, per output node (axis 0) or per edge
     (blocked along the edge vector)."""
     bits, signed = _bits(next(it for it in src.storage() if it.name == "q").encoding)
-    q = st.ints(src.q, bits, signed, "q")
+    q = g.ints(src.q, bits, signed, "q")
     out, inp, e = src.shape
     # the scale (and zero point) written at the shape DequantizeLinear wants: a scalar per tensor, [out]
     # per output node (axis 0), [out, in, 1] per edge (blocks of the whole edge vector)
     shape, attrs = {"layer": ([], {}), "node": ([out], {"axis": 0}),
                     "edge": ([out, inp, 1], {"axis": 2, "block_size": e})}[src.granularity]
-    args = [q, st.float(src.scale.reshape(shape), "scale")]  # float32: DequantizeLinear outputs its scale's type
+    args = [q, g.floats(src.scale.reshape(shape), "scale")]  # float32: DequantizeLinear outputs its scale's type
     if src.zero is not None:
-        args.append(st.ints(src.zero.reshape(shape), bits, False, "zero"))
+        args.append(g.ints(src.zero.reshape(shape), bits, False, "zero"))
     return g.op("DequantizeLinear", *args, **attrs)
 
 
-def _centroids(g: Graph, st: Stored, src) -> str:
+def _centroids(g: Graph, src) -> str:
     """``[K, n+1]`` float32 centroids from what the codebook stores."""
     bits = src.centroid_bits
     if bits >= 16:
         c = src.centroids.detach()
-        return st.float(c.half() if bits == 16 else c, "centroids")
-    codes = st.ints(src.centroid_codes().detach().long(), bits, True, "centroid_codes")
-    scale = st.float(src.centroid_scale, "centroid_scale")
+        return g.floats(c.half() if bits == 16 else c, "centroids")
+    codes = g.ints(src.centroid_codes().detach().long(), bits, True, "centroid_codes")
+    scale = g.floats(src.centroid_scale, "centroid_scale")
     if src.centroid_scale.numel() == 1:
         return g.op("DequantizeLinear", codes, g.op("Reshape", scale, g.const([], np.int64)))
     return g.op("DequantizeLinear", codes, scale, axis=0)
 
 
-def _codebook(g: Graph, st: Stored, src, shared: dict) -> str:
+def _codebook(g: Graph, src, shared: dict) -> str:
     from bench.compression.codebook import SharedCodebookSource
     from bench.model.sources import index_bits
 
     if isinstance(src, SharedCodebookSource):  # the owner writes the centroids, every sharer reuses them
         key = src.share_token
         if key not in shared:
-            shared[key] = _centroids(g, st, src)
+            shared[key] = _centroids(g, src)
         cent = shared[key]
     else:
-        cent = _centroids(g, st, src)
-    idx = st.index(src.index, index_bits(src.k), "index")
+        cent = _centroids(g, src)
+    idx = g.index(src.index, index_bits(src.k), "index")
     rows = g.op("Gather", cent, idx, axis=0)  # [out, in, n+1] or [kept, n+1]
     if hasattr(src, "flat_index"):  # a codebook over a pruned layer
-        return _scatter(g, st, src, rows)
+        return _scatter(g, src, rows)
     return rows
 
 
-def _positions(g: Graph, st: Stored, src) -> str:
+def _positions(g: Graph, src) -> str:
     """The surviving edges' flat positions ``[kept, 1]`` (INT64) from the stored pattern."""
     from bench.compression.storage import pack_bits
 
@@ -266,42 +255,42 @@ def _positions(g: Graph, st: Stored, src) -> str:
         flat = _bit_planes(g, g.init(packed, "mask_bits"), n)
         return g.op("Transpose", g.op("NonZero", g.op("Cast", flat, to=g.T.BOOL)))          # [kept, 1]
     bits = int(item.encoding[4:])
-    pos = st.index(src.flat_index, bits, "positions")
+    pos = g.index(src.flat_index, bits, "positions")
     return g.op("Unsqueeze", pos, g.const([1], np.int64))
 
 
-def _scatter(g: Graph, st: Stored, src, rows: str) -> str:
+def _scatter(g: Graph, src, rows: str) -> str:
     """``rows [kept, n+1]`` into zeros ``[out * in, n+1]`` at the stored positions, as ``[out, in, n+1]``."""
     out, inp, e = src.shape
     zeros = g.op("ConstantOfShape", g.const([out * inp, e], np.int64),
                  value=g.helper.make_tensor("zero", g.T.FLOAT, [1], [0.0]))
-    full = g.op("ScatterND", zeros, _positions(g, st, src), rows)
+    full = g.op("ScatterND", zeros, _positions(g, src), rows)
     return g.op("Reshape", full, g.const([out, inp, e], np.int64))
 
 
-def _masked(g: Graph, st: Stored, src) -> str:
-    return _scatter(g, st, src, st.float(src.values, "values"))
+def _masked(g: Graph, src) -> str:
+    return _scatter(g, src, g.floats(src.values, "values"))
 
 
-def _tucker(g: Graph, st: Stored, src) -> str:
+def _tucker(g: Graph, src) -> str:
     f = src.factors()
-    return g.op("Einsum", *(st.float(f[k], k) for k in ("core", "u_out", "u_in", "u_basis")),
+    return g.op("Einsum", *(g.floats(f[k], k) for k in ("core", "u_out", "u_in", "u_basis")),
                 equation="abc,oa,ib,ec->oie")
 
 
-def _generated(g: Graph, st: Stored, src, shared: dict) -> str:
+def _generated(g: Graph, src, shared: dict) -> str:
     """MetaKAN: the meta-learner applied to every edge's embedding, ``[out * in, d] -> [out * in, n+1]``."""
     key = src.share_token or id(src.learner)
     if key not in shared:
         lr = src.learner
-        shared[key] = [st.float(t, n) for n, t in (("fc1_w", lr.fc1.weight), ("fc1_b", lr.fc1.bias),
+        shared[key] = [g.floats(t, n) for n, t in (("fc1_w", lr.fc1.weight), ("fc1_b", lr.fc1.bias),
                                                     ("fc2_w", lr.fc2.weight), ("fc2_b", lr.fc2.bias))]
     w1, b1, w2, b2 = shared[key]
-    h = g.op("Relu", g.op("Gemm", st.float(src.embedding, "embedding"), w1, b1, transB=1))
+    h = g.op("Relu", g.op("Gemm", g.floats(src.embedding, "embedding"), w1, b1, transB=1))
     return g.op("Reshape", g.op("Gemm", h, w2, b2, transB=1), g.const(list(src.shape), np.int64))
 
 
-def _branch(g: Graph, st: Stored, src, shared: dict, export: OnnxExport, where: str) -> str:
+def _branch(g: Graph, src, shared: dict, export: OnnxExport, where: str) -> str:
     parts = [_edges(g, part, shared, export, f"{where}.{name}") for name, part in src.parts()]
     return g.op("Concat", *parts, axis=2)
 
@@ -316,33 +305,30 @@ def _edges(g: Graph, src, shared: dict, export: OnnxExport, where: str) -> str:
     from bench.compression.tucker_factors import TuckerSource
     from bench.model.sources import CodebookSource, DenseSource
 
-    if hasattr(src, "freeze") and not isinstance(src, BranchSource):
-        src = src.freeze()  # QAT forms are stored (and deployed) as the quantised source they freeze to
-    elif isinstance(src, BranchSource):
+    if hasattr(src, "freeze"):  # QAT forms (and branches of them) are stored as the quantised source they freeze to
         src = src.freeze()
     if isinstance(src, EntropyCodedSource):
         export.notes.append(f"{where}: entropy-coded {', '.join(sorted(src.names))} written at plain width "
                             "(ONNX operators cannot decode an ANS stream)")
         return _edges(g, src.inner, shared, export, where)
-    st = Stored(g, export, where)
     name = type(src).__name__
     form = "compressed"
     if isinstance(src, DenseSource):
-        w, form = _dense(g, st, src), "dense"
+        w, form = _dense(g, src), "dense"
     elif isinstance(src, QuantSource):
-        w = _quant(g, st, src)
+        w = _quant(g, src)
     elif isinstance(src, (CodebookSource, MaskedCodebookSource)):
-        w = _codebook(g, st, src, shared)
+        w = _codebook(g, src, shared)
     elif isinstance(src, MaskedSource):
-        w = _masked(g, st, src)
+        w = _masked(g, src)
     elif isinstance(src, TuckerSource):
-        w = _tucker(g, st, src)
+        w = _tucker(g, src)
     elif isinstance(src, GeneratedSource):
-        w = _generated(g, st, src, shared)
+        w = _generated(g, src, shared)
     elif isinstance(src, BranchSource):
-        return _branch(g, st, src, shared, export, where)
+        return _branch(g, src, shared, export, where)
     else:  # no ONNX form for this source: its dense edge tensor, said in the export's forms
-        w, form = _dense(g, st, src), "dense (no ONNX form for this source)"
+        w, form = _dense(g, src), "dense (no ONNX form for this source)"
     export.forms[where] = f"{name}: {form}"
     return w
 

@@ -38,7 +38,7 @@ def compact(model: nn.Module, inplace: bool = False) -> nn.Module:
     model = model if inplace else copy.deepcopy(model)
     for _, layer in kan_layers(model):
         src = layer.source
-        if type(src) is CodebookSource or (isinstance(src, CodebookSource) and not hasattr(src, "flat_index")):
+        if isinstance(src, CodebookSource) and not hasattr(src, "flat_index"):  # not a pruned codebook
             src.index = _narrow(src.index, 0, src.k - 1)
             src.runtime_compact = True
         elif isinstance(src, QuantSource):

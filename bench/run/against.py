@@ -23,10 +23,10 @@ import os
 import shutil
 from pathlib import Path
 
-from bench.errors import UserError
+from bench.errors import UserError, warn_stderr
 
 from .plan import stage_cache
-from .results import ResultsStore, atomic_write_bytes, read_results, row_problem, warn_stderr
+from .results import ResultsStore, atomic_write_bytes, read_results, row_problem
 from .sweep import RunSpec, Sweep
 
 CHECKED = ("dense", "dense_ft")

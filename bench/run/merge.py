@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.errors import UserError
+from bench.errors import UserError, warn_stderr
 
 from .lock import results_writer, writable_folder
-from .results import ResultsStore, atomic_write_bytes, read_results, row_problem, warn_stderr
+from .results import ResultsStore, atomic_write_bytes, read_results, row_problem
 
 
 def _rank(row: dict) -> tuple:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.errors import warn_stderr  # noqa: F401 - run modules import it from here
+from bench.errors import warn_stderr
 
 # Column order of runs.parquet / runs.csv. Numbers are numeric; method_config is JSON text.
 COLUMNS = [

@@ -330,7 +330,7 @@ def run_one(spec: RunSpec, env: RunEnv) -> dict:
     with torch.no_grad():
         row["reload_max_abs_diff"] = float((reloaded(x_check) - model(x_check)).abs().max())
     row.update(onnx_row(reloaded, path.with_suffix(".onnx"), x_check))  # the deployable graph, checked
-    row["runtime_bytes"] = held_bytes(compact(reloaded))  # what the deployed PyTorch model holds in memory
+    row["runtime_bytes"] = held_bytes(compact(reloaded, inplace=True))  # what the deployed PyTorch model holds
     row["info"] = json.dumps(ctx.result.details, sort_keys=True, default=str)
     row["status"] = "diverged" if _metric_is_bad(row["metric"]) else "ok"
     row["error"] = "non-finite test metric" if row["status"] == "diverged" else None
