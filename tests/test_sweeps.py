@@ -91,3 +91,22 @@ def test_an_array_of_general_method_tables_unites_their_grids_and_each_takes_the
 def test_all_methods_leaves_out_the_pipeline_only_stages():
     names = {r.method for r in build_sweep({"datasets": ["digits"], "bases": ["bspline"], "methods": ["all"]}).runs}
     assert "small_dtype" not in names and {"dense", "dense_ft", "metacluster", "quantize"} <= names
+
+
+def test_n_seeds_runs_a_tables_points_at_the_first_seeds_and_the_larger_count_wins():
+    from bench.errors import UserError
+
+    data = {"datasets": ["digits"], "bases": ["bspline"], "methods": ["prune", "prune>kmeans"], "seeds": [4, 1, 7],
+            "method": {"prune": [{"ratio": 4}, {"ratio": [2, 4, 8], "n_seeds": 1}],
+                       "prune>kmeans": {"prune": {"ratio": 2}, "kmeans": {"K": 4}, "n_seeds": 2}}}
+    runs = build_sweep(data).runs
+    seeds = {}
+    for r in runs:
+        seeds.setdefault((r.method, r.method_config.get("ratio")), []).append(r.seed)
+    assert seeds == {("prune", 2): [4], ("prune", 4): [4, 1, 7], ("prune", 8): [4], ("prune>kmeans", None): [4, 1]}
+    # the same run keeps its id: n_seeds only leaves runs out
+    full = {r.run_id for r in build_sweep({**data, "method": {"prune": {"ratio": [2, 4, 8]}}}).runs}
+    assert {r.run_id for r in runs if r.method == "prune"} < full
+    for bad in (0, 1.5, True, "1"):
+        with pytest.raises(UserError, match="n_seeds must be a positive integer"):
+            build_sweep({"datasets": ["digits"], "methods": ["prune"], "method": {"prune": {"n_seeds": bad}}})

@@ -32,7 +32,7 @@ from bench.config import positive
 from bench.errors import Infeasible, UserError
 from bench.model.kan import kan_layers, to_layer_device
 from bench.model.kinds import kind_of
-from bench.model.sources import CodebookSource, EdgeSource, StorageItem, index_bits, register_source
+from bench.model.sources import CodebookSource, EdgeSource, StorageItem, gather_rows, index_bits, register_source
 
 from .entropy import empirical_entropy_bits, entropy_code_model
 from .pruning import MaskedSource, SparsePattern
@@ -109,7 +109,7 @@ class MaskedCodebookSource(SparsePattern, CodebookSource):
 
     def edge_tensor(self) -> torch.Tensor:
         w = self.centroids.new_zeros(self.out_features * self.in_features, self.edge_dim)
-        w = w.index_copy(0, self.flat_index, self.codebook()[self.index])
+        w = w.index_copy(0, self.flat_index, gather_rows(self.codebook(), self.index, self))
         return w.reshape(self.out_features, self.in_features, self.edge_dim)
 
     def contract(self, features: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ A sweep names what to cross (every key optional; the CLI overrides any of them):
     bits = [4, 2]
     [[dataset.digits.method.quantize]]
     avg_bits = 2.5
+    n_seeds = 1                         # these points at the first of the sweep's seeds only
 
     [model.kan]                 # model options
     hidden = [64]
@@ -228,19 +229,39 @@ def _method_points(cls, fixed: dict, use_grid: bool) -> list[dict]:
     return list(unique.values())
 
 
-def _dataset_points(cls, general: dict | list[dict], per_dataset: dict | list[dict], use_grid: bool) -> list[dict]:
-    """A method's configs on one dataset: ``[method.M]`` updated by ``[dataset.D.method.M]``; either may
-    be an array of tables (``[[method.M]]``, ``[[dataset.D.method.M]]``): the union of their grids,
-    every general table updated by every per-dataset one."""
-    unique = {}
+def _n_seeds(table: dict, where: str) -> int | None:
+    """Pop a method table's ``n_seeds`` (run its points at the first n of the sweep's seeds; None: all)."""
+    n = table.pop("n_seeds", None)
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise UserError(f"{where}: n_seeds must be a positive integer (the first n of the sweep's seeds), got {n!r}")
+    return n
+
+
+def _dataset_points(cls, general: dict | list[dict], per_dataset: dict | list[dict],
+                    use_grid: bool) -> list[tuple[dict, int | None]]:
+    """A method's configs on one dataset, each with how many of the sweep's seeds it runs at (None: all):
+    ``[method.M]`` updated by ``[dataset.D.method.M]``; either may be an array of tables
+    (``[[method.M]]``, ``[[dataset.D.method.M]]``): the union of their grids, every general table updated
+    by every per-dataset one. A table's ``n_seeds`` runs its points at the first n seeds only (a curve's
+    extra points at fewer repetitions); a point two tables give runs at the larger of their counts."""
+    unique: dict[str, tuple[dict, int | None]] = {}
     for base in general if isinstance(general, list) else [general]:
         for table in per_dataset if isinstance(per_dataset, list) else [per_dataset]:
             if is_pipeline_class(cls):  # merge stage by stage
-                merged = {k: {**base.get(k, {}), **table.get(k, {})} for k in {*base, *table}}
+                merged = {k: {**base.get(k, {}), **table.get(k, {})} for k in {*base, *table}
+                          if k != "n_seeds"}
+                merged["n_seeds"] = table.get("n_seeds", base.get("n_seeds"))
             else:
                 merged = {**base, **table}
+            n = _n_seeds(merged, f"method {cls.name!r}")
             for p in _method_points(cls, merged, use_grid):
-                unique[json.dumps(p, sort_keys=True)] = p
+                key = json.dumps(p, sort_keys=True)
+                if key in unique:
+                    old = unique[key][1]
+                    n_p = None if old is None or n is None else max(old, n)
+                else:
+                    n_p = n
+                unique[key] = (p, n_p)
     return list(unique.values())
 
 
@@ -260,7 +281,7 @@ def _method_entries(value) -> dict[str, tuple[str, dict]]:
     return {v.replace(" ", ""): parse_entry(v) for v in value}
 
 
-def _entry_points(name: str, inline: dict, general: dict, per_dataset, use_grid: bool) -> list[dict]:
+def _entry_points(name: str, inline: dict, general: dict, per_dataset, use_grid: bool) -> list[tuple[dict, int | None]]:
     """The configs of one ``methods`` entry: its method table(s), then its inline options on top."""
     cls = method_class(name)
     if inline:
@@ -378,9 +399,10 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
     runs, skipped = [], []
     for d, meth, seed in itertools.product([d for d in datasets if d in ds_base], methods, seeds):
         m_opts, b, b_opts = base_model_spec(ds_base[d], ds_objs[d], seed)
-        for cfg in points[(d, meth)]:
-            runs.append(RunSpec(name, d, ds_opts[d], "imported", m_opts, b, b_opts, methods[meth][0], cfg, seed,
-                                ds_train[d]))
+        for cfg, n in points[(d, meth)]:
+            if n is None or seed in seeds[:n]:
+                runs.append(RunSpec(name, d, ds_opts[d], "imported", m_opts, b, b_opts, methods[meth][0], cfg, seed,
+                                    ds_train[d]))
     for d, m, b, meth, seed in itertools.product(trained, models, bases, methods, seeds):
         if not compatible(m, ds_objs[d]):
             skipped.append(f"{d}/{m}")
@@ -388,6 +410,8 @@ def build_sweep(data: dict, overrides: dict | None = None) -> Sweep:
         m_opts = mo[m]
         if d in ds_hidden and MODELS[m].takes_hidden():
             m_opts = dataclasses.asdict(model_options(m, {**mtables.get(m, {}), "hidden": ds_hidden[d]}))
-        for cfg in points[(d, meth)]:
-            runs.append(RunSpec(name, d, ds_opts[d], m, m_opts, b, bo[b], methods[meth][0], cfg, seed, ds_train[d]))
+        for cfg, n in points[(d, meth)]:
+            if n is None or seed in seeds[:n]:
+                runs.append(RunSpec(name, d, ds_opts[d], m, m_opts, b, bo[b], methods[meth][0], cfg, seed,
+                                    ds_train[d]))
     return Sweep(name, runs, device, sorted(set(skipped)), ds_opts)
