@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from bench.cli import main
+from bench.run.against import reference_name
 
 PLUGINS = str(Path(__file__).parent / "plugins")
 ASK = ["--plugin", PLUGINS, "--datasets", "tiny_vec6", "--bases", "bspline", "--seeds", "0,1", "--epochs", "2",
@@ -22,7 +23,7 @@ def reference(tmp_path_factory):
     return ref
 
 
-def test_new_method_joins_the_reference_and_trains_nothing_it_has(reference, tmp_path, capsys):
+def test_new_method_joins_the_reference_and_trains_nothing_it_has(reference, tmp_path, capsys, monkeypatch):
     out = tmp_path / "new"
     assert main(["run", *ASK, "--methods", "dense,dense_ft,quantize(bits=4),kmeans(K=4)", "--against", str(reference),
                  "--out", str(out)]) == 0
@@ -33,6 +34,9 @@ def test_new_method_joins_the_reference_and_trains_nothing_it_has(reference, tmp
     assert sorted(rows.method.unique()) == ["dense", "dense_ft", "kmeans", "quantize"] and len(rows) == 8
     ref_rows = rows[rows.method != "kmeans"]
     assert (ref_rows.source == str(reference.resolve())).all()  # the reference rows keep their provenance
+    # ... named relative to the working directory when inside it (the same on every checkout)
+    monkeypatch.chdir(reference.parent)
+    assert reference_name(reference) == "ref" and reference_name("/") == "/"
     board = (out / "LEADERBOARD.md").read_text()
     assert "| kmeans |" in board and "| quantize |" in board
 

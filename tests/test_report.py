@@ -499,10 +499,11 @@ def test_nothing_within_budget_says_what_was_tried(tmp_path, metric_name):
         assert "single (one operating point: 4.70×; closest +100.0% RMSE at 4.70×)" in head
 
 
-def test_the_figure_flags_a_method_tried_at_one_operating_point():
+def test_the_figure_flags_a_method_tried_at_one_operating_point(tmp_path):
     """Issue 26: a method with a single point per facet is a point, not a curve; the figure's legend
     labels it so."""
-    from bench.report.plots import _legend_handles, single_point_methods
+    from bench.report.numbers import single_point_methods
+    from bench.report.plots import _legend_handles
 
     rows = [r for r in synthetic_rows() if r["status"] == "ok"]
     assert single_point_methods(aggregate(rows_to_frame(rows))) == set()  # foo and bar: two points each
@@ -512,3 +513,6 @@ def test_the_figure_flags_a_method_tried_at_one_operating_point():
     labels = [h.get_label() for h in _legend_handles({"foo": "red", "bar": "blue"}, {"dense_ft"}, True, 1.0,
                                                      0.05, {"foo"})]
     assert labels[:2] == ["foo (one operating point)", "bar"]
+    write_report(rows_to_frame(one_foo), tmp_path, title="t")  # the interactive page's legend too
+    page = (tmp_path / "index.html").read_text()
+    assert "foo (one operating point)" in page and "bar (one operating point)" not in page

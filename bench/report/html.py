@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .numbers import CONTROL, DENSE, REFERENCES, _first, _isnan, is_control, pareto_front
+from .numbers import CONTROL, DENSE, REFERENCES, _first, _isnan, is_control, pareto_front, single_point_methods
 from .tables import _decimals, fmt_delta, fmt_kib, fmt_mean_std, fmt_ratio
 
 STYLE = """
@@ -250,6 +250,7 @@ def pareto_figure(points: pd.DataFrame, dataset: str, palette: dict, div_id: str
     fig = go.Figure()
     ctrl = is_control(points)
     methods = sorted(set(points["method"]), key=lambda m: (m != CONTROL, m != DENSE, m))
+    single = single_point_methods(points)
     for method in methods:
         grp = points[points["method"] == method]
         recs = grp.to_dict("records")
@@ -263,7 +264,7 @@ def pareto_figure(points: pd.DataFrame, dataset: str, palette: dict, div_id: str
             colour = _hex(palette[method])
             marker = dict(symbol=[symbol[r["basis"]] + ("" if i else "-open") for r, i in zip(recs, inside)],
                           size=10, color=colour, line=dict(width=1.5, color=colour))
-            label = method
+            label = f"{method} (one operating point)" if method in single else method
         fig.add_trace(go.Scatter(
             x=(grp["stored_bits"] / 8 / 1024).tolist(), y=grp["metric"].tolist(), mode="markers", name=label,
             marker=marker, error_y=_error_y(grp, up),

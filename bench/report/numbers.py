@@ -461,3 +461,14 @@ def smallest_within(points: pd.DataFrame, tolerance_acc: float, tolerance_rmse_r
                             kind="stable", na_position="last")
     best["rank"] = best.groupby(keys, sort=False, dropna=False).cumcount() + 1
     return best.drop(columns="_v")
+
+
+def single_point_methods(points: pd.DataFrame) -> set:
+    """Methods (not the references) tried at a single operating point in every facet of ``points``: a
+    point, not a curve; the figures' legends say so."""
+    others = points[~points["method"].isin(REFERENCES)]
+    if others.empty:
+        return set()
+    facet = [c for c in ("dataset", "model", "basis", "budget") if c in others.columns]
+    per_facet = others.groupby([*facet, "method"], dropna=False).size()
+    return {m for m, n in per_facet.groupby(level="method").max().items() if n == 1}

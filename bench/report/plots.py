@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from .numbers import CONTROL, DENSE, REFERENCES, _first, is_control, pareto_front
+from .numbers import CONTROL, DENSE, REFERENCES, _first, is_control, pareto_front, single_point_methods
 
 DPI = 120
 
@@ -112,17 +112,6 @@ def _legend_handles(palette: dict, controls: set, up: bool, tolerance_acc: float
                        label="outside tolerance / undecided"),
                 Line2D([], [], color="grey", lw=1.5, label="Pareto frontier of a method (≥ 2 points, validation)")]
     return handles
-
-
-def single_point_methods(points: pd.DataFrame) -> set:
-    """Methods (not the references) tried at a single operating point in every facet of ``points``: a
-    point, not a curve; the figure's legend says so."""
-    others = points[~points["method"].isin(REFERENCES)]
-    if others.empty:
-        return set()
-    facet = [c for c in ("dataset", "model", "basis", "budget") if c in others.columns]
-    per_facet = others.groupby([*facet, "method"], dropna=False).size()
-    return {m for m, n in per_facet.groupby(level="method").max().items() if n == 1}
 
 
 def plot_dataset(points: pd.DataFrame, dataset: str, path: Path, palette: dict, tolerance_acc: float = 1.0,

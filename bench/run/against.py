@@ -32,6 +32,16 @@ from .sweep import RunSpec, Sweep
 CHECKED = ("dense", "dense_ft")
 
 
+def reference_name(reference: str | Path) -> str:
+    """How a row names the reference it was copied from: relative to the working directory when inside it
+    (``reports/cpu``, the same on every checkout), else the absolute path."""
+    path = Path(reference).resolve()
+    try:
+        return path.relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def reference_rows(reference: str | Path) -> dict[str, dict]:
     """run id -> row of the reference (its row files, else its runs.parquet / runs.csv)."""
     ref = Path(reference)
@@ -129,7 +139,7 @@ def finish(reference: str | Path, rows: dict[str, dict], checks: list[RunSpec], 
     if off:
         warn(f"re-trained controls differ from the reference by more than its seed spread (another CPU "
              f"or torch version?): {'; '.join(dict.fromkeys(off))}")
-    source = str(Path(reference).resolve())
+    source = reference_name(reference)
     copied = 0
     for rid, row in rows.items():
         if rid in new:
