@@ -14,7 +14,7 @@ from bench.compression.storage import count_params, export_model, load_model, st
 from bench.data import get_dataset
 from bench.errors import Infeasible, UserError
 from bench.model.kan import KAN, ConvKAN, kan_layers
-from bench.model.sources import CodebookSource
+from bench.model.sources import _MEMBERS, CodebookSource
 from bench.run.train import Trainer
 
 
@@ -335,6 +335,9 @@ def test_codebook_gradient_is_the_sum_of_its_edges_gradients(scope):
         src.centroids.grad = None
         (src.edge_tensor() * g).sum().backward()
         torch.testing.assert_close(src.centroids.grad, expected, rtol=1e-5, atol=1e-5)
+        members = _MEMBERS[src][2]
+        src.edge_tensor().sum().backward()
+        assert _MEMBERS[src][2] is members  # built once per index, not per step
         src.index.copy_(src.index.flip(0))  # a new assignment: the membership matrix is rebuilt
         expected, g = _index_gradient(src)
         src.centroids.grad = None

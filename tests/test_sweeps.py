@@ -110,3 +110,17 @@ def test_n_seeds_runs_a_tables_points_at_the_first_seeds_and_the_larger_count_wi
     for bad in (0, 1.5, True, "1"):
         with pytest.raises(UserError, match="n_seeds must be a positive integer"):
             build_sweep({"datasets": ["digits"], "methods": ["prune"], "method": {"prune": {"n_seeds": bad}}})
+
+
+@pytest.mark.parametrize("sweep, entry, key", [("cpu", "kmeans(K=8)", "K"),
+                                                ("deep", "quantize(bits=4)>entropy_code", None)])
+def test_inline_options_apply_to_every_table_of_an_array(sweep, entry, key):
+    """A bundled sweep's method given as an array of tables (`[[method.kmeans]]`, some with n_seeds) still takes
+    inline options from --methods: every table gets them, and the point runs at the larger seed count."""
+    data = read_sweep_file(name=sweep)
+    runs = build_sweep({**data, "datasets": ["fashion_mnist"], "methods": [entry]}).runs
+    assert runs and {r.seed for r in runs} == {0, 1, 2}
+    if key:
+        assert {r.method_config[key] for r in runs} == {8}
+    else:
+        assert {r.method_config["quantize"]["bits"] for r in runs} == {4}

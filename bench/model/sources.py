@@ -150,7 +150,7 @@ class DenseSource(EdgeSource):
 
 
 class _RowGather(torch.autograd.Function):
-    """``table[index]`` (``index`` 1-D) whose backward sums the gradient rows of each table row with
+    """``table[index]`` (``table [K, d]``, ``index`` 1-D) whose backward sums the gradient rows of each table row with
     one sparse ``[K, N] @ [N, d]`` product. Autograd's own backward of an indexing gather
     (``index_put_`` with accumulation) serialises on the few rows of a codebook: 50,176 edges into
     K = 4 / 16 / 256 centroids took 10.1 / 5.4 / 2.1 ms a step on 2 CPU cores, the sparse product
@@ -170,26 +170,28 @@ _MEMBERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def gather_rows(table: torch.Tensor, index: torch.Tensor, owner: nn.Module) -> torch.Tensor:
-    """``table[index]`` for a 1-D ``index``; under autograd the backward is :class:`_RowGather`'s,
-    with the ``[K, N]`` membership matrix built once per index (kept for ``owner``, outside the module so
-    copies and pickles never carry it, until the index, its device or the table's dtype changes)."""
-    index = index.long()
-    if not (torch.is_grad_enabled() and table.requires_grad):
-        return table.index_select(0, index)
-    key = (index.data_ptr(), index._version, index.numel(), table.shape[0], table.dtype, table.device)
+    """``table[index.reshape(-1)]`` for a ``[K, d]`` table (``[N, d]`` out); under autograd the backward is
+    :class:`_RowGather`'s, with the ``[K, N]`` membership matrix built once per index (kept for ``owner``,
+    outside the module so copies and pickles never carry it, until the index tensor, its contents or
+    device, or the table's size, dtype or device change). Half-precision tables (no sparse product on
+    CPU) keep autograd's own backward."""
+    flat = index.reshape(-1).long()
+    if not (torch.is_grad_enabled() and table.requires_grad) or table.dtype not in (torch.float32, torch.float64):
+        return table[flat] if table.requires_grad else table.index_select(0, flat)
+    key = (index._version, index.device, index.numel(), table.shape[0], table.dtype, table.device)
     cached = _MEMBERS.get(owner)
-    if cached is None or cached[0] != key:
-        k, n = table.shape[0], index.numel()
-        crow = torch.zeros(k + 1, dtype=torch.long, device=index.device)
-        crow[1:] = torch.bincount(index, minlength=k).cumsum(0)
+    if cached is None or cached[0] is not index or cached[1] != key:
+        k, n = table.shape[0], flat.numel()
+        crow = torch.zeros(k + 1, dtype=torch.long, device=flat.device)
+        crow[1:] = torch.bincount(flat, minlength=k).cumsum(0)
         with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is not
             warnings.simplefilter("ignore", UserWarning)
-            members = torch.sparse_csr_tensor(crow, torch.argsort(index, stable=True),  # row c: c's edges
+            members = torch.sparse_csr_tensor(crow, torch.argsort(flat, stable=True),  # row c: c's edges
                                               torch.ones(n, dtype=table.dtype, device=table.device), (k, n),
                                               check_invariants=False)
-        cached = (key, members)
+        cached = (index, key, members)  # the index itself, so a new tensor at a reused address is not mistaken
         _MEMBERS[owner] = cached
-    return _RowGather.apply(table, index, cached[1])
+    return _RowGather.apply(table, flat, cached[2])
 
 
 def index_bits(k: int) -> int:
@@ -273,7 +275,7 @@ class CodebookSource(EdgeSource):
 
     def edge_tensor(self) -> torch.Tensor:
         # (a deployed source keeps a narrow index: bench.deploy.compact)
-        return gather_rows(self.codebook(), self.index.reshape(-1), self).reshape(self.shape)
+        return gather_rows(self.codebook(), self.index, self).reshape(self.shape)
 
     def storage(self) -> list[StorageItem]:
         b = index_bits(self.k)

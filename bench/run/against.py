@@ -34,7 +34,7 @@ CHECKED = ("dense", "dense_ft")
 
 def reference_name(reference: str | Path) -> str:
     """How a row names the reference it was copied from: relative to the working directory when inside it
-    (``reports/cpu``, the same on every checkout), else the absolute path."""
+    (run from a checkout's root, ``reports/cpu``: the same on every checkout), else the absolute path."""
     path = Path(reference).resolve()
     try:
         return path.relative_to(Path.cwd().resolve()).as_posix()

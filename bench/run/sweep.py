@@ -281,18 +281,21 @@ def _method_entries(value) -> dict[str, tuple[str, dict]]:
     return {v.replace(" ", ""): parse_entry(v) for v in value}
 
 
-def _entry_points(name: str, inline: dict, general: dict, per_dataset, use_grid: bool) -> list[tuple[dict, int | None]]:
-    """The configs of one ``methods`` entry: its method table(s), then its inline options on top."""
+def _entry_points(name: str, inline: dict, general, per_dataset, use_grid: bool) -> list[tuple[dict, int | None]]:
+    """The configs of one ``methods`` entry: its method table(s), each with its inline options on top
+    (``kmeans(K=8)`` sets K in every ``[[method.kmeans]]`` table; a pipeline's stage by stage)."""
     cls = method_class(name)
     if inline:
-        if is_pipeline_class(cls):
-            general = {k: {**general.get(k, {}), **inline.get(k, {})} for k in {*general, *inline}}
-            tables = per_dataset if isinstance(per_dataset, list) else [per_dataset]
-            per_dataset = [{k: {**t.get(k, {}), **inline.get(k, {})} for k in {*t, *inline}} for t in tables]
-        else:
-            general = {**general, **inline}
-            tables = per_dataset if isinstance(per_dataset, list) else [per_dataset]
-            per_dataset = [{**t, **inline} for t in tables]
+        pipeline = is_pipeline_class(cls)
+
+        def with_inline(table: dict) -> dict:
+            if not pipeline:
+                return {**table, **inline}
+            merged = {k: {**table.get(k, {}), **inline.get(k, {})} for k in {*table, *inline} if k != "n_seeds"}
+            return {**merged, **({"n_seeds": table["n_seeds"]} if "n_seeds" in table else {})}
+
+        general = [with_inline(t) for t in (general if isinstance(general, list) else [general])]
+        per_dataset = [with_inline(t) for t in (per_dataset if isinstance(per_dataset, list) else [per_dataset])]
     return _dataset_points(cls, general, per_dataset, use_grid)
 
 
