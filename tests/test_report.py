@@ -489,14 +489,17 @@ def test_nothing_within_budget_says_what_was_tried(tmp_path, metric_name):
         for k, (gap, ratio) in enumerate(((3.0, 2.0), (8.0, 4.0), (20.0, 8.0), (40.0, 16.0))):
             val = ctrl[1] - gap if acc else ctrl[1] * (1 + gap / 10)
             rows.append(_row(method="curve", config=json.dumps({"k": k}), metric=val, val=val, ratio=ratio, **r))
+        for k in (2, 3):  # settings the model could not meet: counted as tried, not as points
+            rows.append({**_row(method="single", config=json.dumps({"r": k}), metric=float("nan"), val=float("nan"),
+                                ratio=float("nan"), **r), "status": "infeasible"})
     md = write_report(rows_to_frame(rows), tmp_path).read_text()
     head = _section(md, "## Headline")
     if acc:
         assert "curve (4 operating points, 2.00×–16.0×; closest -3.00 pt at 2.00×)" in head
-        assert "single (one operating point: 4.70×; closest -6.00 pt at 4.70×)" in head
+        assert "single (one operating point: 4.70×, 2 more infeasible; closest -6.00 pt at 4.70×)" in head
     else:
         assert "curve (4 operating points, 2.00×–16.0×; closest +30.0% RMSE at 2.00×)" in head
-        assert "single (one operating point: 4.70×; closest +100.0% RMSE at 4.70×)" in head
+        assert "single (one operating point: 4.70×, 2 more infeasible; closest +100.0% RMSE at 4.70×)" in head
 
 
 def test_the_figure_flags_a_method_tried_at_one_operating_point(tmp_path):

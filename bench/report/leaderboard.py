@@ -17,7 +17,14 @@ from .claims import paper_claims_section
 from .html import pareto_figure, write_html
 from .numbers import aggregate, within_tolerance
 from .plots import method_palette, plot_dataset, plot_resources, plot_speedup, safe_name
-from .tables import dataset_section, failures_section, header_section, headline_section, infeasible_section
+from .tables import (
+    dataset_section,
+    failures_section,
+    header_section,
+    headline_section,
+    infeasible_counts,
+    infeasible_section,
+)
 from .transfer import transfer_section
 
 DEFAULT_TITLE = "KAN compression leaderboard"
@@ -41,7 +48,7 @@ def write_report(df: pd.DataFrame, out_dir: Path, title: str | None = None, tole
     if points.empty:
         lines += ["**No successful runs** — nothing to rank or plot.", ""]
     else:
-        lines += headline_section(points, tolerance_acc, tolerance_rmse_rel)
+        lines += headline_section(points, tolerance_acc, tolerance_rmse_rel, infeasible_counts(df))
         palette = method_palette(points["method"])
         used_names: set[str] = set()
         for i, (dataset, grp) in enumerate(points.groupby("dataset", sort=True)):

@@ -248,6 +248,17 @@ INFEASIBLE_TEXT = ("Configurations that cannot be met on this model (e.g. a prun
                    "connected model). They are not failures, are not retried, and are not counted as failed.")
 
 
+def infeasible_counts(df: pd.DataFrame) -> dict[tuple, int]:
+    """(dataset, model, method) -> how many distinct settings of it were infeasible on that model (so a
+    method's "what was tried" counts them beside its feasible operating points)."""
+    if "status" not in df.columns:
+        return {}
+    bad = df[df["status"] == "infeasible"]
+    if bad.empty:
+        return {}
+    return {k: int(n) for k, n in bad.groupby(["dataset", "model", "method"])["method_config"].nunique().items()}
+
+
 def infeasible_section(df: pd.DataFrame) -> list[str]:
     table = infeasible_table(df)
     if table.empty:
@@ -412,9 +423,11 @@ def public_columns(table: pd.DataFrame) -> pd.DataFrame:
     return table[[c for c in table.columns if not str(c).startswith("_")]]
 
 
-def missing_methods(points: pd.DataFrame, headline: pd.DataFrame, title: str, label: str) -> list[str]:
+def missing_methods(points: pd.DataFrame, headline: pd.DataFrame, title: str, label: str,
+                    infeasible: dict | None = None) -> list[str]:
     """Compressed methods of a (dataset, model, budget) with no point within an accuracy budget, each with
-    what was tried (:func:`tried`): ``tucker (one operating point: 4.77×; closest -5.90 pt)``."""
+    what was tried (:func:`tried`): ``tucker (one operating point: 4.77×; closest -5.90 pt)``;
+    ``infeasible`` (:func:`infeasible_counts`) adds the settings the model could not meet."""
     shown = set() if headline.empty else set(
         headline.loc[(headline["dataset / model"] == title) & (headline["accuracy budget"] == label), "method"])
     keyed = [(d, m, b) for d, m, b in headline_groups(points) if group_title(points, d, m, b) == title]
@@ -423,17 +436,20 @@ def missing_methods(points: pd.DataFrame, headline: pd.DataFrame, title: str, la
     for d, m, b in keyed:
         sub = grp[(grp["dataset"] == d) & (grp["model"] == m) & (grp["budget"] == b)]
         for method in sorted(set(sub["method"]) - shown):
-            out[method] = tried(sub[sub["method"] == method])
+            out[method] = tried(sub[sub["method"] == method], (infeasible or {}).get((d, m, method), 0))
     return [f"{method} ({text})" for method, text in sorted(out.items())]
 
 
-def tried(p: pd.DataFrame) -> str:
+def tried(p: pd.DataFrame, infeasible: int = 0) -> str:
     """What a method was tried at, in words: its operating points (distinct configs), the span of whole-model
-    ratios over them and every basis, and its closest point to the control on validation."""
+    ratios over them and every basis, the settings that were infeasible on the model, and its closest point to
+    the control on validation."""
     n = p["config"].nunique()
     lo, hi = p["compression_ratio"].min(), p["compression_ratio"].max()
     span = fmt_ratio(lo) if fmt_ratio(lo) == fmt_ratio(hi) else f"{fmt_ratio(lo)}–{fmt_ratio(hi)}"
     head = f"one operating point: {span}" if n == 1 else f"{n} operating points, {span}"
+    if infeasible:
+        head += f", {infeasible} more infeasible"
     delta = p["val_delta"]
     if delta.isna().all():
         return head + "; undecided on validation"
@@ -454,7 +470,7 @@ def _size(bits) -> str:
 
 
 def summary_lines(points: pd.DataFrame, headline: pd.DataFrame, tolerance_acc: float = 1.0,
-                  tolerance_rmse_rel: float = 0.05) -> list[str]:
+                  tolerance_rmse_rel: float = 0.05, infeasible: dict | None = None) -> list[str]:
     """One plain-words paragraph per (dataset, model, budget): who stores the model in the fewest bits
     within each accuracy budget, how much smaller that is, its test metric beside the control's, the
     runners-up, and the methods with nothing within the budget."""
@@ -468,7 +484,7 @@ def summary_lines(points: pd.DataFrame, headline: pd.DataFrame, tolerance_acc: f
             sub = headline[(headline["dataset / model"] == title) & (headline["accuracy budget"] == label)] \
                 if not headline.empty else headline
             budget_words = label + " of the fine-tuned control on validation"
-            missing = missing_methods(points, headline, title, label)
+            missing = missing_methods(points, headline, title, label, infeasible)
             if sub.empty:
                 sentences.append(f"No compressed point is {budget_words}.")
                 continue
@@ -508,9 +524,10 @@ HEADLINE_TEXT = ("Per dataset and model (and training budget where there are sev
                  "over seeds): reported, never used to choose.")
 
 
-def headline_section(points: pd.DataFrame, tolerance_acc: float, tolerance_rmse_rel: float) -> list[str]:
+def headline_section(points: pd.DataFrame, tolerance_acc: float, tolerance_rmse_rel: float,
+                     infeasible: dict | None = None) -> list[str]:
     headline = headline_table(points, tolerance_acc, tolerance_rmse_rel)
-    summary = summary_lines(points, headline, tolerance_acc, tolerance_rmse_rel)
+    summary = summary_lines(points, headline, tolerance_acc, tolerance_rmse_rel, infeasible)
     lines = ["## Summary", "", *summary] if summary else []
     lines += ["## Headline: fewest stored bits within each accuracy budget", "", HEADLINE_TEXT, ""]
     if not headline_groups(points):
@@ -523,7 +540,7 @@ def headline_section(points: pd.DataFrame, tolerance_acc: float, tolerance_rmse_
             lines += [markdown_table(public_columns(grp).drop(columns="dataset / model")), ""]
         up = bool(points.loc[points["dataset"] == dataset, "higher_better"].iloc[0])
         for label, _, _ in accuracy_budgets(up, tolerance_acc, tolerance_rmse_rel):
-            missing = missing_methods(points, headline, title, label)
+            missing = missing_methods(points, headline, title, label, infeasible)
             if missing:
                 lines += [f"Nothing {label}: {', '.join(missing)}.", ""]
     if not headline.empty and headline["note"].astype(bool).any():
