@@ -23,8 +23,9 @@ def test_run_perf_tiny(tmp_path):
     assert subjects == {"codebook K=16 / dense", "quantised 8-bit / dense", "quantised 4-bit / dense",
                         "pruned 8x / dense", "tucker default / dense"}
     runtime = df[df.kind == "compressed_runtime"]
-    assert len(runtime) == 2 * 3 * 4  # bases x forms x (batch 1, batch B, bytes deployed, bytes evaluated)
+    assert len(runtime) == 2 * 4 * 4  # bases x forms x (batch 1, batch B, bytes deployed, bytes evaluated)
     by = runtime.set_index(["basis", "subject"])["ratio"]
+    by = by[~by.index.get_level_values(1).str.startswith("pruned")]  # a dense weight over the active inputs
     held = by[by.index.get_level_values(1).str.contains("bytes held deployed")]
     evaluated = by[by.index.get_level_values(1).str.contains("bytes held as evaluated")]
     # codes and indices, no float copy (on this tiny model the bases' fixed buffers are a visible part)

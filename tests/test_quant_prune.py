@@ -407,3 +407,14 @@ def test_masked_fast_path_skips_dead_inputs_and_matches_dense():
     fast = torch.autograd.grad(src.contract(f), (src.values, f), g)
     dense = torch.autograd.grad(EdgeSource.contract(src, f), (src.values, f), g)
     assert all(torch.allclose(a, b) for a, b in zip(fast, dense))
+    # at inference the layer keeps only the active columns (its smaller shape), for either feature layout,
+    # and rebuilds them when a value changes
+    with torch.no_grad():
+        by_basis = f.detach().transpose(1, 2).contiguous().transpose(1, 2)  # [B, in, n+1] view of [B, n+1, in]
+        for feats in (f.detach(), by_basis):
+            fast = src.contract(feats)
+            assert src._cache[1].numel() == 5 * src.active_inputs().numel() * 9 < w.numel()
+            assert torch.allclose(fast, EdgeSource.contract(src, feats))
+        src.values.mul_(2.0)
+        fast = src.contract(f.detach())
+        assert torch.allclose(fast, EdgeSource.contract(src, f.detach()))

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from bench.errors import Infeasible
+from bench.model.bases import basis_major
 from bench.model.kan import KAN, KANLayer, kan_layers, layer_inputs
 from bench.model.sources import EdgeSource, StorageItem, float_item, index_bits, register_source
 
@@ -124,21 +125,48 @@ class MaskedSource(SparsePattern, EdgeSource):
         return w.reshape(self.out_features, self.in_features, self.edge_dim)
 
     def active_inputs(self) -> torch.Tensor:
-        """Inputs that still have at least one edge (sorted)."""
-        return torch.unique(self.flat_index % self.in_features)
+        """Inputs that still have at least one edge (sorted; computed once per pattern)."""
+        key = (self.flat_index.data_ptr(), self.flat_index._version, self.flat_index.device)
+        cached = getattr(self, "_active", None)
+        if cached is None or cached[0] != key:
+            cached = (key, torch.unique(self.flat_index % self.in_features))
+            self._active = cached
+        return cached[1]
 
     def use_fast_path(self) -> bool:
         """Skip the inputs no surviving edge reads when that drops at least a tenth of them."""
         return 10 * self.active_inputs().numel() <= 9 * self.in_features
+
+    def active_tensor(self, basis_major: bool = False) -> torch.Tensor:
+        """The edge tensor over the active inputs only, flattened to ``[out, n_active * (n+1)]`` (``[out, n+1,
+        n_active]`` order when ``basis_major``). At inference it is built once and kept until the values or the
+        pattern change, in place of the full decompressed tensor: the smaller shape a pruned layer runs at."""
+        cols = self.active_inputs()
+
+        def build() -> torch.Tensor:
+            w = self.edge_tensor()[:, cols, :]
+            return (w.transpose(1, 2) if basis_major else w).reshape(self.out_features, -1)
+
+        if torch.is_grad_enabled():
+            self._cache = None
+            return build()
+        key = (tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers())), "active", basis_major)
+        cache = getattr(self, "_cache", None)
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, build().contiguous())
+            self._cache = cache
+        return cache[1]
 
     def contract(self, features: torch.Tensor) -> torch.Tensor:
         if not self.use_fast_path():
             return super().contract(features)
         # One dense matmul over the active inputs only (random sparse kernels lose to dense
         # BLAS at these densities on CPU; measured by `python -m bench perf`).
-        cols = self.active_inputs()
-        w = self.inference_tensor()[:, cols, :].reshape(self.out_features, -1)
-        return features[:, cols, :].reshape(features.shape[0], -1) @ w.t()
+        cols, b = self.active_inputs(), features.shape[0]
+        if basis_major(features):  # read the compiled features in their own [B, n+1, in] order
+            return features.transpose(1, 2)[:, :, cols].reshape(b, -1) @ self.active_tensor(True).t()
+        return features[:, cols, :].reshape(b, -1) @ self.active_tensor().t()
 
     def storage(self) -> list[StorageItem]:
         return [float_item("values", self.values), self.pattern_item()]
