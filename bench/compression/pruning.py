@@ -147,16 +147,7 @@ class MaskedSource(SparsePattern, EdgeSource):
             w = self.edge_tensor()[:, cols, :]
             return (w.transpose(1, 2) if basis_major else w).reshape(self.out_features, -1)
 
-        if torch.is_grad_enabled():
-            self._cache = None
-            return build()
-        key = (tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers())), "active", basis_major)
-        cache = getattr(self, "_cache", None)
-        if cache is None or cache[0] != key:
-            with torch.no_grad():
-                cache = (key, build().contiguous())
-            self._cache = cache
-        return cache[1]
+        return self.kept_at_inference(("active", basis_major), build)
 
     def contract(self, features: torch.Tensor) -> torch.Tensor:
         if not self.use_fast_path():

@@ -92,20 +92,25 @@ class EdgeSource(nn.Module):
         return features.reshape(b, -1) @ self.inference_tensor().reshape(self.out_features, -1).t()
 
     def inference_tensor(self, basis_major: bool = False) -> torch.Tensor:
-        """``edge_tensor()`` (``basis_major``: permuted to ``[out, n+1, in]``, contiguous); without
-        autograd (inference) a decompressed tensor is kept and reused until one of the source's
-        parameters or buffers changes (decompress once, as a deployed model would at load time)."""
-        if torch.is_grad_enabled() or getattr(self, "runtime_compact", False):
-            # training, or a deployed source that keeps only its compact form (bench.deploy.compact):
-            # rebuilt on every call, never held
-            self._cache = None
-            w = self.edge_tensor() if torch.is_grad_enabled() else self.edge_tensor().detach()
+        """``edge_tensor()`` (``basis_major``: permuted to ``[out, n+1, in]``, contiguous), kept at inference
+        (:meth:`kept_at_inference`: decompress once, as a deployed model would at load time)."""
+        def build() -> torch.Tensor:
+            w = self.edge_tensor()
             return w.transpose(1, 2).contiguous() if basis_major else w
-        key = (tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers())), basis_major)
+
+        return self.kept_at_inference(("full", basis_major), build)
+
+    def kept_at_inference(self, tag, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``build()``, rebuilt on every call under autograd (training) or for a deployed source that keeps
+        only its compact form (``runtime_compact``, :mod:`bench.deploy.runtime`); otherwise built once and kept
+        (one tensor per source, named by ``tag``) until one of the source's parameters or buffers changes."""
+        if torch.is_grad_enabled() or getattr(self, "runtime_compact", False):
+            self._cache = None
+            return build()
+        key = (tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers())), tag)
         cache = getattr(self, "_cache", None)
         if cache is None or cache[0] != key:
-            w = self.edge_tensor().detach()
-            cache = (key, w.transpose(1, 2).contiguous() if basis_major else w)
+            cache = (key, build().detach())
             self._cache = cache
         return cache[1]
 
@@ -172,13 +177,13 @@ _MEMBERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def gather_rows(table: torch.Tensor, index: torch.Tensor, owner: nn.Module) -> torch.Tensor:
     """``table[index.reshape(-1)]`` for a ``[K, d]`` table (``[N, d]`` out); under autograd the backward is
     :class:`_RowGather`'s, with the ``[K, N]`` membership matrix built once per index (kept for ``owner``,
-    outside the module so copies and pickles never carry it, until the index tensor, its contents or
-    device, or the table's size, dtype or device change). Half-precision tables (no sparse product on
+    outside the module so copies and pickles never carry it, until the index tensor or its contents, or
+    the table's size, dtype or device change). Half-precision tables (no sparse product on
     CPU) keep autograd's own backward."""
     flat = index.reshape(-1).long()
     if not (torch.is_grad_enabled() and table.requires_grad) or table.dtype not in (torch.float32, torch.float64):
-        return table[flat] if table.requires_grad else table.index_select(0, flat)
-    key = (index._version, index.device, index.numel(), table.shape[0], table.dtype, table.device)
+        return table[flat]
+    key = (index._version, table.shape[0], table.dtype, table.device)  # with the index tensor itself, below
     cached = _MEMBERS.get(owner)
     if cached is None or cached[0] is not index or cached[1] != key:
         k, n = table.shape[0], flat.numel()

@@ -237,6 +237,16 @@ def _n_seeds(table: dict, where: str) -> int | None:
     return n
 
 
+def _merge_tables(base: dict, over: dict, pipeline: bool) -> dict:
+    """``over``'s keys on top of ``base``'s; a pipeline's stage by stage (its ``n_seeds``, not a stage, as a
+    plain key)."""
+    if not pipeline:
+        return {**base, **over}
+    merged = {k: {**base.get(k, {}), **over.get(k, {})} for k in {*base, *over} if k != "n_seeds"}
+    n = over.get("n_seeds", base.get("n_seeds"))
+    return merged if n is None else {**merged, "n_seeds": n}
+
+
 def _dataset_points(cls, general: dict | list[dict], per_dataset: dict | list[dict],
                     use_grid: bool) -> list[tuple[dict, int | None]]:
     """A method's configs on one dataset, each with how many of the sweep's seeds it runs at (None: all):
@@ -247,12 +257,7 @@ def _dataset_points(cls, general: dict | list[dict], per_dataset: dict | list[di
     unique: dict[str, tuple[dict, int | None]] = {}
     for base in general if isinstance(general, list) else [general]:
         for table in per_dataset if isinstance(per_dataset, list) else [per_dataset]:
-            if is_pipeline_class(cls):  # merge stage by stage
-                merged = {k: {**base.get(k, {}), **table.get(k, {})} for k in {*base, *table}
-                          if k != "n_seeds"}
-                merged["n_seeds"] = table.get("n_seeds", base.get("n_seeds"))
-            else:
-                merged = {**base, **table}
+            merged = _merge_tables(base, table, is_pipeline_class(cls))
             n = _n_seeds(merged, f"method {cls.name!r}")
             for p in _method_points(cls, merged, use_grid):
                 key = json.dumps(p, sort_keys=True)
@@ -287,15 +292,9 @@ def _entry_points(name: str, inline: dict, general, per_dataset, use_grid: bool)
     cls = method_class(name)
     if inline:
         pipeline = is_pipeline_class(cls)
-
-        def with_inline(table: dict) -> dict:
-            if not pipeline:
-                return {**table, **inline}
-            merged = {k: {**table.get(k, {}), **inline.get(k, {})} for k in {*table, *inline} if k != "n_seeds"}
-            return {**merged, **({"n_seeds": table["n_seeds"]} if "n_seeds" in table else {})}
-
-        general = [with_inline(t) for t in (general if isinstance(general, list) else [general])]
-        per_dataset = [with_inline(t) for t in (per_dataset if isinstance(per_dataset, list) else [per_dataset])]
+        general = [_merge_tables(t, inline, pipeline) for t in (general if isinstance(general, list) else [general])]
+        per_dataset = [_merge_tables(t, inline, pipeline)
+                       for t in (per_dataset if isinstance(per_dataset, list) else [per_dataset])]
     return _dataset_points(cls, general, per_dataset, use_grid)
 
 
