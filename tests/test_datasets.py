@@ -243,6 +243,26 @@ def test_corrupt_idx_file_is_one_line_error(tmp_path):
     assert_one_line(err, "could not read", str(tmp_path / "MNIST" / "raw"))
 
 
+def test_raw_files_parsed_once_per_process_until_they_change(tmp_path, monkeypatch):
+    from bench.data import images
+
+    write_idx_set(tmp_path / "MNIST" / "raw", idx_arrays())
+    parsed = []
+    parse = images.TorchvisionImageDataset._parse
+    monkeypatch.setattr(images.TorchvisionImageDataset, "_parse",
+                        lambda self, d, train: parsed.append(train) or parse(self, d, train))
+    ds = get_dataset("mnist", download=False, val_fraction=0.2)
+    first = ds.load(tmp_path, seed=0)
+    assert_splits_equal(first, ds.load(tmp_path, seed=0))  # the cached raw arrays are never written to
+    ds.load(tmp_path, seed=1)
+    assert parsed == [True, False]
+    write_idx_set(tmp_path / "MNIST" / "raw", idx_arrays(seed=1))  # new files: parsed again
+    for f in (tmp_path / "MNIST" / "raw").iterdir():  # a distinct stamp even on a coarse-clock file system
+        os.utime(f, ns=(1, 1))
+    assert not torch.equal(ds.load(tmp_path, seed=0).x_train, first.x_train)
+    assert parsed == [True, False, True, False]
+
+
 # ------------------------------------------------------------------------------------------- CIFAR
 @pytest.mark.parametrize("name,hundred", [("cifar10", False), ("cifar100", True)])
 def test_cifar_fixture(tmp_path, cifar_no_md5, name, hundred):
