@@ -48,6 +48,19 @@ def test_convkan_exports_and_matches_pytorch(tmp_path, basis, options):
     assert check_onnx(model, tmp_path / "c.onnx", torch.randn(5, 2, 12, 12)) <= 1e-5
 
 
+@pytest.mark.parametrize("stride,padding", [(1, None), (2, 0), (2, 2)])
+def test_convkan_whose_basis_mixes_a_patch_exports_its_unfold_form(tmp_path, stride, padding):
+    from bench.model.kan import KANConv2d
+
+    torch.manual_seed(0)
+    model = ConvKAN((3, 11, 11), 4, [5], basis="rbf", basis_kwargs={"norm": True}).eval()
+    conv = next(m for m in model.modules() if isinstance(m, KANConv2d))
+    assert not conv.fast  # RBF with its LayerNorm over the 27 inputs of a patch
+    conv.stride, conv.padding = stride, (conv.kernel // 2 if padding is None else padding)
+    export_onnx(model, tmp_path / "c.onnx")
+    assert check_onnx(model, tmp_path / "c.onnx", 2 * torch.randn(4, 3, 11, 11)) <= 1e-5
+
+
 def _quantised(bits, granularity, symmetric, scale_dtype):
     model = _kan()
     for _, layer in kan_layers(model):

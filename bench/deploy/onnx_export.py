@@ -450,8 +450,7 @@ def _conv(g: Graph, conv: KANConv2d, x: str, shared: dict, export: OnnxExport, w
     layer, k, c = conv.kan, conv.kernel, conv.in_channels
     n1 = layer.edge_dim
     if not conv.fast:
-        raise ExportRefused(f"{where}: a KAN convolution whose basis mixes its inputs (rbf with a LayerNorm) has "
-                            "no ONNX form here yet")
+        return _conv_unfold(g, conv, x, shared, export, where)
     if conv.pad == "input" and conv.padding:
         x = g.op("Pad", x, g.const([0, 0, conv.padding, conv.padding] * 2, np.int64))
         pad = 0
@@ -469,6 +468,21 @@ def _conv(g: Graph, conv: KANConv2d, x: str, shared: dict, export: OnnxExport, w
     w = g.op("Reshape", w, g.const([conv.out_channels, c * n1, k, k], np.int64))
     args = [nchw, w] + ([g.param(layer.bias, "bias")] if layer.bias is not None else [])
     return g.op("Conv", *args, kernel_shape=[k, k], strides=[conv.stride] * 2, pads=[pad] * 4)
+
+
+def _conv_unfold(g: Graph, conv: KANConv2d, x: str, shared: dict, export: OnnxExport, where: str) -> str:
+    """:meth:`KANConv2d.forward_unfold` (``pad="input"``): the patches as the channels of a grouped ``Conv``
+    whose one-hot weight copies input ``(channel, row, column)`` to channel ``channel*k*k + row*k + column``
+    (``F.unfold``'s order; exact: one product by 1, the rest by 0), then the KAN layer on every patch."""
+    k, c = conv.kernel, conv.in_channels
+    eye = np.tile(np.eye(k * k, dtype=np.float32).reshape(k * k, 1, k, k), (c, 1, 1, 1))  # [c*k*k, 1, k, k]
+    p = g.op("Conv", x, g.const(eye), kernel_shape=[k, k], strides=[conv.stride] * 2, pads=[conv.padding] * 4,
+             group=c)
+    b_h_w = g.op("Gather", g.op("Shape", p), g.const([0, 2, 3], np.int64), axis=0)
+    rows = g.op("Reshape", g.op("Transpose", p, perm=[0, 2, 3, 1]), g.const([-1, c * k * k], np.int64))
+    y = _kan_layer(g, conv.kan, rows, shared, export, where)  # [B*Ho*Wo, out]
+    y = g.op("Reshape", y, g.op("Concat", b_h_w, g.const([conv.out_channels], np.int64), axis=0))
+    return g.op("Transpose", y, perm=[0, 3, 1, 2])
 
 
 def _module(g: Graph, m: nn.Module, x: str, shared: dict, export: OnnxExport, where: str) -> str:
