@@ -67,3 +67,92 @@ def test_both_gather_paths_equal_the_full_tensor(batch, monkeypatch):
         monkeypatch.setattr(CodebookSource, "GATHER_DIRECT", direct)
         with torch.no_grad():
             assert torch.allclose(src.contract_gather(feats), full, atol=1e-5)
+
+
+# ------------------------------------------------------------------------ the native codebook kernel
+NATIVE_BASES = [("bspline", {}, 1), ("bspline", {"extrapolate": True}, 1), ("rbf", {}, 2), ("rbf", {"norm": False}, 2),
+                ("chebyshev", {}, 3), ("gram", {}, 4), ("fourier", {}, 5),
+                ("kagn", {}, 0), ("bspline", {"order": 2}, 0), ("bspline", {"knots": "per_input"}, 0)]
+
+
+def _native_or_skip():
+    from bench.deploy import native
+
+    if native.library() is None:
+        pytest.skip(f"no native kernel here: {native._LIB['failed']}")
+    return native
+
+
+def _codebook_kan(basis, kwargs, k=16, **options):
+    torch.manual_seed(0)
+    model = KAN([30, 12, 4], basis, basis_kwargs=kwargs, **options).eval()
+    for _, layer in kan_layers(model):
+        w = layer.edge_tensor().detach()
+        cent = 3 * torch.randn(k, w.shape[-1]) * w.abs().mean()
+        layer.set_source(CodebookSource(cent, torch.randint(0, k, w.shape[:2])))
+    return model
+
+
+@pytest.mark.parametrize("basis,kwargs,kind", NATIVE_BASES)
+def test_native_kernel_equals_the_pytorch_layer_for_every_basis(basis, kwargs, kind):
+    """Basis values, centroid table and index gather-sum in C against the PyTorch layer, at batch 1 and a
+    few rows, inside and far outside the grids (+-1e3)."""
+    native = _native_or_skip()
+    model = _codebook_kan(basis, kwargs)
+    deployed = compact(model)
+    layers = [layer for _, layer in kan_layers(deployed)]
+    assert all(type(layer) is native.NativeCodebookLayer for layer in layers)
+    x = torch.cat([3 * torch.randn(5, 30), torch.full((1, 30), 1e3), torch.full((1, 30), -1e3),
+                   torch.linspace(-1e3, 1e3, 30)[None]])
+    with torch.no_grad():
+        want = model(x)
+        for rows in (x[:1], x[5:6], x):
+            got = deployed(rows)
+            assert (got - want[: len(rows)] if len(rows) > 1 else got - model(rows)).abs().max() \
+                <= 1e-5 * want.abs().max()
+    assert [layer.native_state()[4] for layer in layers] == [kind, kind]
+
+
+@pytest.mark.parametrize("options", [{"bias": False}, {"norms": "layer", "acts": "silu"}])
+def test_native_kernel_keeps_the_layer_options_and_wide_indices(options):
+    _native_or_skip()
+    model = _codebook_kan("bspline", {}, k=300, **options)  # K > 256: an int16 index
+    deployed = compact(model)
+    assert {layer.source.index.dtype for _, layer in kan_layers(deployed)} == {torch.int16}
+    x = torch.randn(3, 30)
+    with torch.no_grad():
+        assert torch.allclose(deployed(x), model(x), atol=1e-5)
+
+
+def test_native_state_follows_the_tensors_and_gradients_take_the_pytorch_path():
+    _native_or_skip()
+    model = _codebook_kan("rbf", {})
+    deployed = compact(model)
+    x = torch.randn(2, 30)
+    with torch.no_grad():
+        deployed(x)
+        for m in (model, deployed):  # a changed centroid is read on the next call
+            for _, layer in kan_layers(m):
+                layer.source.centroids.mul_(2)
+        assert torch.allclose(deployed(x), model(x), atol=1e-5)
+    layer = next(layer for _, layer in kan_layers(deployed))
+    layer._native = None
+    deployed(x)  # with gradients on: the PyTorch path, no native state built
+    assert layer._native is None
+    assert held_bytes(compact(model)) < held_bytes(deployed)  # the transposed codebook is counted
+
+
+def test_without_a_compiler_one_line_and_the_pytorch_path(monkeypatch, tmp_path, capsys):
+    from bench.deploy import native
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_LIB", {"lib": None, "failed": None})
+    model = _codebook_kan("bspline", {})
+    deployed = compact(model)
+    x = torch.randn(2, 30)
+    with torch.no_grad():
+        assert torch.allclose(deployed(x), model(x), atol=1e-5)
+        deployed(x)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "native codebook kernel unavailable" in err[0] and "PyTorch path" in err[0]

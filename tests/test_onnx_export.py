@@ -119,6 +119,27 @@ def test_a_larger_codebook_model_is_its_counted_bytes_plus_a_fixed_graph(tmp_pat
     assert check_onnx(model, tmp_path / "big.onnx", torch.randn(16, 784)) <= 1e-5
 
 
+@pytest.mark.parametrize("extrapolate", [False, True])
+def test_per_input_knots_are_stored_once(tmp_path, extrapolate):
+    """Per-input knots (an import's non-uniform grids, repeated knots included: 0/0 is 0) are one
+    initializer; their differences and reciprocals are nodes folded at load, not copies in the file."""
+    torch.manual_seed(0)
+    model = KAN([784, 64, 10], basis_kwargs={"knots": "per_input", "extrapolate": extrapolate}).eval()
+    for _, layer in kan_layers(model):
+        t = layer.basis.knots
+        t.copy_(torch.sort(t + 0.3 * torch.rand_like(t), dim=-1).values)
+        t[:, 5] = t[:, 4]  # a repeated knot inside the grid
+        w = layer.edge_tensor().detach()
+        layer.set_source(CodebookSource(w.reshape(-1, w.shape[-1])[:16], torch.randint(0, 16, w.shape[:2])))
+    export = export_onnx(model, tmp_path / "knots.onnx")
+    counted = storage_report(model).stored_bits / 8
+    # the recursion's ~100 nodes a layer (about 8 KB here; 7x the counted bytes when every slice and
+    # reciprocal was a constant copy of the knot rows)
+    assert counted < export.bytes <= min(counted + 2 * OVERHEAD, 1.3 * counted), (export.bytes, counted)
+    x = torch.cat([2 * torch.randn(30, 784), torch.full((1, 784), 50.0), torch.full((1, 784), -50.0)])
+    assert check_onnx(model, tmp_path / "knots.onnx", x) <= 1e-5
+
+
 def test_no_onnx_form_is_refused_in_one_line_and_recorded_in_the_row(tmp_path):
     from bench.model.bases import Basis, register_basis
 

@@ -374,32 +374,50 @@ def _bspline(g: Graph, basis, x: str) -> str:
         near = g.op("Relu", g.op("Sub", g.const(1.0), a))
         cube = lambda v: g.op("Mul", g.op("Mul", v, v), v)  # noqa: E731
         return g.op("Mul", g.op("Sub", cube(far), g.op("Mul", cube(near), g.const(4.0))), g.const(1.0 / 6.0))
-    # Cox-de Boor on the knots (shared [M] or per input [in, M]), as bench.model.bases.cox_de_boor: the
-    # knot differences are constants, so 0/0 from repeated knots becomes a zero reciprocal up front
-    t = basis.knots.detach().cpu().double().numpy()
-    per_input = t.ndim == 2
-    if not basis.extrapolate:
-        if per_input:
-            lo_v, hi_v = t[:, k], t[:, k + G]
-            x = g.op("Min", g.op("Max", x, g.const(lo_v)), g.const(hi_v - 1e-6 * (hi_v - lo_v)))
-        else:
+    # Cox-de Boor on the knots (shared [M] or per input [in, M]), step for step as
+    # bench.model.bases.cox_de_boor (and pykan): divide by the knot differences, then nan_to_num (0/0 and
+    # inf*0 from repeated knots are 0; inf is the largest float). Shared knots are a few constants;
+    # per-input knots are data (counted), stored once: their slices and differences are nodes on that one
+    # initializer, which onnxruntime folds when the session loads (in memory, not in the file).
+    tn = basis.knots.detach().cpu().double().numpy()
+    m = tn.shape[-1]
+    last = g.const([-1], np.int64)
+    if basis.knot_mode == "per_input":
+        t = g.floats(basis.knots.detach().float(), "knots")  # [in, M]
+
+        def cols(a: int, b: int) -> str:
+            return g.op("Slice", t, g.const([a], np.int64), g.const([b], np.int64), last)
+
+        def diff(a: int, b: int, c: int, d: int) -> str:  # t[..., a:b] - t[..., c:d]
+            return g.op("Sub", cols(a, b), cols(c, d))
+
+        if not basis.extrapolate:  # each input clamped into its own [t_k, t_{G+k})
+            lo_v, hi_v = (g.op("Squeeze", cols(c, c + 1), last) for c in (k, k + G))
+            x = g.op("Min", g.op("Max", x, lo_v), g.op("Sub", hi_v, g.op("Mul", g.op("Sub", hi_v, lo_v),
+                                                                            g.const(1e-6))))
+    else:
+        t32 = tn.astype(np.float32)
+
+        def cols(a: int, b: int) -> str:
+            return g.const(t32[..., a:b])
+
+        def diff(a: int, b: int, c: int, d: int) -> str:
+            return g.const(t32[..., a:b] - t32[..., c:d])
+
+        if not basis.extrapolate:
             x = g.op("Clip", x, g.const(lo), g.const(hi - 1e-6 * (hi - lo)))
+    big = g.const(float(np.finfo(np.float32).max))
     xu = g.op("Unsqueeze", x, unsq)  # [N, in, 1]
-    inside = g.op("And", g.op("GreaterOrEqual", xu, g.const(t[..., :-1])), g.op("Less", xu, g.const(t[..., 1:])))
+    inside = g.op("And", g.op("GreaterOrEqual", xu, cols(0, m - 1)), g.op("Less", xu, cols(1, m)))
     b = g.op("Cast", inside, to=g.T.FLOAT)  # order 0: half-open indicators
-
-    def recip(d):
-        with np.errstate(divide="ignore"):
-            return np.where(d == 0, 0.0, 1.0 / np.where(d == 0, 1.0, d))
-
     for p in range(1, k + 1):
-        t_a, t_b = t[..., : -(p + 1)], t[..., p + 1:]
-        left = g.op("Mul", g.op("Sub", xu, g.const(t_a)), g.const(recip(t[..., p:-1] - t_a)))
-        right = g.op("Mul", g.op("Sub", g.const(t_b), xu), g.const(recip(t_b - t[..., 1:-p])))
-        m = t.shape[-1] - p  # columns of b now
-        b_lo = g.op("Slice", b, g.const([0], np.int64), g.const([m - 1], np.int64), g.const([-1], np.int64))
-        b_hi = g.op("Slice", b, g.const([1], np.int64), g.const([m], np.int64), g.const([-1], np.int64))
-        b = g.op("Add", g.op("Mul", left, b_lo), g.op("Mul", right, b_hi))
+        left = g.op("Div", g.op("Sub", xu, cols(0, m - p - 1)), diff(p, m - 1, 0, m - p - 1))
+        right = g.op("Div", g.op("Sub", cols(p + 1, m), xu), diff(p + 1, m, 1, m - p))
+        n = m - p  # columns of b now
+        b_lo = g.op("Slice", b, g.const([0], np.int64), g.const([n - 1], np.int64), last)
+        b_hi = g.op("Slice", b, g.const([1], np.int64), g.const([n], np.int64), last)
+        v = g.op("Add", g.op("Mul", left, b_lo), g.op("Mul", right, b_hi))
+        b = g.op("Where", g.op("IsNaN", v), g.const(0.0), g.op("Clip", v, g.op("Neg", big), big))
     return b
 
 

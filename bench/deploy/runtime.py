@@ -5,8 +5,10 @@ deployed run-time form: a codebook layer keeps its centroids and a narrow index 
 centroids) and evaluates its K centroid functions per input, then gathers them by index (it never
 builds the ``[out, in, n+1]`` float tensor); a scalar-quantised layer keeps its integer codes (``int8`` up
 to 8 bits) and dequantizes on every forward instead of holding a float copy. Everything else is as
-loaded. :func:`held_bytes` is what a model holds at run time: every parameter, buffer and cached
-decompressed tensor (each storage once), not the transient tensors of a forward.
+loaded. A codebook layer's inference at small batches runs in one native call
+(:mod:`bench.deploy.native`: basis, centroid table and index gather-sum fused), else in PyTorch.
+:func:`held_bytes` is what a model holds at run time: every parameter, buffer and cached decompressed
+tensor (each storage once), not the transient tensors of a forward.
 
 ``bench perf`` reports, per compressed form against its dense model, the batch-1 latency, the
 batch-256 time and the bytes held against the counted bytes (``compressed_runtime`` rows).
@@ -20,8 +22,10 @@ import torch
 from torch import nn
 
 from bench.compression.quant import QuantSource
-from bench.model.kan import kan_layers
+from bench.model.kan import KANLayer, kan_layers
 from bench.model.sources import CodebookSource
+
+from .native import NativeCodebookLayer
 
 
 def _narrow(t: torch.Tensor, low: int, high: int) -> torch.Tensor:
@@ -41,6 +45,8 @@ def compact(model: nn.Module, inplace: bool = False) -> nn.Module:
         if isinstance(src, CodebookSource) and not hasattr(src, "flat_index"):  # not a pruned codebook
             src.index = _narrow(src.index, 0, src.k - 1)
             src.runtime_compact = True
+            if type(layer) is KANLayer:  # the same module, whose inference may take the native kernel
+                layer.__class__ = NativeCodebookLayer
         elif isinstance(src, QuantSource):
             low, high = int(src.q.min()), int(src.q.max())
             src.q = _narrow(src.q, min(low, 0), max(high, 0))
@@ -60,6 +66,8 @@ def held_bytes(model: nn.Module) -> int:
         cache = getattr(layer.source, "_cache", None)
         if cache is not None:
             tensors.append(cache[1])
+        if isinstance(layer, NativeCodebookLayer):
+            tensors += layer.held()
     for t in tensors:
         st = t.untyped_storage()
         key = (st.data_ptr(), st.nbytes())

@@ -97,7 +97,10 @@ class KANLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.source.contract(self.features(x))
-        y = y if self.bias is None else y + self.bias
+        return self.finish(y if self.bias is None else y + self.bias)
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """The layer's norm and activation on ``y = contract + bias``."""
         if self.norm_kind != "none":
             y = self.norm(y)
         return y if self.act_kind == "none" else self.act(y)
