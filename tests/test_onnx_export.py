@@ -48,17 +48,24 @@ def test_convkan_exports_and_matches_pytorch(tmp_path, basis, options):
     assert check_onnx(model, tmp_path / "c.onnx", torch.randn(5, 2, 12, 12)) <= 1e-5
 
 
-@pytest.mark.parametrize("stride,padding", [(1, None), (2, 0), (2, 2)])
-def test_convkan_whose_basis_mixes_a_patch_exports_its_unfold_form(tmp_path, stride, padding):
+@pytest.mark.parametrize("stride,padding,source", [(1, None, "dense"), (2, 0, "dense"), (2, 2, "dense"),
+                                                    (1, None, "codebook"), (1, None, "quant")])
+def test_convkan_whose_basis_mixes_a_patch_exports_its_unfold_form(tmp_path, stride, padding, source):
     from bench.model.kan import KANConv2d
 
     torch.manual_seed(0)
-    model = ConvKAN((3, 11, 11), 4, [5], basis="rbf", basis_kwargs={"norm": True}).eval()
+    model = ConvKAN((3, 11, 9), 4, [5], basis="rbf", basis_kwargs={"norm": True}).eval()  # not square
     conv = next(m for m in model.modules() if isinstance(m, KANConv2d))
     assert not conv.fast  # RBF with its LayerNorm over the 27 inputs of a patch
     conv.stride, conv.padding = stride, (conv.kernel // 2 if padding is None else padding)
-    export_onnx(model, tmp_path / "c.onnx")
-    assert check_onnx(model, tmp_path / "c.onnx", 2 * torch.randn(4, 3, 11, 11)) <= 1e-5
+    w = conv.kan.edge_tensor().detach()
+    if source == "codebook":
+        conv.kan.set_source(CodebookSource(w.reshape(-1, w.shape[-1])[:6].clone(), torch.randint(0, 6, w.shape[:2])))
+    elif source == "quant":
+        conv.kan.set_source(QuantSource.from_float(w, 4, "node", True))
+    export = export_onnx(model, tmp_path / "c.onnx")
+    assert export.forms["features.0"].endswith("dense" if source == "dense" else "compressed")
+    assert check_onnx(model, tmp_path / "c.onnx", 2 * torch.randn(4, 3, 11, 9)) <= 1e-5
 
 
 def _quantised(bits, granularity, symmetric, scale_dtype):

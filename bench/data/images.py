@@ -216,10 +216,11 @@ class TorchvisionImageDataset(Dataset):
     def _read(self, data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The raw uint8 images and labels, parsed once per process while the files are unchanged
         (a sweep loads a split per seed; parsing the files took 2.5 of the 3.4 s of a Fashion-MNIST load).
-        Callers index into them (a copy) and never write to them."""
+        Shared by every load in the process: callers index into them (a copy) and must never write to
+        them (:meth:`load` does not)."""
         folder = self.raw_folder(data_dir)
-        stamp = tuple((f, st.st_size, st.st_mtime_ns) for f in self.raw_files()
-                      if (st := _stat(folder / f)) is not None)
+        stamp = tuple((f, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for f in self.raw_files()
+                      if (st := _stat(folder / f)) is not None)  # ctime: a copy that keeps the mtime is new
         key = (type(self).__name__, str(folder.resolve()), train, stamp)
         if key not in _RAW:
             while len(_RAW) >= RAW_CACHE_SIZE:

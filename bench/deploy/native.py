@@ -4,15 +4,18 @@ At batch 1 a PyTorch codebook layer is a chain of small operators (the features,
 of the K centroid functions, the offsets of the index, a gather and a sum), and their per-call cost,
 not arithmetic, sets its latency: it was 1.5x its dense model's (``bench perf``). The kernel evaluates
 the basis, the table and the index gather-sum for a whole sample in one C loop, reading the layer's
-``uint8`` index as stored. It is compiled on first use with the system C compiler (``$CC``, else
-``cc``; about a second) into ``$BENCH_CACHE_DIR`` (default ``~/.cache/kan-bench``), keyed by the source
-and the flags, and loaded with :mod:`ctypes`. Where no compiler works, one line says so and the layers
-run their PyTorch path (same values up to float rounding).
+``uint8`` index as stored; a large batch is split over ``torch.get_num_threads()`` threads. It is
+compiled on first use with the system C compiler (``$CC``, else ``cc``; about a second) into
+``$BENCH_CACHE_DIR`` (default ``~/.cache/kan-bench``), keyed by the source, the flags and the CPU's
+instruction-set flags, and loaded with :mod:`ctypes`. Where no compiler works, one line says so and the
+layers run their PyTorch path (same values up to float rounding).
 
 :func:`bench.deploy.compact` makes every codebook layer a :class:`NativeCodebookLayer`: the same module
-(parameters, buffers, export, ONNX) whose forward takes this path when it can (CPU, float32, no
-gradient, at most :data:`MAX_BATCH` rows: above that PyTorch's multi-threaded matrix products win) and
-the PyTorch path otherwise.
+(parameters, buffers, export, ONNX) whose forward takes this path when it can (a CPU model and input in
+float32, ``[B, in]``, no gradient) and the PyTorch path otherwise. What the kernel reads is built on the
+first call and rebuilt whenever a tensor of the layer is replaced or changed in place (a write through
+``.data`` is not seen: as everywhere in PyTorch, it bypasses version counting); it is kept outside the
+module, so copies and saved files never carry it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -32,35 +38,58 @@ from bench.model.bases import BSplineBasis, ChebyshevBasis, FourierBasis, GramBa
 from bench.model.kan import KANLayer
 
 SOURCE = Path(__file__).with_name("codebook_kernel.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-shared", "-fPIC"]
-MAX_BATCH = 16  # rows per call; above it the layer's PyTorch path (threaded BLAS) is faster (bench perf)
-_LIB: dict = {"lib": None, "failed": None}
+FLAGS = ["-O3", "-fopenmp-simd", "-std=c11", "-shared", "-fPIC"]
+TUNE = ["-march=native"]  # dropped, with a second try, where the compiler rejects it
+PARALLEL_ROWS = 32  # rows per thread at least, when a call is split over torch.get_num_threads() threads
+_LIB: dict = {"lib": None, "failed": None, "pool": None, "workers": 0}
+_LOCK = threading.Lock()
+_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> what the kernel reads
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("BENCH_CACHE_DIR") or Path.home() / ".cache" / "kan-bench")
 
 
+def _cpu_flags() -> str:
+    """The CPU's instruction-set flags (``-march=native`` builds for them: a cache shared by machines
+    with other CPUs must not hand one machine another's library)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build(cc: str, flags: list[str]) -> Path:
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join([cc, *flags, platform.machine(), _cpu_flags()]).encode())
+    path = cache_dir() / f"codebook_kernel-{key.hexdigest()[:16]}.so"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            lines = done.stderr.strip().splitlines() or [""]
+            first = next((line for line in lines if "error" in line), lines[0])
+            raise OSError(f"{cc} failed: {first[:160]}")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)  # atomic: concurrent processes compile alike
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 def _compile() -> ctypes.CDLL:
     cc = os.environ.get("CC", "cc")
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join([cc, *FLAGS, platform.machine(), platform.processor()]).encode())
-    path = cache_dir() / f"codebook_kernel-{key.hexdigest()[:16]}.so"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-        os.close(fd)
-        try:
-            done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
-                                  timeout=120)
-            if done.returncode != 0:
-                lines = done.stderr.strip().splitlines() or [""]
-                first = next((line for line in lines if "error" in line), lines[0])
-                raise OSError(f"{cc} failed: {first[:160]}")
-            os.replace(tmp, path)  # atomic: concurrent processes compile alike
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    try:
+        path = _build(cc, FLAGS + TUNE)
+    except OSError:
+        path = _build(cc, FLAGS)  # a compiler without -march=native: a portable build (or the same error)
     lib = ctypes.CDLL(str(path))
     fn = lib.kan_codebook_forward
     i, p = ctypes.c_int, ctypes.c_void_p
@@ -72,13 +101,25 @@ def _compile() -> ctypes.CDLL:
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None where it cannot be built here (said once, on stderr)."""
     if _LIB["lib"] is None and _LIB["failed"] is None:
-        try:
-            _LIB["lib"] = _compile()
-        except (OSError, subprocess.SubprocessError) as exc:
-            _LIB["failed"] = f"{type(exc).__name__}: {str(exc).strip()[:160]}"
-            warn_stderr(f"native codebook kernel unavailable ({_LIB['failed']}); deployed codebook layers "
-                        "run their PyTorch path (same values, slower at small batches)")
+        with _LOCK:
+            if _LIB["lib"] is None and _LIB["failed"] is None:
+                try:
+                    _LIB["lib"] = _compile()
+                except (OSError, subprocess.SubprocessError) as exc:
+                    _LIB["failed"] = f"{type(exc).__name__}: {str(exc).strip()[:160]}"
+                    warn_stderr(f"native codebook kernel unavailable ({_LIB['failed']}); deployed codebook "
+                                "layers run their PyTorch path (same values, slower at small batches)")
     return _LIB["lib"]
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    with _LOCK:
+        if _LIB["pool"] is None or _LIB["workers"] < threads:
+            if _LIB["pool"] is not None:
+                _LIB["pool"].shutdown(wait=False)
+            _LIB["pool"] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kan-native")
+            _LIB["workers"] = threads
+        return _LIB["pool"]
 
 
 def basis_kind(layer: KANLayer) -> tuple[int, torch.Tensor]:
@@ -88,61 +129,85 @@ def basis_kind(layer: KANLayer) -> tuple[int, torch.Tensor]:
     def floats(*v) -> torch.Tensor:
         return torch.cat([torch.as_tensor(t, dtype=torch.float32).reshape(-1) for t in v]).contiguous()
 
-    if isinstance(b, BSplineBasis) and b.closed_form:
+    kind = type(b)  # exactly these classes: a subclass may change the formula
+    if kind is BSplineBasis and b.closed_form:
         return 1, floats(b.lo, b.hi, b.grid_size, float(not b.extrapolate))
-    if isinstance(b, RBFBasis):
+    if kind is RBFBasis:
         n = b.n_basis
         if b.use_norm:
             norm = b.norm
             return 2, floats(n, b.inv_width, 1.0, norm.eps, b.centers, norm.weight.detach(), norm.bias.detach())
         return 2, floats(n, b.inv_width, 0.0, 0.0, b.centers)
-    if type(b) is ChebyshevBasis:
+    if kind is ChebyshevBasis:
         return 3, floats(b.degree, b.margin)
-    if type(b) is GramBasis:
+    if kind is GramBasis:
         return 4, floats(b.degree, b.margin)
-    if type(b) is FourierBasis:
+    if kind is FourierBasis:
         return 5, floats(b.frequencies)
     return 0, torch.zeros(1)
+
+
+def _stamp(t: torch.Tensor) -> tuple:
+    return t, (None if t.is_inference() else t._version)  # inference tensors have no version counter
 
 
 class NativeCodebookLayer(KANLayer):
     """A deployed codebook layer (:func:`bench.deploy.compact`): inference through the native kernel
     where it applies, else :class:`KANLayer`'s forward."""
 
-    def native_state(self) -> tuple:
-        """What the kernel reads, built on the first native call and again whenever a tensor changes:
-        the decoded codebook transposed ``[E, K]`` (float32; the only tensor it adds), the index as
-        stored, the bias and the basis parameters."""
+    def _tensors(self) -> list[torch.Tensor]:
+        return [*self.parameters(), *self.buffers()]
+
+    def native_state(self) -> tuple | None:
+        """What the kernel reads (the decoded codebook transposed ``[E, K]`` in float32, the index as
+        stored, the bias, the basis parameters), or None where it cannot run this layer (not on the
+        CPU, an index wider than 16 bits)."""
+        tensors = self._tensors()
+        state = _STATE.get(self)
+        if state is not None and len(state[0]) == len(tensors) and all(
+                a is t and v == _stamp(t)[1] for (a, v), t in zip(state[0], tensors)):
+            return state[1]
         src = self.source
-        stamp = tuple((t.data_ptr(), t._version) for t in (*src.buffers(), *src.parameters(), *self.parameters()))
-        state = getattr(self, "_native", None)
-        if state is None or state[0] != stamp:
+        ok = all(t.device.type == "cpu" for t in tensors) and src.index.dtype in (torch.uint8, torch.int16)
+        data = None
+        if ok:
             with torch.no_grad():
                 ct = src.codebook().float().t().contiguous()
                 bias = None if self.bias is None else self.bias.detach().float().contiguous()
                 kind, params = basis_kind(self)
-            index = src.index if src.index.dtype in (torch.uint8, torch.int16) else None
-            state = self._native = (stamp, ct, index, bias, kind, params)
-        return state
+            data = (ct, src.index.contiguous(), bias, kind, params)
+        _STATE[self] = ([_stamp(t) for t in tensors], data)
+        return data
 
     def native_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """``[B, in] -> [B, out]`` before the layer's norm and activation, or None where it does not apply."""
-        lib = library() if (x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= MAX_BATCH
-                            and not torch.is_grad_enabled()) else None
-        if lib is None:
+        if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.in_features
+                or torch.is_grad_enabled()):
             return None
-        _, ct, index, bias, kind, params = self.native_state()
-        if index is None:
+        lib = library()
+        state = None if lib is None else self.native_state()
+        if state is None:
             return None
+        ct, index, bias, kind, params = state
         x = x.contiguous()
-        feats = None
-        if kind == 0:
-            feats = self.features(x).contiguous()
-        y = torch.empty(x.shape[0], self.out_features)
-        status = lib.kan_codebook_forward(
-            x.shape[0], self.in_features, self.out_features, self.edge_dim, ct.shape[1], x.data_ptr(),
-            None if feats is None else feats.data_ptr(), kind, params.data_ptr(), ct.data_ptr(), index.data_ptr(),
-            index.element_size(), None if bias is None else bias.data_ptr(), y.data_ptr())
+        feats = self.features(x).contiguous() if kind == 0 else None
+        rows, e = x.shape[0], self.edge_dim
+        y = torch.empty(rows, self.out_features, dtype=torch.float32, device="cpu")
+
+        def run(start: int, stop: int) -> int:  # ctypes releases the GIL: chunks run in parallel
+            return lib.kan_codebook_forward(
+                stop - start, self.in_features, self.out_features, e, ct.shape[1],
+                x.data_ptr() + 4 * start * self.in_features,
+                None if feats is None else feats.data_ptr() + 4 * start * self.in_features * e, kind,
+                params.data_ptr(), ct.data_ptr(), index.data_ptr(), index.element_size(),
+                None if bias is None else bias.data_ptr(), y.data_ptr() + 4 * start * self.out_features)
+
+        threads = min(torch.get_num_threads(), rows // PARALLEL_ROWS)
+        if threads > 1:
+            cuts = [rows * t // threads for t in range(threads + 1)]
+            status = max(_pool(threads).map(run, cuts[:-1], cuts[1:]))
+        else:
+            status = run(0, rows)
         if status != 0:
             raise MemoryError("native codebook kernel: out of memory") if status == 2 else \
                 RuntimeError(f"native codebook kernel: unknown basis kind {kind}")
@@ -153,6 +218,10 @@ class NativeCodebookLayer(KANLayer):
         return super().forward(x) if y is None else self.finish(y)
 
     def held(self) -> list[torch.Tensor]:
-        """The tensors the native path adds to what the layer holds (the transposed codebook)."""
-        state = getattr(self, "_native", None)
-        return [] if state is None else [state[1], state[5]]
+        """The tensors the native path adds to what the layer holds (the transposed codebook, the basis
+        parameters, a float32 copy of a narrower bias), built here if the kernel runs on this machine."""
+        state = self.native_state() if library() is not None else None
+        if state is None:
+            return []
+        ct, _, bias, _, params = state
+        return [ct, params] + ([] if bias is None else [bias])  # held_bytes counts a shared storage once

@@ -406,7 +406,6 @@ def _bspline(g: Graph, basis, x: str) -> str:
 
         if not basis.extrapolate:
             x = g.op("Clip", x, g.const(lo), g.const(hi - 1e-6 * (hi - lo)))
-    big = g.const(float(np.finfo(np.float32).max))
     xu = g.op("Unsqueeze", x, unsq)  # [N, in, 1]
     inside = g.op("And", g.op("GreaterOrEqual", xu, cols(0, m - 1)), g.op("Less", xu, cols(1, m)))
     b = g.op("Cast", inside, to=g.T.FLOAT)  # order 0: half-open indicators
@@ -417,6 +416,7 @@ def _bspline(g: Graph, basis, x: str) -> str:
         b_lo = g.op("Slice", b, g.const([0], np.int64), g.const([n - 1], np.int64), last)
         b_hi = g.op("Slice", b, g.const([1], np.int64), g.const([n], np.int64), last)
         v = g.op("Add", g.op("Mul", left, b_lo), g.op("Mul", right, b_hi))
+        big = g.const(float(np.finfo(np.float32).max))
         b = g.op("Where", g.op("IsNaN", v), g.const(0.0), g.op("Clip", v, g.op("Neg", big), big))
     return b
 
