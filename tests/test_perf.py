@@ -31,6 +31,12 @@ def test_run_perf_tiny(tmp_path):
     # codes and indices, no float copy (on this tiny model the bases' fixed buffers are a visible part)
     assert (held <= 2.5).all() and (held.to_numpy() < evaluated.to_numpy()).all(), (held, evaluated)
     assert "train_step" in format_table(df)
+    import os
+    import shutil
+
+    codebook = runtime[runtime.subject.str.startswith("codebook K=16 batch")]
+    kernel = "native kernel" if shutil.which(os.environ.get("CC", "cc")) else "PyTorch path"
+    assert len(codebook) == 2 * 2 and codebook.subject.str.contains(kernel).all(), list(codebook.subject)
 
 
 def test_matched_cnn_has_the_layout_and_about_the_parameter_count():

@@ -296,12 +296,17 @@ def _runtime_rows(add, timer, name, basis, small, dense, x) -> None:
     from bench.compression.storage import storage_report
     from bench.deploy import compact, held_bytes
 
+    from bench.deploy.native import NativeCodebookLayer, library
+
     deployed = compact(small)
     counted = storage_report(small).stored_bits / 8
+    form = "deployed"
+    if any(isinstance(layer, NativeCodebookLayer) for _, layer in kan_layers(deployed)):
+        form = "deployed, native kernel" if library() is not None else "deployed, PyTorch path (no compiler)"
     with torch.no_grad():
         for rows, label in ((x[:1], "batch 1"), (x, f"batch {x.shape[0]}")):
             t, t_dense = timer.compare(lambda m=deployed, r=rows: m(r), lambda r=rows: dense(r))
-            add("compressed_runtime", basis, f"{name} {label}: deployed / dense", t * 1e3, t_dense * 1e3,
+            add("compressed_runtime", basis, f"{name} {label}: {form} / dense", t * 1e3, t_dense * 1e3,
                 RUNTIME_TARGETS[name] if label == "batch 1" else None)
         small(x)  # the loaded form as the harness evaluates it (its decompressed cache included)
     add("compressed_runtime", basis, f"{name}: bytes held deployed / counted", held_bytes(deployed) / 2**20,
