@@ -295,7 +295,6 @@ def _runtime_rows(add, timer, name, basis, small, dense, x) -> None:
     bytes (the dense model's own bytes for reference)."""
     from bench.compression.storage import storage_report
     from bench.deploy import compact, held_bytes
-
     from bench.deploy.native import NativeCodebookLayer, library
 
     deployed = compact(small)
