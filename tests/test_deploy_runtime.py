@@ -52,6 +52,7 @@ def test_a_deployed_codebook_layer_never_builds_its_edge_tensor(monkeypatch):
     monkeypatch.setattr(CodebookSource, "edge_tensor", refuse)
     with torch.no_grad():
         assert deployed(torch.randn(4, 784)).shape == (4, 10)
+        assert deployed(torch.randn(300, 784)).shape == (300, 10)  # a transient block (contract_blocked)
     assert all(src.index.dtype == torch.uint8 for src in (layer.source for _, layer in kan_layers(deployed)))
 
 
@@ -67,6 +68,24 @@ def test_both_gather_paths_equal_the_full_tensor(batch, monkeypatch):
         monkeypatch.setattr(CodebookSource, "GATHER_DIRECT", direct)
         with torch.no_grad():
             assert torch.allclose(src.contract_gather(feats), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("major", [False, True])
+def test_blocked_dense_products_equal_the_full_tensor(major, monkeypatch):
+    """contract_blocked, the deployed path at large batches: blocks of 2 outputs (the last one short),
+    features laid out input-major or basis-major (as compiled features are), equal to the full matmul."""
+    from bench.model.sources import basis_major
+
+    torch.manual_seed(0)
+    src = CodebookSource(torch.randn(5, 9), torch.randint(0, 5, (7, 11)).to(torch.uint8))
+    feats = torch.randn(40, 11, 9)
+    if major:
+        feats = feats.transpose(1, 2).contiguous().transpose(1, 2)
+        assert basis_major(feats)
+    full = feats.reshape(40, -1) @ src.edge_tensor().reshape(7, -1).t()
+    monkeypatch.setattr(CodebookSource, "BLOCK_BYTES", 2 * 11 * 9 * 4)
+    with torch.no_grad():
+        assert torch.allclose(src.contract_blocked(feats), full, atol=1e-5)
 
 
 # ------------------------------------------------------------------------ the native codebook kernel
@@ -149,6 +168,9 @@ def test_native_kernel_refuses_what_it_cannot_run():
     with torch.no_grad():
         for bad in (torch.randn(2, 29), torch.randn(2, 30).double(), torch.randn(2, 1, 30)):
             assert layer.native_forward(bad) is None  # the PyTorch path then answers (or raises) as always
+        assert layer.native_forward(torch.randn(native.MAX_ROWS + 1, 30)) is None  # blocked dense products
+        assert (layer.path(native.MAX_ROWS), layer.path(native.MAX_ROWS + 1)) == (
+            "native kernel", "PyTorch, blocked")
         with pytest.raises((RuntimeError, IndexError)):  # as the PyTorch layer does
             deployed(torch.randn(1, 29))
         src = layer.source
@@ -201,19 +223,3 @@ def test_without_a_compiler_one_line_and_the_pytorch_path(monkeypatch, tmp_path,
         deployed(x)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "native codebook kernel unavailable" in err[0] and "PyTorch path" in err[0]
-
-
-def test_native_kernel_splits_a_large_batch_over_threads(monkeypatch):
-    native = _native_or_skip()
-    monkeypatch.setattr(native, "PARALLEL_ROWS", 8)
-    model = _codebook_kan("gram", {})
-    deployed = compact(model)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(3)
-    try:
-        x = torch.randn(101, 30)  # three uneven chunks
-        with torch.no_grad():
-            assert torch.allclose(deployed(x), model(x), atol=1e-5)
-    finally:
-        torch.set_num_threads(threads)
-    assert native._LIB["workers"] >= 3

@@ -35,7 +35,7 @@ def test_run_perf_tiny(tmp_path):
     import shutil
 
     codebook = runtime[runtime.subject.str.startswith("codebook K=16 batch")]
-    kernel = "native kernel" if shutil.which(os.environ.get("CC", "cc")) else "PyTorch path"
+    kernel = "native kernel" if shutil.which(os.environ.get("CC", "cc")) else "PyTorch (no compiler)"
     assert len(codebook) == 2 * 2 and codebook.subject.str.contains(kernel).all(), list(codebook.subject)
 
 

@@ -17,10 +17,35 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define KAN_PI 3.14159265358979323846
 
-static float silu(float v) { return v / (1.0f + expf(-v)); }
+/* exp(v) in float32 to about 1 ulp, in a form the compiler vectorises (glibc's expf is a scalar call
+ * unless -ffast-math, which would also let it assume no infinities): Cody-Waite reduction (n by the
+ * 1.5 * 2^23 rounding trick: floorf is a call that stops vectorisation) to r = v - n ln2, Cephes'
+ * degree-6 polynomial, 2^n from the exponent bits (n = 128 as 2^127 * 2). Below -87.33 it returns 0
+ * (expf gives a subnormal under 1.2e-38 there), above ln(FLT_MAX) infinity, NaN as NaN. */
+static inline float kexp(float v) {
+    float c = v < -87.33f ? -87.33f : (v > 88.72283f ? 88.72283f : v);
+    float n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* to nearest: 1.5 * 2^23 */
+    float r = c - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t ni = (int32_t)n, top = ni > 127;
+    int32_t bits = (ni - top + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    float e = p * scale * (top ? 2.0f : 1.0f);
+    return v != v ? v : (v < -87.33f ? 0.0f : (v > 88.72284f ? INFINITY : e));
+}
+
+static inline float silu(float v) { return v / (1.0f + kexp(-v)); }
 
 static float squash(float v, float margin) {
     float t = tanhf(v);
@@ -70,9 +95,10 @@ static int features(int kind, const float *p, int in, int E, const float *x, flo
         for (int i = 0; i < in; i++) {
             float v = use_norm ? (x[i] - mean) * rstd * nw[i] + nbias[i] : x[i];
             float *fi = f + (size_t)i * E;
+#pragma omp simd
             for (int j = 0; j < nb; j++) {
                 float z = (v - centers[j]) * w;
-                fi[j] = expf(-(z * z));
+                fi[j] = kexp(-(z * z));
             }
             fi[nb] = silu(x[i]);
         }

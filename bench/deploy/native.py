@@ -4,7 +4,11 @@ At batch 1 a PyTorch codebook layer is a chain of small operators (the features,
 of the K centroid functions, the offsets of the index, a gather and a sum), and their per-call cost,
 not arithmetic, sets its latency: it was 1.5x its dense model's (``bench perf``). The kernel evaluates
 the basis, the table and the index gather-sum for a whole sample in one C loop, reading the layer's
-``uint8`` index as stored; a large batch is split over ``torch.get_num_threads()`` threads. It is
+``uint8`` index as stored. Its cost grows with the batch (``in * out`` gathered adds a sample) while a
+dense product's is mostly reading the weight once, so it runs up to :data:`MAX_ROWS` samples, where it
+is faster (measured with ``bench perf`` and a sweep over batch sizes: 0.37x the dense model at batch 1,
+1.36x at 8, 2.1x at 16; the PyTorch path, a gather of the edge vectors then one dense product, is 2.0x
+at 16 and 1.15x at 256). It is
 compiled on first use with the system C compiler (``$CC``, else ``cc``; about a second) into
 ``$BENCH_CACHE_DIR`` (default ``~/.cache/kan-bench``), keyed by the source, the flags and the CPU's
 instruction-set flags, and loaded with :mod:`ctypes`. Where no compiler works, one line says so and the
@@ -28,7 +32,6 @@ import subprocess
 import tempfile
 import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -40,8 +43,8 @@ from bench.model.kan import KANLayer
 SOURCE = Path(__file__).with_name("codebook_kernel.c")
 FLAGS = ["-O3", "-fopenmp-simd", "-std=c11", "-shared", "-fPIC"]
 TUNE = ["-march=native"]  # dropped, with a second try, where the compiler rejects it
-PARALLEL_ROWS = 32  # rows per thread at least, when a call is split over torch.get_num_threads() threads
-_LIB: dict = {"lib": None, "failed": None, "pool": None, "workers": 0}
+MAX_ROWS = 16  # larger batches take the PyTorch path: one gather of the edge vectors, then dense products
+_LIB: dict = {"lib": None, "failed": None}
 _LOCK = threading.Lock()
 _STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> what the kernel reads
 
@@ -112,16 +115,6 @@ def library() -> ctypes.CDLL | None:
     return _LIB["lib"]
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
-    with _LOCK:
-        if _LIB["pool"] is None or _LIB["workers"] < threads:
-            if _LIB["pool"] is not None:
-                _LIB["pool"].shutdown(wait=False)
-            _LIB["pool"] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kan-native")
-            _LIB["workers"] = threads
-        return _LIB["pool"]
-
-
 def basis_kind(layer: KANLayer) -> tuple[int, torch.Tensor]:
     """The kernel's basis code and parameters for ``layer`` (0: the features are computed by torch)."""
     b = layer.basis
@@ -156,7 +149,15 @@ class NativeCodebookLayer(KANLayer):
     where it applies, else :class:`KANLayer`'s forward."""
 
     def _tensors(self) -> list[torch.Tensor]:
-        return [*self.parameters(), *self.buffers()]
+        """Every parameter and buffer of the layer and its submodules, read from their dictionaries (a
+        third of ``parameters()`` and ``buffers()``'s cost: this check runs on every forward)."""
+        out, stack = [], [self]
+        while stack:
+            m = stack.pop()
+            out += [t for t in m._parameters.values() if t is not None]
+            out += [t for t in m._buffers.values() if t is not None]
+            stack += [c for c in m._modules.values() if c is not None]
+        return out
 
     def native_state(self) -> tuple | None:
         """What the kernel reads (the decoded codebook transposed ``[E, K]`` in float32, the index as
@@ -182,7 +183,7 @@ class NativeCodebookLayer(KANLayer):
     def native_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """``[B, in] -> [B, out]`` before the layer's norm and activation, or None where it does not apply."""
         if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.in_features
-                or torch.is_grad_enabled()):
+                or torch.is_grad_enabled() or x.shape[0] > MAX_ROWS):
             return None
         lib = library()
         state = None if lib is None else self.native_state()
@@ -193,21 +194,10 @@ class NativeCodebookLayer(KANLayer):
         feats = self.features(x).contiguous() if kind == 0 else None
         rows, e = x.shape[0], self.edge_dim
         y = torch.empty(rows, self.out_features, dtype=torch.float32, device="cpu")
-
-        def run(start: int, stop: int) -> int:  # ctypes releases the GIL: chunks run in parallel
-            return lib.kan_codebook_forward(
-                stop - start, self.in_features, self.out_features, e, ct.shape[1],
-                x.data_ptr() + 4 * start * self.in_features,
-                None if feats is None else feats.data_ptr() + 4 * start * self.in_features * e, kind,
-                params.data_ptr(), ct.data_ptr(), index.data_ptr(), index.element_size(),
-                None if bias is None else bias.data_ptr(), y.data_ptr() + 4 * start * self.out_features)
-
-        threads = min(torch.get_num_threads(), rows // PARALLEL_ROWS)
-        if threads > 1:
-            cuts = [rows * t // threads for t in range(threads + 1)]
-            status = max(_pool(threads).map(run, cuts[:-1], cuts[1:]))
-        else:
-            status = run(0, rows)
+        status = lib.kan_codebook_forward(
+            rows, self.in_features, self.out_features, e, ct.shape[1], x.data_ptr(),
+            None if feats is None else feats.data_ptr(), kind, params.data_ptr(), ct.data_ptr(),
+            index.data_ptr(), index.element_size(), None if bias is None else bias.data_ptr(), y.data_ptr())
         if status != 0:
             raise MemoryError("native codebook kernel: out of memory") if status == 2 else \
                 RuntimeError(f"native codebook kernel: unknown basis kind {kind}")
@@ -216,6 +206,15 @@ class NativeCodebookLayer(KANLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.native_forward(x)
         return super().forward(x) if y is None else self.finish(y)
+
+    def path(self, rows: int) -> str:
+        """Which path a CPU float32 inference of ``rows`` samples takes: ``"native kernel"``, or the
+        PyTorch path's reason."""
+        if rows > MAX_ROWS:
+            return "PyTorch, blocked"
+        if library() is None:
+            return "PyTorch (no compiler)"
+        return "native kernel" if self.native_state() is not None else "PyTorch"
 
     def held(self) -> list[torch.Tensor]:
         """The tensors the native path adds to what the layer holds (the transposed codebook, the basis

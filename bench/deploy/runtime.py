@@ -2,11 +2,13 @@
 
 :func:`compact` turns a model (a loaded ``.kanb``, or any model with compressed sources) into its
 deployed run-time form: a codebook layer keeps its centroids and a narrow index (``uint8`` for up to 256
-centroids) and evaluates its K centroid functions per input, then gathers them by index (it never
-builds the ``[out, in, n+1]`` float tensor); a scalar-quantised layer keeps its integer codes (``int8`` up
-to 8 bits) and dequantizes on every forward instead of holding a float copy. Everything else is as
-loaded. A codebook layer's inference at small batches runs in one native call
-(:mod:`bench.deploy.native`: basis, centroid table and index gather-sum fused), else in PyTorch.
+centroids); a scalar-quantised layer keeps its integer codes (``int8`` up to 8 bits) and dequantizes on
+every forward instead of holding a float copy. Everything else is as loaded. A codebook layer's
+inference of up to ``native.MAX_ROWS`` (16) samples runs in one native call (:mod:`bench.deploy.native`:
+the basis, the K centroid functions per input and the index gather-sum fused; it never builds the
+``[out, in, n+1]`` float tensor). A larger batch, where one dense product costs less than the gathers,
+gathers the float edge vectors from the centroids for that forward only, at most ``BLOCK_BYTES`` (4 MiB)
+per layer at a time, and drops them after the product (:meth:`CodebookSource.contract_blocked`).
 :func:`held_bytes` is what a model holds at run time: every parameter, buffer and cached decompressed
 tensor (each storage once), not the transient tensors of a forward.
 

@@ -301,10 +301,39 @@ class CodebookSource(EdgeSource):
         gather_path = self.in_features * n1 * self.k + self.GATHER_COST * self.in_features * self.out_features
         return gather_path < self.out_features * self.in_features * n1
 
+    # A deployed layer (runtime_compact) gathers its edge tensor this many bytes of outputs at a time,
+    # uses each block and drops it (contract_blocked)
+    BLOCK_BYTES = 4 << 20
+
     def contract(self, features: torch.Tensor) -> torch.Tensor:
-        if self.use_fast_path() or (getattr(self, "runtime_compact", False) and not torch.is_grad_enabled()):
+        if self.use_fast_path():
             return self.contract_gather(features)
+        if getattr(self, "runtime_compact", False) and not torch.is_grad_enabled():
+            return self.contract_blocked(features)
         return super().contract(features)
+
+    def contract_blocked(self, features: torch.Tensor) -> torch.Tensor:
+        """The dense product one block of outputs at a time: each block's rows of the edge tensor are
+        gathered from the centroids (at most :attr:`BLOCK_BYTES`), multiplied and dropped, so a deployed
+        layer runs at the dense layer's matmul speed plus one gather of its edge vectors, without holding
+        the ``[out, in, n+1]`` float tensor."""
+        b, major = features.shape[0], basis_major(features)
+        f = (features.transpose(1, 2) if major else features).reshape(b, -1)
+        cb = self.codebook()
+        step = max(1, self.BLOCK_BYTES // (self.in_features * self.edge_dim * cb.element_size()))
+        if step >= self.out_features:
+            return f @ self._block(cb, self.index, major).t()
+        y = f.new_empty(b, self.out_features)
+        for o in range(0, self.out_features, step):
+            y[:, o:o + step] = f @ self._block(cb, self.index[o:o + step], major).t()
+        return y
+
+    @staticmethod
+    def _block(cb: torch.Tensor, index: torch.Tensor, major: bool) -> torch.Tensor:
+        """``[rows, in * E]`` (``[rows, E * in]`` if ``major``) of the edge tensor for ``index [rows, in]``
+        (an embedding lookup: several times faster than indexing on CPU)."""
+        w = F.embedding(index.long(), cb)  # [rows, in, E]
+        return (w.transpose(1, 2) if major else w).reshape(index.shape[0], -1)
 
     def contract_gather(self, features: torch.Tensor) -> torch.Tensor:
         """``P = phi(x) . centroids^T`` once (``[B, in, K]``), then ``y[b, o] = sum_i P[b, i,

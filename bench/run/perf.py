@@ -295,15 +295,14 @@ def _runtime_rows(add, timer, name, basis, small, dense, x) -> None:
     bytes (the dense model's own bytes for reference)."""
     from bench.compression.storage import storage_report
     from bench.deploy import compact, held_bytes
-    from bench.deploy.native import NativeCodebookLayer, library
+    from bench.deploy.native import NativeCodebookLayer
 
     deployed = compact(small)
     counted = storage_report(small).stored_bits / 8
-    form = "deployed"
-    if any(isinstance(layer, NativeCodebookLayer) for _, layer in kan_layers(deployed)):
-        form = "deployed, native kernel" if library() is not None else "deployed, PyTorch path (no compiler)"
+    native = [layer for _, layer in kan_layers(deployed) if isinstance(layer, NativeCodebookLayer)]
     with torch.no_grad():
         for rows, label in ((x[:1], "batch 1"), (x, f"batch {x.shape[0]}")):
+            form = f"deployed, {native[0].path(rows.shape[0])}" if native else "deployed"
             t, t_dense = timer.compare(lambda m=deployed, r=rows: m(r), lambda r=rows: dense(r))
             add("compressed_runtime", basis, f"{name} {label}: {form} / dense", t * 1e3, t_dense * 1e3,
                 RUNTIME_TARGETS[name] if label == "batch 1" else None)
@@ -396,12 +395,12 @@ def _conv_rows(add, timer, dev, bases, channels, batch, shape, n_out, log, fused
 
 def format_table(df: pd.DataFrame) -> str:
     lines = [f"(a ratio within {NOISE:.0%} of its target counts as meeting it: timer noise)",
-             f"{'kind':22s} {'basis':10s} {'subject':52s} {'value':>10s} {'ref':>10s} {'ratio':>7s}  target"]
+             f"{'kind':22s} {'basis':10s} {'subject':62s} {'value':>10s} {'ref':>10s} {'ratio':>7s}  target"]
     for r in df.to_dict("records"):
         target = "" if r["target"] is None or pd.isna(r["target"]) else (
             f"<= {r['target']:.3g}  {'ok' if r['meets_target'] else 'MISSED'}")
         unit = r["unit"]
-        lines.append(f"{r['kind']:22s} {r['basis']:10s} {r['subject'][:52]:52s} {r['value']:7.2f}{unit:>3s} "
+        lines.append(f"{r['kind']:22s} {r['basis']:10s} {r['subject'][:62]:62s} {r['value']:7.2f}{unit:>3s} "
                      f"{r['reference']:7.2f}{unit:>3s} {r['ratio']:7.2f}  {target}")
     return "\n".join(lines)
 
