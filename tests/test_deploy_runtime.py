@@ -146,7 +146,7 @@ def test_native_kernel_equals_the_pytorch_layer_for_every_basis(basis, kwargs, k
             _assert_rows_close(layer.finish(got), KANLayer.forward(layer, h))
             h = KANLayer.forward(layer, h)
         _assert_rows_close(h, want)
-    assert [native._STATE[layer][1][3] for layer in layers] == [kind, kind]
+    assert [native._STATE[layer][3][3] for layer in layers] == [kind, kind]
 
 
 @pytest.mark.parametrize("options", [{"bias": False}, {"norms": "layer", "acts": "silu"}])
@@ -158,7 +158,7 @@ def test_native_kernel_keeps_the_layer_options_and_wide_indices(options):
     x = torch.randn(3, 30)
     with torch.no_grad():
         _assert_rows_close(deployed(x), model(x))
-    assert all(native._STATE[layer][1] is not None for _, layer in kan_layers(deployed))
+    assert all(native._STATE[layer][3] is not None for _, layer in kan_layers(deployed))
 
 
 def test_native_kernel_refuses_what_it_cannot_run():
@@ -177,7 +177,7 @@ def test_native_kernel_refuses_what_it_cannot_run():
         src.index = src.index.t().contiguous().t()  # a transposed view: read as laid out, not as stored
         x = torch.randn(2, 30)
         _assert_rows_close(layer.finish(layer.native_forward(x)), KANLayer.forward(layer, x))
-    assert native._STATE[layer][1] is not None
+    assert native._STATE[layer][3] is not None
 
 
 def test_native_state_follows_the_tensors_and_gradients_take_the_pytorch_path():

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import operator
 import os
 import platform
 import subprocess
@@ -140,10 +141,6 @@ def basis_kind(layer: KANLayer) -> tuple[int, torch.Tensor]:
     return 0, torch.zeros(1)
 
 
-def _stamp(t: torch.Tensor) -> tuple:
-    return t, (None if t.is_inference() else t._version)  # inference tensors have no version counter
-
-
 class NativeCodebookLayer(KANLayer):
     """A deployed codebook layer (:func:`bench.deploy.compact`): inference through the native kernel
     where it applies, else :class:`KANLayer`'s forward."""
@@ -151,13 +148,13 @@ class NativeCodebookLayer(KANLayer):
     def _tensors(self) -> list[torch.Tensor]:
         """Every parameter and buffer of the layer and its submodules, read from their dictionaries (a
         third of ``parameters()`` and ``buffers()``'s cost: this check runs on every forward)."""
-        out, stack = [], [self]
-        while stack:
-            m = stack.pop()
-            out += [t for t in m._parameters.values() if t is not None]
-            out += [t for t in m._buffers.values() if t is not None]
-            stack += [c for c in m._modules.values() if c is not None]
-        return out
+        out, mods = [], [self]
+        for m in mods:  # grows while it is walked: every submodule once, in a fixed order
+            if m is not None:
+                out.extend(m._parameters.values())
+                out.extend(m._buffers.values())
+                mods.extend(m._modules.values())
+        return [t for t in out if t is not None]
 
     def native_state(self) -> tuple | None:
         """What the kernel reads (the decoded codebook transposed ``[E, K]`` in float32, the index as
@@ -165,9 +162,9 @@ class NativeCodebookLayer(KANLayer):
         CPU, an index wider than 16 bits)."""
         tensors = self._tensors()
         state = _STATE.get(self)
-        if state is not None and len(state[0]) == len(tensors) and all(
-                a is t and v == _stamp(t)[1] for (a, v), t in zip(state[0], tensors)):
-            return state[1]
+        if (state is not None and len(state[0]) == len(tensors) and all(map(operator.is_, state[0], tensors))
+                and state[1] == [t._version for t in state[2]]):
+            return state[3]
         src = self.source
         ok = all(t.device.type == "cpu" for t in tensors) and src.index.dtype in (torch.uint8, torch.int16)
         data = None
@@ -177,7 +174,8 @@ class NativeCodebookLayer(KANLayer):
                 bias = None if self.bias is None else self.bias.detach().float().contiguous()
                 kind, params = basis_kind(self)
             data = (ct, src.index.contiguous(), bias, kind, params)
-        _STATE[self] = ([_stamp(t) for t in tensors], data)
+        versioned = [t for t in tensors if not t.is_inference()]  # inference tensors have no version counter
+        _STATE[self] = (tensors, [t._version for t in versioned], versioned, data)
         return data
 
     def native_forward(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -218,9 +216,10 @@ class NativeCodebookLayer(KANLayer):
 
     def held(self) -> list[torch.Tensor]:
         """The tensors the native path adds to what the layer holds (the transposed codebook, the basis
-        parameters, a float32 copy of a narrower bias), built here if the kernel runs on this machine."""
+        parameters, a float32 copy of a narrower bias, a contiguous copy of an index stored as a
+        view), built here if the kernel runs on this machine."""
         state = self.native_state() if library() is not None else None
         if state is None:
             return []
-        ct, _, bias, _, params = state
-        return [ct, params] + ([] if bias is None else [bias])  # held_bytes counts a shared storage once
+        ct, index, bias, _, params = state
+        return [ct, params, index] + ([] if bias is None else [bias])  # a shared storage is counted once
