@@ -301,8 +301,8 @@ class CodebookSource(EdgeSource):
         gather_path = self.in_features * n1 * self.k + self.GATHER_COST * self.in_features * self.out_features
         return gather_path < self.out_features * self.in_features * n1
 
-    # A deployed layer (runtime_compact) gathers its edge tensor this many bytes of outputs at a time,
-    # uses each block and drops it (contract_blocked)
+    # A deployed layer (runtime_compact) gathers its float edge tensor for one product only, whole up to
+    # this many bytes, else this many bytes of outputs at a time (contract_blocked)
     BLOCK_BYTES = 4 << 20
 
     def contract(self, features: torch.Tensor) -> torch.Tensor:
@@ -313,10 +313,10 @@ class CodebookSource(EdgeSource):
         return super().contract(features)
 
     def contract_blocked(self, features: torch.Tensor) -> torch.Tensor:
-        """The dense product one block of outputs at a time: each block's rows of the edge tensor are
-        gathered from the centroids (at most :attr:`BLOCK_BYTES`), multiplied and dropped, so a deployed
-        layer runs at the dense layer's matmul speed plus one gather of its edge vectors, without holding
-        the ``[out, in, n+1]`` float tensor."""
+        """The dense product with a transient edge tensor: gathered from the centroids (whole when it is
+        at most :attr:`BLOCK_BYTES`, else that many bytes of outputs at a time: narrower products are
+        slower), multiplied and dropped. A deployed layer at a large batch thus runs at the dense layer's
+        matmul speed plus one gather of its edge vectors and keeps holding only its centroids and index."""
         b, major = features.shape[0], basis_major(features)
         f = (features.transpose(1, 2) if major else features).reshape(b, -1)
         cb = self.codebook()
