@@ -34,6 +34,7 @@ import tempfile
 import threading
 import weakref
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -47,7 +48,16 @@ TUNE = ["-march=native"]  # dropped, with a second try, where the compiler rejec
 MAX_ROWS = 16  # larger batches take the PyTorch path: one gather of the edge vectors, then dense products
 _LIB: dict = {"lib": None, "failed": None}
 _LOCK = threading.Lock()
-_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> what the kernel reads
+_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> _Cached
+
+
+class _Cached(NamedTuple):
+    """What the kernel reads for one layer (``data``), and the tensors and versions it was built from."""
+
+    tensors: list  # every parameter and buffer, compared by identity on each forward
+    versions: list  # the version counters of ``versioned``, compared on each forward
+    versioned: list  # the tensors that have one (inference tensors have none): found once, not per call
+    data: tuple | None  # (codebook^T, index, bias, basis kind, basis parameters), or None: cannot run
 
 
 def cache_dir() -> Path:
@@ -162,9 +172,9 @@ class NativeCodebookLayer(KANLayer):
         CPU, an index wider than 16 bits)."""
         tensors = self._tensors()
         state = _STATE.get(self)
-        if (state is not None and len(state[0]) == len(tensors) and all(map(operator.is_, state[0], tensors))
-                and state[1] == [t._version for t in state[2]]):
-            return state[3]
+        if (state is not None and len(state.tensors) == len(tensors) and all(map(operator.is_, state.tensors, tensors))
+                and state.versions == [t._version for t in state.versioned]):
+            return state.data
         src = self.source
         ok = all(t.device.type == "cpu" for t in tensors) and src.index.dtype in (torch.uint8, torch.int16)
         data = None
@@ -174,8 +184,8 @@ class NativeCodebookLayer(KANLayer):
                 bias = None if self.bias is None else self.bias.detach().float().contiguous()
                 kind, params = basis_kind(self)
             data = (ct, src.index.contiguous(), bias, kind, params)
-        versioned = [t for t in tensors if not t.is_inference()]  # inference tensors have no version counter
-        _STATE[self] = (tensors, [t._version for t in versioned], versioned, data)
+        versioned = [t for t in tensors if not t.is_inference()]
+        _STATE[self] = _Cached(tensors, [t._version for t in versioned], versioned, data)
         return data
 
     def native_forward(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -321,8 +321,6 @@ class CodebookSource(EdgeSource):
         f = (features.transpose(1, 2) if major else features).reshape(b, -1)
         cb = self.codebook()
         step = max(1, self.BLOCK_BYTES // (self.in_features * self.edge_dim * cb.element_size()))
-        if step >= self.out_features:
-            return f @ self._block(cb, self.index, major).t()
         y = f.new_empty(b, self.out_features)
         for o in range(0, self.out_features, step):
             y[:, o:o + step] = f @ self._block(cb, self.index[o:o + step], major).t()
