@@ -154,8 +154,8 @@ class EntropyCodedSource(EdgeSource):
     def contract(self, features: torch.Tensor) -> torch.Tensor:
         return self.inner.contract(features)
 
-    def inference_tensor(self, basis_major: bool = False) -> torch.Tensor:
-        return self.inner.inference_tensor(basis_major)
+    def product_matrix(self, basis_major: bool = False) -> torch.Tensor:
+        return self.inner.product_matrix(basis_major)
 
     def _stream(self, it: StorageItem) -> CodedStream:
         """The item's stream, coded once per content (storage, report and export all ask for it)."""

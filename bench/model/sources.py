@@ -82,23 +82,25 @@ class EdgeSource(nn.Module):
         raise NotImplementedError
 
     def contract(self, features: torch.Tensor) -> torch.Tensor:
-        """``features[B, in, n+1] -> [B, out]`` (one matmul over the flattened edge tensor). Compiled
-        features are basis-major underneath (:func:`bench.model.bases.basis_major`): they are read
-        as ``[B, (n+1) * in]`` against the edge tensor permuted to match, and never copied."""
-        b = features.shape[0]
-        if basis_major(features):
-            w = self.inference_tensor(basis_major=True).reshape(self.out_features, -1)
-            return features.transpose(1, 2).reshape(b, -1) @ w.t()
-        return features.reshape(b, -1) @ self.inference_tensor().reshape(self.out_features, -1).t()
+        """``features[B, in, n+1] -> [B, out]``: one matmul ``[B, K] @ [K, out]`` over the flattened edge
+        tensor. Compiled features are basis-major underneath (:func:`bench.model.bases.basis_major`): they
+        are read as ``[B, (n+1) * in]`` against the edge tensor laid out to match, and never copied."""
+        major = basis_major(features)
+        f = (features.transpose(1, 2) if major else features).reshape(features.shape[0], -1)
+        return f @ self.product_matrix(major)
 
-    def inference_tensor(self, basis_major: bool = False) -> torch.Tensor:
-        """``edge_tensor()`` (``basis_major``: permuted to ``[out, n+1, in]``, contiguous), kept at inference
-        (:meth:`kept_at_inference`: decompress once, as a deployed model would at load time)."""
+    def product_matrix(self, basis_major: bool = False) -> torch.Tensor:
+        """``edge_tensor()`` as the contiguous ``[K, out]`` right factor of :meth:`contract` (``K`` runs over
+        ``(in, n+1)``, or ``(n+1, in)`` when ``basis_major``), kept at inference (:meth:`kept_at_inference`:
+        decompressed once, as a deployed model would at load time). Under autograd it is a copy each step,
+        and the layout is the point: the weight gradient of ``F @ M`` with ``M`` row-major ``[K, out]`` is
+        ``F^T @ G``, 1.6x faster on CPU than the ``G^T @ F`` that ``F @ W.t()`` with ``W [out, K]`` asks for
+        (1.76 vs 2.79 ms at ``K`` = 7,056, ``out`` = 64, batch 256; measured), for a ~0.2 ms copy."""
         def build() -> torch.Tensor:
-            w = self.edge_tensor()
-            return w.transpose(1, 2).contiguous() if basis_major else w
+            w = self.edge_tensor()  # [out, in, n+1]
+            return (w.permute(2, 1, 0) if basis_major else w.permute(1, 2, 0)).reshape(-1, w.shape[0])
 
-        return self.kept_at_inference(("full", basis_major), build)
+        return self.kept_at_inference(("matrix", basis_major), build)
 
     def kept_at_inference(self, tag, build: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``build()``, rebuilt on every call under autograd (training) or for a deployed source that keeps
@@ -130,15 +132,24 @@ class EdgeSource(nn.Module):
 
 @register_source
 class DenseSource(EdgeSource):
-    """The uncompressed edge tensor: one float32 parameter ``[out, in, n+1]``."""
+    """The uncompressed edge tensor: one float32 parameter ``[out, in, n+1]``.
+
+    Its memory is laid out ``[n+1, in, out]`` (the parameter is a permuted view of that): the contiguous
+    ``[(n+1) * in, out]`` factor that :meth:`EdgeSource.contract` multiplies compiled (basis-major) features
+    by, so a training step reads and writes it with no copy. The shape, the values, ``state_dict``, exports
+    and every method see the canonical ``[out, in, n+1]``; only the strides differ. Measured with ``python -m
+    bench perf`` (``kan [784, 64, 10]``, batch 256, train step / same-parameter MLP, two runs each): bspline
+    1.36-1.38x against 1.58-1.64x with the row-major layout (a copy a step and the slower weight gradient),
+    chebyshev 1.45-1.49x against 1.62-1.71x, gram 1.45-1.46x against 1.59-1.62x; inference unchanged."""
 
     def __init__(self, out_features: int, in_features: int, edge_dim: int, init: Callable | None = None):
         super().__init__()
         self.out_features, self.in_features, self.edge_dim = out_features, in_features, edge_dim
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, edge_dim))
-        if init is not None:
+        w = torch.empty(out_features, in_features, edge_dim)
+        if init is not None:  # on a contiguous tensor: the same random draws as any layout before
             with torch.no_grad():
-                init(self.weight)
+                init(w)
+        self.weight = nn.Parameter(torch.empty(edge_dim, in_features, out_features).permute(2, 1, 0).copy_(w))
 
     def edge_tensor(self) -> torch.Tensor:
         return self.weight
