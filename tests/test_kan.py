@@ -206,30 +206,36 @@ def test_metakan8_convkan_shapes_and_option_errors():
         ConvKAN((1, 8, 8), 4, channels=[4, 4], strides=[1])
 
 
-def test_dense_edge_tensor_is_laid_out_as_the_product_reads_it(tmp_path):
-    """A dense source keeps the canonical [out, in, n+1] shape and values over [n+1, in, out] memory: under
-    autograd the product matrix is the parameter itself (no copy a step), its gradient lands in the parameter
-    in that layout, and saving, loading and copying keep the values (and the layout)."""
+@pytest.mark.parametrize("out", [20, 5])
+def test_dense_edge_tensor_is_laid_out_as_the_product_reads_it(tmp_path, out):
+    """A dense source keeps the canonical [out, in, n+1] shape and values over the memory of its product
+    matrix ([n+1, in, out] for a wide layer, [out, n+1, in] for a narrow one): under autograd that matrix is
+    the parameter itself (no copy a step), row-major or column-major as WIDE_OUT says, its gradient lands in
+    the parameter in that layout, and saving, loading and copying keep the values (and the layout)."""
     import copy
 
     torch.manual_seed(0)
-    layer = KANLayer(7, 5, "bspline")
+    layer = KANLayer(7, out, "bspline")
     w = layer.source.weight
-    assert w.shape == (5, 7, 9) and w.permute(2, 1, 0).is_contiguous()
-    assert layer.source.product_matrix(True).data_ptr() == w.data_ptr()  # under grad: a view, not a copy
+    wide = out >= DenseSource.WIDE_OUT
+    memory = w.permute(2, 1, 0) if wide else w.transpose(1, 2)
+    assert w.shape == (out, 7, 9) and memory.is_contiguous()
+    m = layer.source.product_matrix(True)
+    assert m.shape == (9 * 7, out) and m.data_ptr() == w.data_ptr()  # under grad: a view, not a copy
+    assert m.is_contiguous() == wide and m.t().is_contiguous() != wide
     x = torch.randn(6, 7)
     ref = torch.einsum("bie,oie->bo", layer.basis.features(x), w.detach().contiguous()) + layer.bias
     y = layer(x)
     assert torch.allclose(y, ref, atol=1e-5)
     y.square().sum().backward()
-    assert w.grad.shape == w.shape and w.grad.permute(2, 1, 0).is_contiguous()
+    assert w.grad.shape == w.shape and w.grad.stride() == w.stride()
     # the same init draws as a contiguous [out, in, n+1] tensor (seeded runs reproduce earlier results)
     torch.manual_seed(1)
-    a = DenseSource(5, 7, 9, init=lambda t: t.normal_())
+    a = DenseSource(out, 7, 9, init=lambda t: t.normal_())
     torch.manual_seed(1)
-    assert torch.equal(a.weight, torch.empty(5, 7, 9).normal_())
+    assert torch.equal(a.weight, torch.empty(out, 7, 9).normal_())
     torch.save(layer.state_dict(), tmp_path / "l.pt")
-    other = KANLayer(7, 5, "bspline")
+    other = KANLayer(7, out, "bspline")
     other.load_state_dict(torch.load(tmp_path / "l.pt"))
-    for m in (other, copy.deepcopy(layer)):
-        assert torch.equal(m.source.weight, w) and m.source.weight.permute(2, 1, 0).is_contiguous()
+    for mod in (other, copy.deepcopy(layer)):
+        assert torch.equal(mod.source.weight, w) and mod.source.weight.stride() == w.stride()

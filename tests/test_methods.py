@@ -97,8 +97,15 @@ def test_method_runs_counts_and_reloads(env, method, basis, model):
     if method == "small_dtype":  # it changes the tensors outside the edges (biases, norms), not the edges
         assert not changed
         theirs, ours = other_tensors(base), other_tensors(final)
-        changed = any(not torch.equal(t.detach().cpu(), ours[k].detach().cpu()) for k, t in theirs.items()
-                      if t.is_floating_point())
+        floats = {k: t.detach().cpu() for k, t in theirs.items() if t.is_floating_point()}
+        for k, t in floats.items():  # the file keeps exactly the base's values rounded to float16
+            assert torch.equal(ours[k].detach().cpu(), t.half().float()), k
+        changed = any(not torch.equal(t, ours[k].detach().cpu()) for k, t in floats.items())
+        if all(torch.equal(t, t.half().float()) for t in floats.values()):
+            # a base whose validation never beat its initial state keeps its initial biases and norms (0s
+            # and 1s, exact at float16): rounding them changes nothing, and the check above is what holds
+            assert not changed
+            return
     assert changed, f"{method} left every edge tensor of the dense base untouched"
 
 

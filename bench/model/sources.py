@@ -89,16 +89,26 @@ class EdgeSource(nn.Module):
         f = (features.transpose(1, 2) if major else features).reshape(features.shape[0], -1)
         return f @ self.product_matrix(major)
 
+    # Outputs from which the product matrix is row-major [K, out]; narrower layers take it column-major
+    # (the transpose of a row-major [out, K]). Measured on CPU (MKL, 2 threads, batch 256), F @ M and the
+    # weight gradient: at out = 64, K = 7,056 row-major 1.71 / 1.80 ms against 1.78 / 2.65 ms; at out = 10
+    # (a classifier head) the other way round, 2.10 / 2.53 against 1.09 / 0.67 ms (K = 7,056) and 0.18 /
+    # 0.20 against 0.09 / 0.05 ms (K = 576); they meet between out = 12 and 16.
+    WIDE_OUT = 16
+
     def product_matrix(self, basis_major: bool = False) -> torch.Tensor:
-        """``edge_tensor()`` as the contiguous ``[K, out]`` right factor of :meth:`contract` (``K`` runs over
-        ``(in, n+1)``, or ``(n+1, in)`` when ``basis_major``), kept at inference (:meth:`kept_at_inference`:
-        decompressed once, as a deployed model would at load time). Under autograd it is a copy each step,
-        and the layout is the point: the weight gradient of ``F @ M`` with ``M`` row-major ``[K, out]`` is
-        ``F^T @ G``, 1.6x faster on CPU than the ``G^T @ F`` that ``F @ W.t()`` with ``W [out, K]`` asks for
-        (1.76 vs 2.79 ms at ``K`` = 7,056, ``out`` = 64, batch 256; measured), for a ~0.2 ms copy."""
+        """``edge_tensor()`` as the ``[K, out]`` right factor of :meth:`contract` (``K`` runs over ``(in,
+        n+1)``, or ``(n+1, in)`` when ``basis_major``), kept at inference (:meth:`kept_at_inference`:
+        decompressed once, as a deployed model would at load time). Its memory layout is the one the CPU's
+        matmul and its weight gradient are fastest with (:attr:`WIDE_OUT`): row-major for layers of at least
+        that many outputs, column-major for narrower ones. Under autograd it is rebuilt every step: a copy
+        for most sources, a view of the parameter for a dense one (:class:`DenseSource`)."""
         def build() -> torch.Tensor:
             w = self.edge_tensor()  # [out, in, n+1]
-            return (w.permute(2, 1, 0) if basis_major else w.permute(1, 2, 0)).reshape(-1, w.shape[0])
+            m = w.transpose(1, 2) if basis_major else w  # [out, n+1, in] or [out, in, n+1]
+            if w.shape[0] >= self.WIDE_OUT:
+                return m.permute(1, 2, 0).reshape(-1, w.shape[0])
+            return m.reshape(w.shape[0], -1).t()
 
         return self.kept_at_inference(("matrix", basis_major), build)
 
@@ -134,13 +144,13 @@ class EdgeSource(nn.Module):
 class DenseSource(EdgeSource):
     """The uncompressed edge tensor: one float32 parameter ``[out, in, n+1]``.
 
-    Its memory is laid out ``[n+1, in, out]`` (the parameter is a permuted view of that): the contiguous
-    ``[(n+1) * in, out]`` factor that :meth:`EdgeSource.contract` multiplies compiled (basis-major) features
-    by, so a training step reads and writes it with no copy. The shape, the values, ``state_dict``, exports
-    and every method see the canonical ``[out, in, n+1]``; only the strides differ. Measured with ``python -m
-    bench perf`` (``kan [784, 64, 10]``, batch 256, train step / same-parameter MLP, two runs each): bspline
-    1.36-1.38x against 1.58-1.64x with the row-major layout (a copy a step and the slower weight gradient),
-    chebyshev 1.45-1.49x against 1.62-1.71x, gram 1.45-1.46x against 1.59-1.62x; inference unchanged."""
+    Its memory is laid out as the product matrix of :meth:`EdgeSource.product_matrix` for compiled
+    (basis-major) features, so a training step multiplies by the parameter itself and gets its gradient in
+    place, with no copy: ``[n+1, in, out]`` underneath (row-major ``[(n+1) * in, out]``) for a layer of at
+    least ``WIDE_OUT`` outputs, ``[out, n+1, in]`` for a narrower one. The shape, the values, ``state_dict``,
+    exports and every method see the canonical ``[out, in, n+1]``; only the strides differ. Measured with
+    ``python -m bench perf`` (``kan [784, 64, 10]``, batch 256, train step / same-parameter MLP): see
+    docs/performance.md."""
 
     def __init__(self, out_features: int, in_features: int, edge_dim: int, init: Callable | None = None):
         super().__init__()
@@ -149,7 +159,11 @@ class DenseSource(EdgeSource):
         if init is not None:  # on a contiguous tensor: the same random draws as any layout before
             with torch.no_grad():
                 init(w)
-        self.weight = nn.Parameter(torch.empty(edge_dim, in_features, out_features).permute(2, 1, 0).copy_(w))
+        if out_features >= self.WIDE_OUT:
+            memory = torch.empty(edge_dim, in_features, out_features).permute(2, 1, 0)
+        else:
+            memory = torch.empty(out_features, edge_dim, in_features).transpose(1, 2)
+        self.weight = nn.Parameter(memory.copy_(w))
 
     def edge_tensor(self) -> torch.Tensor:
         return self.weight
