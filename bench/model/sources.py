@@ -68,6 +68,14 @@ def float_item(name: str, t: torch.Tensor) -> StorageItem:
     return StorageItem(name, t.numel(), t.element_size() * 8, enc, t.detach())
 
 
+def flat_features(features: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``features [B, in, n+1]`` as the ``[B, K]`` left factor of a layer's product (a view of what layers
+    produce), and whether ``K`` runs basis-major (``(n+1, in)``: compiled features,
+    :func:`bench.model.bases.basis_major`) or input-major (``(in, n+1)``)."""
+    major = basis_major(features)
+    return (features.transpose(1, 2) if major else features).reshape(features.shape[0], -1), major
+
+
 class EdgeSource(nn.Module):
     """Base class. Subclasses set ``out_features``, ``in_features``, ``edge_dim`` (= n_basis + 1)."""
 
@@ -85,8 +93,7 @@ class EdgeSource(nn.Module):
         """``features[B, in, n+1] -> [B, out]``: one matmul ``[B, K] @ [K, out]`` over the flattened edge
         tensor. Compiled features are basis-major underneath (:func:`bench.model.bases.basis_major`): they
         are read as ``[B, (n+1) * in]`` against the edge tensor laid out to match, and never copied."""
-        major = basis_major(features)
-        f = (features.transpose(1, 2) if major else features).reshape(features.shape[0], -1)
+        f, major = flat_features(features)
         return f @ self.product_matrix(major)
 
     # Outputs from which the product matrix is row-major [K, out]; narrower layers take it column-major
@@ -342,8 +349,7 @@ class CodebookSource(EdgeSource):
         at most :attr:`BLOCK_BYTES`, else that many bytes of outputs at a time: narrower products are
         slower), multiplied and dropped. A deployed layer at a large batch thus runs at the dense layer's
         matmul speed plus one gather of its edge vectors and keeps holding only its centroids and index."""
-        b, major = features.shape[0], basis_major(features)
-        f = (features.transpose(1, 2) if major else features).reshape(b, -1)
+        (f, major), b = flat_features(features), features.shape[0]
         cb = self.codebook()
         step = max(1, self.BLOCK_BYTES // (self.in_features * self.edge_dim * cb.element_size()))
         y = f.new_empty(b, self.out_features)
