@@ -225,7 +225,7 @@ def test_compiled_features_are_the_default_and_a_compiler_failure_falls_back_in_
     assert torch.allclose(model(x), y, atol=1e-5)
     monkeypatch.delenv("BENCH_EAGER")
 
-    def broken(fn):
+    def broken(fn, **options):
         def call(*args):
             raise RuntimeError("no C compiler found\nmore detail")
         return call
@@ -240,3 +240,26 @@ def test_compiled_features_are_the_default_and_a_compiler_failure_falls_back_in_
         assert bases.features_path() == "eager"
     finally:
         bases._FUSED["failed"] = None
+
+
+def test_compiled_features_run_on_every_thread_whatever_size_compiled_them_first(monkeypatch):
+    """Inductor picks a CPU loop's threading from the first call's sizes and caches that choice on disk
+    for every later process: a tiny first layer left every layer after it single-threaded. The compiled
+    features ask for run-time threading (``cpp.dynamic_threads``), whatever the first call."""
+    from bench.model import bases
+    from bench.model.kan import KANLayer
+
+    seen = []
+    real = torch.compile
+
+    def record(fn, **options):
+        seen.append(options.get("options") or {})
+        return real(fn, **options)
+
+    monkeypatch.setattr(torch, "compile", record)
+    monkeypatch.setitem(bases._FUSED, "compiled", {})
+    layer = KANLayer(2, 3, "chebyshev")
+    with torch.no_grad():
+        feats = layer.features(torch.randn(4, 2))
+    assert bases.basis_major(feats), "the compiled path ran"
+    assert seen and all(o.get("cpp.dynamic_threads") is True for o in seen)

@@ -318,9 +318,19 @@ def _gram_formula(x: torch.Tensor, degree: int, margin: float, *last: torch.Tens
     return torch.stack([*polys, *last], dim=dim)
 
 
-def _fourier_formula(x: torch.Tensor, k: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    a = (math.pi * torch.tanh(x)).unsqueeze(dim) * _along(k.to(x.dtype), dim)
-    return torch.cat([torch.cos(a), torch.sin(a)], dim=dim)
+def _fourier_formula(x: torch.Tensor, frequencies: int, *last: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``cos(k a)`` for ``k = 1..frequencies``, then ``sin(k a)``, with ``a = pi tanh(x)``, stacked on ``dim``,
+    then the ``last`` columns (as :func:`_chebyshev_formula`). One cosine and one sine, then angle addition:
+    as exact as a cosine and a sine per frequency (float32 against float64, inputs up to +-1e3 and near 0:
+    1.2e-6 against 1.4e-6), and the compiled features take 0.57 instead of 1.28 ms at ``[256, 784]``."""
+    a = math.pi * torch.tanh(x)
+    c1, s1 = torch.cos(a), torch.sin(a)
+    cos, sin = [c1], [s1]
+    for _ in range(1, frequencies):
+        c, s = cos[-1], sin[-1]
+        cos.append(c * c1 - s * s1)
+        sin.append(s * c1 + c * s1)
+    return torch.stack([*cos, *sin, *last], dim=dim)
 
 
 @register_basis("chebyshev")
@@ -421,10 +431,13 @@ class FourierBasis(Basis):
         return {"frequencies": self.frequencies}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _fourier_formula(x, self.k)
+        return _fourier_formula(x, self.frequencies)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return _fourier_formula(x, self.frequencies, F.silu(x))
 
     def kernel(self):
-        return _fourier_features, (self.k,)
+        return _fourier_features, (self.frequencies,)
 
 
 # -- fused features (the default) ----------------------------------------------------------------
@@ -438,6 +451,13 @@ class FourierBasis(Basis):
 # failure is said in one line and every layer runs eagerly from then on: same values, slower.
 _FUSED: dict = {"mode": None, "compiled": {}, "failed": None}
 FUSED_DEVICES = ("cpu", "cuda")
+# Inductor decides once, from the sizes of the first call, whether a CPU loop runs on every thread, and
+# its on-disk cache hands that decision to every later process on the machine: features first compiled
+# for a tiny layer (an equation task, a test) stayed single-threaded for every layer of every model after,
+# up to 2x slower (measured: chebyshev features at [256, 784], 0.70-0.87 ms against 0.49-0.56 ms).
+# ``dynamic_threads`` makes every loop a parallel one, sized by the thread count at run time (the same
+# values; ~15 us more on a tiny input), and is part of the cache key, so no serial kernel is reused.
+COMPILE_OPTIONS = {"cpp.dynamic_threads": True}
 
 
 # One function per basis kind (torch.compile caches per code object): basis values, then silu(x), laid
@@ -471,8 +491,8 @@ def _gram_features(x, degree, margin):
     return _gram_formula(x, degree, margin, F.silu(x), dim=1)
 
 
-def _fourier_features(x, k):
-    return torch.cat([_fourier_formula(x, k, dim=1), _silu_row(x)], dim=1)
+def _fourier_features(x, frequencies):
+    return _fourier_formula(x, frequencies, F.silu(x), dim=1)
 
 
 def basis_major(features: torch.Tensor) -> bool:
@@ -538,7 +558,7 @@ def fused_features(basis: Basis, x: torch.Tensor) -> torch.Tensor | None:
         for name in ("recompile_limit", "cache_size_limit"):
             if getattr(config, name, 64) < 64:
                 setattr(config, name, 64)
-        compiled = _FUSED["compiled"][fn] = torch.compile(fn)
+        compiled = _FUSED["compiled"][fn] = torch.compile(fn, options=COMPILE_OPTIONS)
     # rows and inputs vary from layer to layer and batch to batch: dynamic from the first call, so one
     # graph serves them all (otherwise each new size compiles once more, up to dynamo's recompile limit)
     torch._dynamo.maybe_mark_dynamic(x, 0)
