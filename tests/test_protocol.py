@@ -63,6 +63,27 @@ def test_schedule_sets_the_rate_of_every_step(monkeypatch, schedule):
         assert firsts[-1] < 0.01 * firsts[0]
 
 
+def test_the_fused_optimiser_steps_as_the_per_parameter_one_whatever_the_gradient_layout():
+    """The trainer's AdamW is PyTorch's fused kernel, which reads a parameter and its gradient as flat
+    buffers of one layout: given a permuted parameter (a dense KAN layer's edge tensor is one) and a
+    gradient in another layout, the raw kernel silently applies gradients to the wrong entries. Ours copies
+    such a gradient into the parameter's layout first and steps as the per-parameter implementation does."""
+    from bench.run.train import adamw
+
+    base = torch.randn(9, 30, 20, generator=torch.Generator().manual_seed(0))
+    after = {}
+    for kind in ("per-parameter", "ours"):
+        p = torch.nn.Parameter(torch.empty(9, 30, 20).permute(2, 1, 0).copy_(base.permute(2, 1, 0)))
+        opt = adamw([p], lr=3e-3) if kind == "ours" else torch.optim.AdamW([p], lr=3e-3, weight_decay=0.0)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(20):
+            p.grad = torch.randn(20, 30, 9, generator=g)  # contiguous: not the parameter's layout
+            opt.step()
+        after[kind] = p.detach().clone()
+    assert opt.defaults["fused"]
+    assert torch.allclose(after["ours"], after["per-parameter"], atol=1e-6)  # without the copy: off by ~0.1
+
+
 def test_control_row_and_columns_share_one_fine_tuned_model(tmp_path):
     sweep = sweep_of(["dense", "dense_ft", "quantize"], {"quantize": {"bits": 4, "algorithm": "ste"}})
     env = RunEnv(tmp_path, tmp_path, "cpu")

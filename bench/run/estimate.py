@@ -41,6 +41,7 @@ from bench.data import get_dataset
 from bench.model.bases import eager_features
 
 from .plan import Plan, stage_epochs
+from .train import adamw
 
 PROBE_BUDGET_S = 15.0  # the whole timing probe, all setups together
 PROBE_STEP_FLOPS_CPU = 2e9  # the probe batch on CPU holds about this many training-step FLOPs
@@ -183,7 +184,7 @@ def probe(s: Setup, device, deadline: float) -> None:
     if device.type == "cpu":
         batch = max(1, min(batch, int(PROBE_STEP_FLOPS_CPU // max(s.flops_per_sample, 1.0))))
     ds, model = build_probe_model(s.spec, device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     x, y = _inputs(ds, batch, device)
     amp = bool(s.spec.train.get("amp", False))
     threads = torch.get_num_threads()

@@ -50,7 +50,7 @@ from bench.data import Splits
 from bench.errors import UserError
 from bench.model.kan import KAN, kan_layers
 
-from .train import Trainer, recorder, step_bytes
+from .train import Trainer, adamw, recorder, step_bytes
 
 NOISE = 0.02  # repeat-to-repeat spread of the alternating timer here: a ratio within 2 % of its target meets it
 # Targets (issue "KAN layers as fast as an MLP"): KAN / same-parameter MLP on the default path
@@ -166,7 +166,7 @@ def matched_cnn(in_channels: int, channels: list[int], n_outputs: int, target: i
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = adamw(list(model.parameters()), lr=1e-3)
 
     def step():
         opt.zero_grad(set_to_none=True)

