@@ -424,6 +424,8 @@ class FourierBasis(Basis):
         super().__init__(in_features)
         _check(frequencies >= 1, f"fourier frequencies must be >= 1, got {frequencies}")
         self.frequencies = frequencies
+        # the frequencies 1..F as constants of the ONNX export (bench.deploy.onnx_export), which writes
+        # cos(k a) and sin(k a) directly; torch's features use angle addition (_fourier_formula)
         self.register_buffer("k", torch.arange(1, frequencies + 1, dtype=torch.float32), persistent=False)
         self.n_basis = 2 * frequencies
 
@@ -547,23 +549,23 @@ def fused_features(basis: Basis, x: torch.Tensor) -> torch.Tensor | None:
     if kernel is None:
         return None
     fn, args = kernel
-    compiled = _FUSED["compiled"].get(fn)
-    if compiled is None:
-        import logging  # inductor's CPU build looks for CUDA headers and warns on every CPU-only machine
-
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        # one graph per grad mode x which inputs need gradients x dtype: the RBF kernel (its norm's
-        # parameters are inputs) reaches dynamo's default of 8 in a sweep, which then runs it eagerly
-        config = torch._dynamo.config
-        for name in ("recompile_limit", "cache_size_limit"):
-            if getattr(config, name, 64) < 64:
-                setattr(config, name, 64)
-        compiled = _FUSED["compiled"][fn] = torch.compile(fn, options=COMPILE_OPTIONS)
-    # rows and inputs vary from layer to layer and batch to batch: dynamic from the first call, so one
-    # graph serves them all (otherwise each new size compiles once more, up to dynamo's recompile limit)
-    torch._dynamo.maybe_mark_dynamic(x, 0)
-    torch._dynamo.maybe_mark_dynamic(x, 1)
     try:
+        compiled = _FUSED["compiled"].get(fn)
+        if compiled is None:
+            import logging  # inductor's CPU build looks for CUDA headers and warns on every CPU-only machine
+
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+            # one graph per grad mode x which inputs need gradients x dtype: the RBF kernel (its norm's
+            # parameters are inputs) reaches dynamo's default of 8 in a sweep, which then runs it eagerly
+            config = torch._dynamo.config
+            for name in ("recompile_limit", "cache_size_limit"):
+                if getattr(config, name, 64) < 64:
+                    setattr(config, name, 64)
+            compiled = _FUSED["compiled"][fn] = torch.compile(fn, options=COMPILE_OPTIONS)
+        # rows and inputs vary from layer to layer and batch to batch: dynamic from the first call, so one
+        # graph serves them all (otherwise each new size compiles once more, up to dynamo's recompile limit)
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        torch._dynamo.maybe_mark_dynamic(x, 1)
         return compiled(x, *args).transpose(1, 2)  # [B, in, n_basis + 1], basis-major underneath
     except Exception as exc:  # noqa: BLE001 - any compiler failure: say it once, run eagerly from now on
         first = (str(exc).strip().splitlines() or [""])[0][:160]

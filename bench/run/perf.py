@@ -166,7 +166,7 @@ def matched_cnn(in_channels: int, channels: list[int], n_outputs: int, target: i
 
 
 def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    opt = adamw(list(model.parameters()), lr=1e-3)
+    opt = adamw(model.parameters(), lr=1e-3)
 
     def step():
         opt.zero_grad(set_to_none=True)
