@@ -187,6 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _probe(device: str) -> dict:
+    """The machine's speed now (:func:`bench.run.perf.speed_probe`) on the sweep's device, at torch's current
+    threads (recorded with it); a probe that cannot run is recorded as such, never a reason to fail the call."""
+    import torch
+
+    from bench.run.perf import speed_probe
+    from bench.run.runner import resolve_device
+
+    try:
+        return speed_probe(resolve_device(device))
+    except Exception as exc:  # noqa: BLE001 - a probe that cannot run is said, the sweep goes on
+        return {"error": f"{type(exc).__name__}: {str(exc)[:120]}", "threads": torch.get_num_threads()}
+
+
 def cmd_run(args) -> int:
     """Validate everything (plugins, names, options, budgets, data, executor flags, the output folder
     and its writer lock) before the first run starts; then run, print the runs that are not ok, log
@@ -222,6 +236,8 @@ def cmd_run(args) -> int:
         resolve_device(args.device or sweep.device)
     command = args.command_line
     with results_writer(out, command):
+        device = args.device or sweep.device
+        probe = {"start": _probe(device)} if args.executor == "local" else {}
         t0 = time.perf_counter()
         try:
             if args.executor == "local":
@@ -235,16 +251,19 @@ def cmd_run(args) -> int:
             raise
         except BaseException as exc:  # an interrupted or crashed call is logged too, then re-raised
             log_invocation(out, command, time.perf_counter() - t0, {}, args.executor,
-                           outcome="interrupted" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__)
+                           outcome="interrupted" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__,
+                           probe=probe)
             raise
         took = time.perf_counter() - t0
+        if probe:
+            probe["end"] = _probe(device)
         print(f"done in {took:.0f}s: {counts['ok']} ok, {counts['failed']} failed, {counts['diverged']} diverged, "
               + (f"{counts['infeasible']} infeasible, " if counts.get("infeasible") else "")
               + f"{counts['skipped_finished']} already finished "
               f"-> {out / 'runs.parquet'}")
         for line in not_ok_lines(sweep, out):
             print(line)
-        log_invocation(out, command, took, counts, args.executor)
+        log_invocation(out, command, took, counts, args.executor, probe=probe)
         if reference is not None:  # the re-run controls checked, the reference rows copied in
             from bench.run import against
 
@@ -292,7 +311,14 @@ def dry_run(sweep, out: Path, data_dir: Path | None = None, device: str = "auto"
         print(f"  {dataset:16s} {n:3d} x {what} ({n_epochs} epochs"
               + (", with its dense_ft control)" if what == "dense base model" else ")"))
     # timed where the runs would go: the GPU if the sweep may use one and there is one, else the CPU
-    report(estimate(plan, data_dir, "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"))
+    where = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+    report(estimate(plan, data_dir, where))
+    p = _probe(where)
+    if "kan_ms" in p:  # the number a leaderboard's header records for its sweep call: compare machines by it
+        from bench.run.perf import PROBE_WORKLOAD
+
+        print(f"machine speed probe ({PROBE_WORKLOAD}, {p['threads']} threads): {p['kan_ms']} / {p['mlp_ms']} ms "
+              "(a report's header gives the same probe for the machine its sweep ran on)")
     return 0
 
 

@@ -22,16 +22,19 @@ def git_sha() -> str:
 
 
 def log_invocation(out: Path, command: str, seconds: float, counts: dict, executor: str,
-                   outcome: str = "finished") -> None:
-    """Append this sweep call (command, wall time, machine, outcome) to ``<out>/invocations.jsonl``;
-    every call is kept, and the report's header lists them, so a results folder says how long it took
-    to make."""
+                   outcome: str = "finished", probe: dict | None = None) -> None:
+    """Append this sweep call (command, wall time, machine, outcome, and the machine's speed probe at its
+    start and end, :func:`bench.run.perf.speed_probe`) to ``<out>/invocations.jsonl``; every call is kept,
+    and the report's header lists them, so a results folder says how long it took to make and how fast the
+    machine was meanwhile."""
     import torch
 
     entry = {"command": command, "executor": executor, "wall_seconds": round(seconds, 1), "counts": counts,
              "outcome": outcome, "host": socket.gethostname(), "cpus": os.cpu_count(),
              "torch_threads": torch.get_num_threads(),
              "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    if probe:
+        entry["speed_probe"] = probe
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "invocations.jsonl", "a") as fh:
