@@ -82,7 +82,7 @@ def _grads_in_param_layout(opt: torch.optim.Optimizer, args, kwargs) -> None:
     for group in opt.param_groups:
         for p in group["params"]:
             g = p.grad
-            if g is not None and g.layout == torch.strided and not _same_layout(p, g):
+            if g is not None and g.layout == torch.strided and g.stride() != p.stride() and not _same_layout(p, g):
                 p.grad = torch.empty_like(p).copy_(g)
 
 
