@@ -187,18 +187,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _probe(device: str) -> dict:
-    """The machine's speed now (:func:`bench.run.perf.speed_probe`) on the sweep's device, at torch's current
-    threads (recorded with it); a probe that cannot run is recorded as such, never a reason to fail the call."""
+def _probe(device: str, threads: int | None) -> dict:
+    """The machine's speed now (:func:`bench.run.perf.speed_probe`) on the sweep's device and at the threads
+    its runs pin (``[train] threads``; torch's own count is restored after); a probe that cannot run, or is
+    interrupted, is recorded as such and never fails the call."""
     import torch
 
     from bench.run.perf import speed_probe
     from bench.run.runner import resolve_device
 
+    before = torch.get_num_threads()
     try:
+        if threads:
+            torch.set_num_threads(int(threads))
         return speed_probe(resolve_device(device))
-    except Exception as exc:  # noqa: BLE001 - a probe that cannot run is said, the sweep goes on
-        return {"error": f"{type(exc).__name__}: {str(exc)[:120]}", "threads": torch.get_num_threads()}
+    except BaseException as exc:  # noqa: BLE001 - said in the record; a finished sweep's log is never lost
+        return {"error": f"{type(exc).__name__}: {str(exc)[:120]}", "threads": torch.get_num_threads(),
+                "device": str(device)}
+    finally:
+        torch.set_num_threads(before)
+
+
+def _sweep_threads(sweep) -> int | None:
+    """The CPU threads the sweep's runs pin, when they all pin the same number (None: torch's own)."""
+    pinned = {s.train.get("threads") for s in sweep.runs}
+    return pinned.pop() if len(pinned) == 1 else None
 
 
 def cmd_run(args) -> int:
@@ -236,8 +249,8 @@ def cmd_run(args) -> int:
         resolve_device(args.device or sweep.device)
     command = args.command_line
     with results_writer(out, command):
-        device = args.device or sweep.device
-        probe = {"start": _probe(device)} if args.executor == "local" else {}
+        device, threads = args.device or sweep.device, _sweep_threads(sweep)
+        probe = {"start": _probe(device, threads)} if args.executor == "local" else {}
         t0 = time.perf_counter()
         try:
             if args.executor == "local":
@@ -256,7 +269,7 @@ def cmd_run(args) -> int:
             raise
         took = time.perf_counter() - t0
         if probe:
-            probe["end"] = _probe(device)
+            probe["end"] = _probe(device, threads)
         print(f"done in {took:.0f}s: {counts['ok']} ok, {counts['failed']} failed, {counts['diverged']} diverged, "
               + (f"{counts['infeasible']} infeasible, " if counts.get("infeasible") else "")
               + f"{counts['skipped_finished']} already finished "
@@ -313,12 +326,6 @@ def dry_run(sweep, out: Path, data_dir: Path | None = None, device: str = "auto"
     # timed where the runs would go: the GPU if the sweep may use one and there is one, else the CPU
     where = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
     report(estimate(plan, data_dir, where))
-    p = _probe(where)
-    if "kan_ms" in p:  # the number a leaderboard's header records for its sweep call: compare machines by it
-        from bench.run.perf import PROBE_WORKLOAD
-
-        print(f"machine speed probe ({PROBE_WORKLOAD}, {p['threads']} threads): {p['kan_ms']} / {p['mlp_ms']} ms "
-              "(a report's header gives the same probe for the machine its sweep ran on)")
     return 0
 
 

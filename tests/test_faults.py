@@ -374,6 +374,7 @@ def test_invocations_log_keeps_every_call(tmp_path, capsys, monkeypatch):
     # every call records the machine's speed probe: at its start, and at its end when it finished
     assert "end" not in calls[0]["speed_probe"] and all("end" in c["speed_probe"] for c in calls[1:])
     assert all(c["speed_probe"]["start"]["kan_ms"] > 0 and c["speed_probe"]["start"]["mlp_ms"] > 0 for c in calls)
-    assert board.count("machine speed probe (a training step at batch 128 of kan [784, 64, 10]") == 3
+    assert board.count("Machine speed during that call (a training step at batch 128 of `kan [784, 64, 10]`") == 3
     start = calls[1]["speed_probe"]["start"]
-    assert f"{start['kan_ms']} / {start['mlp_ms']} ms at the start" in board
+    assert f"at the start (cpu, {start['threads']} threads, {start['features']} features) KAN " \
+           f"{start['kan_ms']:.2f} ms, MLP {start['mlp_ms']:.2f} ms" in board

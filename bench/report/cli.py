@@ -62,38 +62,38 @@ def invocation_lines(results: Path) -> list[str]:
         where = (f"Sweep call: `{e.get('command')}` — {e.get('wall_seconds')} s wall on {e.get('host')} "
                  f"({e.get('cpus')} CPUs, {e.get('torch_threads')} torch threads, executor "
                  f"{e.get('executor', 'local')})")
-        speed = _probe_text(e.get("speed_probe"))
         if e.get("outcome", "finished") != "finished":
-            lines.append(f"{where}, ended {e.get('outcome')} at {e.get('finished_at')} (its finished runs are kept)"
-                         + speed)
-            continue
-        lines.append(f"{where}, finished {e.get('finished_at')}: {c.get('ok', 0)} ok, "
-                     f"{c.get('failed', 0)} failed, {c.get('diverged', 0)} diverged, "
-                     + (f"{c['infeasible']} infeasible, " if c.get("infeasible") else "") +
-                     f"{c.get('skipped_finished', 0)} already finished" + speed)
+            lines.append(f"{where}, ended {e.get('outcome')} at {e.get('finished_at')} (its finished runs are kept)")
+        else:
+            lines.append(f"{where}, finished {e.get('finished_at')}: {c.get('ok', 0)} ok, "
+                         f"{c.get('failed', 0)} failed, {c.get('diverged', 0)} diverged, "
+                         + (f"{c['infeasible']} infeasible, " if c.get("infeasible") else "") +
+                         f"{c.get('skipped_finished', 0)} already finished")
+        speed = _probe_text(e.get("speed_probe"))
+        if speed:
+            lines.append(speed)
     return lines
 
 
 def _probe_text(probe) -> str:
-    """The machine's speed probe of a sweep call (:func:`bench.run.perf.speed_probe`) as a clause of its line."""
-    if not isinstance(probe, dict) or not probe:
+    """A sweep call's machine speed probe (:func:`bench.run.perf.speed_probe`) as one header line, or ""."""
+    if not isinstance(probe, dict):
         return ""
     parts = []
     for when in ("start", "end"):
         p = probe.get(when)
         if not isinstance(p, dict):
             continue
-        if "kan_ms" in p:
-            parts.append(f"{p['kan_ms']} / {p['mlp_ms']} ms at the {when}")
+        where = f"{p.get('device', '?')}, {p.get('threads', '?')} threads" + (
+            f", {p['features']} features" if p.get("features") else "")
+        if "kan_ms" in p and "mlp_ms" in p:
+            parts.append(f"at the {when} ({where}) KAN {p['kan_ms']:.2f} ms, MLP {p['mlp_ms']:.2f} ms")
         else:
-            parts.append(f"not measured at the {when} ({p.get('error', '?')})")
+            parts.append(f"at the {when} not measured ({p.get('error', '?')})")
     if not parts:
         return ""
-    from bench.run.perf import PROBE_WORKLOAD
-
-    first = next((probe[w] for w in ("start", "end") if isinstance(probe.get(w), dict)), {})
-    return (f"; machine speed probe ({PROBE_WORKLOAD}, {first.get('threads', '?')} threads, "
-            f"{first.get('device', '?')}): {', '.join(parts)}")
+    return ("Machine speed during that call (a training step at batch 128 of `kan [784, 64, 10]` bspline and of "
+            "a same-parameter MLP; `bench.run.perf.speed_probe`): " + "; ".join(parts))
 
 
 def code_sha() -> str:

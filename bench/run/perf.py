@@ -208,17 +208,21 @@ def _compress(dense: nn.Module, method: str, hyper: dict, x: torch.Tensor, y: to
     return model.eval()
 
 
-PROBE_WORKLOAD = "a training step at batch 128 of kan [784, 64, 10] bspline / of a same-parameter MLP"
+PROBE_WORKLOAD = "a training step at batch 128 of kan [784, 64, 10] bspline and of a same-parameter MLP"
 
 
 def speed_probe(device: str | torch.device = "cpu", repeats: int = 20) -> dict:
     """How fast this machine is now, by one fixed workload (:data:`PROBE_WORKLOAD`: median milliseconds of
-    each, timed alternately after warm-up; about a second once the features are compiled). ``bench run``
-    records it at the start and the end of every sweep call (``invocations.jsonl``) and the leaderboard's
-    header prints it, so that two wall times from different machines, or from one machine on a slow day,
-    can be compared. The global random state is left as it was."""
+    each, timed alternately after warm-up; about a second once the features are compiled) at torch's current
+    threads and features path (both recorded). ``bench run`` records it at the start and the end of every
+    local sweep call (``invocations.jsonl``; not counted in its wall time) and the leaderboard's header prints
+    it, so that wall times from different machines, or from one machine on a slow day, can be compared.
+    The random state of every device is left as it was."""
+    from bench.model.bases import features_path
+
     dev = torch.device(device)
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(0)
         x = torch.randn(128, 784, device=dev)
         y = torch.randint(0, 10, (128,), device=dev)
@@ -227,7 +231,7 @@ def speed_probe(device: str | torch.device = "cpu", repeats: int = 20) -> dict:
         t_kan, t_mlp = Timer(dev, warmup=5, repeats=repeats).compare(train_step(kan, x, y)[0],
                                                                       train_step(mlp, x, y)[0])
     return {"kan_ms": round(t_kan * 1e3, 2), "mlp_ms": round(t_mlp * 1e3, 2), "threads": torch.get_num_threads(),
-            "device": dev.type}
+            "device": dev.type, "features": features_path()}
 
 
 def run_perf(device: str = "auto", batch: int = 256, widths=(784, 64, 10), bases=None, repeats: int = 20,
