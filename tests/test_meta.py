@@ -51,6 +51,32 @@ def test_generated_source_equals_its_formula():
     assert not lrn.fc1.bias.detach().any() and not lrn.fc2.bias.detach().any()
 
 
+def test_generated_edges_are_laid_out_as_the_product_reads_them():
+    """A wide layer's generated edge tensor is written in the product matrix's layout (``[n+1, in, out]``
+    underneath), so a step reads the product matrix as a view of it; values, forward and gradients are those of
+    the plain formula ``learner(embedding)`` in (output, input) order."""
+    torch.manual_seed(0)
+    model = KAN([30, 16, 3], "bspline")
+    generated.generate_model(model, d=2, h=5, shared=False)
+    x = torch.randn(8, 30)
+    for _, layer in kan_layers(model):
+        src = layer.source
+        w = src.edge_tensor()
+        plain = src.learner(src.embedding).reshape(w.shape)
+        torch.testing.assert_close(w, plain)
+        as_product = plain.transpose(1, 2).permute(1, 2, 0).reshape(-1, w.shape[0])
+        torch.testing.assert_close(src.product_matrix(True), as_product)
+        if w.shape[0] >= src.WIDE_OUT:
+            assert w.transpose(1, 2).permute(1, 2, 0).reshape(-1, w.shape[0]).data_ptr() == w.data_ptr()
+    params = [p for _, layer in kan_layers(model) for p in layer.source.parameters()]
+    grads = torch.autograd.grad(model(x).square().sum(), params)
+    for _, layer in kan_layers(model):  # the same loss through the plain formula
+        src = layer.source
+        src.edge_tensor = lambda s=src: s.learner(s.embedding).reshape(s.shape)
+    for g, r in zip(grads, torch.autograd.grad(model(x).square().sum(), params)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
 def test_metakan_storage_hand_count_784_64_10_per_layer():
     model = KAN([784, 64, 10], "bspline")
     dense_total, dense_trainable = count_params(model)

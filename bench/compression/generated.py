@@ -64,6 +64,12 @@ class MetaLearner(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.relu(self.fc1(z)))
 
+    def columns(self, z: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` transposed, ``[out_dim, N]`` row-major: the second product as ``[out_dim, h] @
+        [h, N]``, the orientation the CPU's GEMM is fast with for a few outputs and many rows (measured,
+        N = 50,176, h = 32, 9 outputs, 2 threads: 0.42 ms against 1.76 ms for ``[N, h] @ [h, out_dim]``)."""
+        return torch.addmm(self.fc2.bias.unsqueeze(1), self.fc2.weight, F.relu(self.fc1(z)).t())
+
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -86,7 +92,19 @@ class GeneratedSource(EdgeSource):
         self.owns_learner, self.share_token = bool(owns_learner), share_token
 
     def edge_tensor(self) -> torch.Tensor:
-        return self.learner(self.embedding).reshape(self.out_features, self.in_features, self.edge_dim)
+        """The canonical ``[out, in, n+1]`` edge tensor, generated with its memory laid out as a wide layer's
+        product matrix (``[n+1, in, out]``, :meth:`EdgeSource.product_matrix`), as a dense layer keeps its
+        parameter (:class:`bench.model.sources.DenseSource`): the embeddings are put in (input, output) order
+        first (a copy ``d`` values wide) and the learner writes ``[n+1, in * out]`` directly
+        (:meth:`MetaLearner.columns`; a layer narrower than ``WIDE_OUT`` keeps the (output, input) order). A
+        training step then reads a wide layer's product matrix as a view instead of
+        copying the ``n+1`` times larger output each way; measured on a Fashion-MNIST ``kan [784, 64, 10]``
+        MetaKAN step (d = 1, h = 32, batch 128, 2 threads, alternated): 9.2 -> 8.3 ms and 13.6 -> 11.6 ms."""
+        o, i = self.out_features, self.in_features
+        if o < self.WIDE_OUT:  # a narrow layer reads its product matrix column-major: a small copy either way
+            return self.learner.columns(self.embedding).view(self.edge_dim, o, i).permute(1, 2, 0)
+        z = self.embedding.view(o, i, -1).transpose(0, 1).reshape(o * i, -1)  # rows in (input, output) order
+        return self.learner.columns(z).view(self.edge_dim, i, o).permute(2, 1, 0)
 
     def storage(self) -> list[StorageItem]:
         items = [float_item("embedding", self.embedding)]
