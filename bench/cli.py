@@ -324,8 +324,7 @@ def dry_run(sweep, out: Path, data_dir: Path | None = None, device: str = "auto"
         print(f"  {dataset:16s} {n:3d} x {what} ({n_epochs} epochs"
               + (", with its dense_ft control)" if what == "dense base model" else ")"))
     # timed where the runs would go: the GPU if the sweep may use one and there is one, else the CPU
-    where = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
-    report(estimate(plan, data_dir, where))
+    report(estimate(plan, data_dir, "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"))
     return 0
 
 

@@ -21,6 +21,10 @@ def git_sha() -> str:
         return "unknown"
 
 
+# What :func:`bench.run.perf.speed_probe` times; the report's header names it with the numbers.
+PROBE_WORKLOAD = "a training step at batch 128 of `kan [784, 64, 10]` bspline and of a same-parameter MLP"
+
+
 def log_invocation(out: Path, command: str, seconds: float, counts: dict, executor: str,
                    outcome: str = "finished", probe: dict | None = None) -> None:
     """Append this sweep call (command, wall time, machine, outcome, and the machine's speed probe at its

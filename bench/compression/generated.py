@@ -101,7 +101,7 @@ class GeneratedSource(EdgeSource):
         copying the ``n+1`` times larger output each way; measured on a Fashion-MNIST ``kan [784, 64, 10]``
         MetaKAN step (d = 1, h = 32, batch 128, 2 threads, alternated): 9.2 -> 8.3 ms and 13.6 -> 11.6 ms."""
         o, i = self.out_features, self.in_features
-        if o < self.WIDE_OUT:  # a narrow layer reads its product matrix column-major: a small copy either way
+        if not self.wide:  # a narrow layer reads its product matrix column-major: a small copy either way
             return self.learner.columns(self.embedding).view(self.edge_dim, o, i).permute(1, 2, 0)
         z = self.embedding.view(o, i, -1).transpose(0, 1).reshape(o * i, -1)  # rows in (input, output) order
         return self.learner.columns(z).view(self.edge_dim, i, o).permute(2, 1, 0)

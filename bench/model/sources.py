@@ -103,6 +103,11 @@ class EdgeSource(nn.Module):
     # 0.20 against 0.09 / 0.05 ms (K = 576); they meet between out = 12 and 16.
     WIDE_OUT = 16
 
+    @property
+    def wide(self) -> bool:
+        """Whether this layer's product matrix is row-major ``[K, out]`` (else column-major): :attr:`WIDE_OUT`."""
+        return self.out_features >= self.WIDE_OUT
+
     def product_matrix(self, basis_major: bool = False) -> torch.Tensor:
         """``edge_tensor()`` as the ``[K, out]`` right factor of :meth:`contract` (``K`` runs over ``(in,
         n+1)``, or ``(n+1, in)`` when ``basis_major``), kept at inference (:meth:`kept_at_inference`:
@@ -113,7 +118,7 @@ class EdgeSource(nn.Module):
         def build() -> torch.Tensor:
             w = self.edge_tensor()  # [out, in, n+1]
             m = w.transpose(1, 2) if basis_major else w  # [out, n+1, in] or [out, in, n+1]
-            if w.shape[0] >= self.WIDE_OUT:
+            if self.wide:
                 return m.permute(1, 2, 0).reshape(-1, w.shape[0])
             return m.reshape(w.shape[0], -1).t()
 
@@ -166,7 +171,7 @@ class DenseSource(EdgeSource):
         if init is not None:  # on a contiguous tensor: the same random draws as any layout before
             with torch.no_grad():
                 init(w)
-        if out_features >= self.WIDE_OUT:
+        if self.wide:
             memory = torch.empty(edge_dim, in_features, out_features).permute(2, 1, 0)
         else:
             memory = torch.empty(out_features, edge_dim, in_features).transpose(1, 2)

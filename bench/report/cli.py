@@ -6,6 +6,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
+from bench.provenance import PROBE_WORKLOAD
 from bench.run.results import read_results
 
 
@@ -92,8 +93,7 @@ def _probe_text(probe) -> str:
             parts.append(f"at the {when} not measured ({p.get('error', '?')})")
     if not parts:
         return ""
-    return ("Machine speed during that call (a training step at batch 128 of `kan [784, 64, 10]` bspline and of "
-            "a same-parameter MLP; `bench.run.perf.speed_probe`): " + "; ".join(parts))
+    return f"Machine speed during that call ({PROBE_WORKLOAD}; `bench.run.perf.speed_probe`): " + "; ".join(parts)
 
 
 def code_sha() -> str:

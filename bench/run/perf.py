@@ -208,15 +208,13 @@ def _compress(dense: nn.Module, method: str, hyper: dict, x: torch.Tensor, y: to
     return model.eval()
 
 
-PROBE_WORKLOAD = "a training step at batch 128 of kan [784, 64, 10] bspline and of a same-parameter MLP"
-
-
 def speed_probe(device: str | torch.device = "cpu", repeats: int = 20) -> dict:
-    """How fast this machine is now, by one fixed workload (:data:`PROBE_WORKLOAD`: median milliseconds of
-    each, timed alternately after warm-up; about a second once the features are compiled) at torch's current
-    threads and features path (both recorded). ``bench run`` records it at the start and the end of every
-    local sweep call (``invocations.jsonl``; not counted in its wall time) and the leaderboard's header prints
-    it, so that wall times from different machines, or from one machine on a slow day, can be compared.
+    """How fast this machine is now, by one fixed workload (:data:`bench.provenance.PROBE_WORKLOAD`: median
+    milliseconds of each, timed alternately after warm-up; about a second once the features are compiled)
+    at torch's current threads and features path (both recorded). ``bench run`` records it at the start and
+    the end of every local sweep call (``invocations.jsonl``; not counted in its wall time) and the
+    leaderboard's header prints it, so that wall times from different machines, or from one machine on a
+    slow day, can be compared.
     The random state of every device is left as it was."""
     from bench.model.bases import features_path
 
