@@ -189,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _probe(device: str, threads: int | None) -> dict:
     """The machine's speed now (:func:`bench.run.perf.speed_probe`) on the sweep's device and at the threads
-    its runs pin (``[train] threads``; torch's own count is restored after); a probe that cannot run, or is
-    interrupted, is recorded as such and never fails the call."""
+    its runs pin (``[train] threads``; torch's own count is restored after); a probe that cannot run is
+    recorded as such and never fails the call (an interrupt still stops it)."""
     import torch
 
     from bench.run.perf import speed_probe
@@ -201,7 +201,7 @@ def _probe(device: str, threads: int | None) -> dict:
         if threads:
             torch.set_num_threads(int(threads))
         return speed_probe(resolve_device(device))
-    except BaseException as exc:  # noqa: BLE001 - said in the record; a finished sweep's log is never lost
+    except Exception as exc:  # noqa: BLE001 - said in the record, the sweep goes on
         return {"error": f"{type(exc).__name__}: {str(exc)[:120]}", "threads": torch.get_num_threads(),
                 "device": str(device)}
     finally:
@@ -269,7 +269,10 @@ def cmd_run(args) -> int:
             raise
         took = time.perf_counter() - t0
         if probe:
-            probe["end"] = _probe(device, threads)
+            try:
+                probe["end"] = _probe(device, threads)
+            except KeyboardInterrupt:  # the sweep has finished: its log line and report are still written
+                probe["end"] = {"error": "interrupted", "device": str(device)}
         print(f"done in {took:.0f}s: {counts['ok']} ok, {counts['failed']} failed, {counts['diverged']} diverged, "
               + (f"{counts['infeasible']} infeasible, " if counts.get("infeasible") else "")
               + f"{counts['skipped_finished']} already finished "

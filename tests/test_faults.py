@@ -378,3 +378,16 @@ def test_invocations_log_keeps_every_call(tmp_path, capsys, monkeypatch):
     start = calls[1]["speed_probe"]["start"]
     assert f"at the start (cpu, {start['threads']} threads, {start['features']} features) KAN " \
            f"{start['kan_ms']:.2f} ms, MLP {start['mlp_ms']:.2f} ms" in board
+
+
+def test_an_interrupt_during_the_speed_probe_stops_the_call_before_any_run(tmp_path, monkeypatch):
+    """The machine speed probe never fails a call, but Ctrl-C during it stops the call as anywhere else."""
+    import bench.run.perf as perf
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(perf, "speed_probe", interrupted)
+    out = tmp_path / "res"
+    assert main(["run", *TINY, "--methods", "dense", "--seeds", "0", "--out", str(out)]) == 130
+    assert not (out / "rows").exists() or not list((out / "rows").glob("*.json"))
