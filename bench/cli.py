@@ -173,12 +173,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     gc = sub.add_parser("gpucheck", help="the prepared GPU check: device tests, perf, quick and conv sweeps on CUDA "
                                          "into one folder (--device cpu --smoke: the same, small, here)")
-    gc.add_argument("--out", required=True, metavar="DIR", help="a new folder for the results (at most 7 files)")
+    gc.add_argument("--out", required=True, metavar="DIR", help="a new folder for the results (at most 8 files)")
     gc.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     gc.add_argument("--smoke", action="store_true", help="every step small (a minute or two on 2 CPU cores)")
     gc.add_argument("--budget", type=float, default=480.0, help="wall-time budget in seconds (default 480)")
     gc.add_argument("--conv-epochs", dest="conv_epochs", type=int, default=15,
                     help="training epochs of the conv sweep's models (its CPU reference uses 5; default 15)")
+    gc.add_argument("--conv-finetune-epochs", dest="conv_finetune_epochs", type=int, default=3,
+                    help="fine-tune epochs of the conv sweep's control and methods (its CPU reference uses 1; "
+                         "default 3)")
     gc.add_argument("--data-dir", dest="data_dir", default="data", help="where Fashion-MNIST's files are")
     gc.add_argument("--work", metavar="DIR", help="where the sweeps' own folders go (default: a temporary folder)")
 

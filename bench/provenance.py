@@ -12,7 +12,10 @@ from pathlib import Path
 
 
 def git_sha() -> str:
-    """The short commit of this checkout ("unknown" outside a git checkout)."""
+    """The short commit of this checkout; ``BENCH_GIT_SHA`` where a copy of a clean checkout travelled without
+    its ``.git`` (a lent remote machine); else "unknown"."""
+    if os.environ.get("BENCH_GIT_SHA"):
+        return os.environ["BENCH_GIT_SHA"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
                              capture_output=True, text=True, timeout=5)

@@ -1,31 +1,42 @@
 """``python -m bench gpucheck``: the prepared GPU check, one command, everything under one folder.
 
-On a CUDA machine (``--device cuda``, the default) it runs, each step in a subprocess under what is left
-of a wall-time budget (``--budget``, default 480 s):
+On a CUDA machine (``--device cuda``, the default) it runs, within a wall-time budget (``--budget``,
+default 480 s), each step in its own process:
 
 1. ``env.txt``: ``nvidia-smi``, Python, torch, CUDA and cuDNN versions, the device's name;
-2. ``pytest.txt``: the device-sensitive tests with the device set to it (``BENCH_TEST_DEVICE``): the
-   generated method x basis x model tests, every source's export/reload round trip, every method on
-   imported models;
-3. ``perf.csv``: ``python -m bench perf --device D --fused`` (train step and inference against the MLP and
-   CNN, fused features on and off, compressed forms);
-4. ``quick_runs.csv``: the ``quick`` sweep on the device;
-5. ``conv_runs.csv``: as much of the ``conv`` sweep at a longer budget (``--conv-epochs``, one seed, the
-   codebook methods at MetaCluster's K = 256 among them) as the budget leaves, Fashion-MNIST's IDX
-   files read from ``--data-dir`` (carry ``data/`` to the machine); rows are kept as each run ends;
-6. ``summary.md``: each step's status and wall time, the pytest summary line, the numbers that matter.
+2. ``perf.csv``: ``python -m bench perf --device D --fused --anchors`` (train step and inference against the
+   MLP and CNN, compiled features against eager, compressed forms, flashkan and inkan where installed),
+   first and alone: its timings need an otherwise idle machine (at most a third of the budget);
+3. then at once, sharing the device (a KAN this small leaves a GPU mostly idle, so running side by side
+   gets more of the budget; their own rows' seconds are therefore not timings):
+
+   - ``pytest.txt``: the device-sensitive tests with the device set to it (``BENCH_TEST_DEVICE``): the
+     generated method x basis x model tests, every source's export/reload round trip, every method on
+     imported models (on pytest-xdist workers where it is installed and the machine has the cores);
+   - ``quick_runs.csv``: the ``quick`` sweep on the device;
+   - ``conv_runs.csv``: the ``conv`` sweep at a longer budget (``--conv-epochs``, ``--conv-finetune-epochs``,
+     one seed, the codebook methods at MetaCluster's K = 256 among the methods), one process per basis,
+     Fashion-MNIST's IDX files read from ``--data-dir``;
+
+   at the deadline each is stopped as Ctrl-C would stop it, so every finished row and each sweep's log line
+   (``invocations.jsonl``, outcome ``interrupted``) are kept;
+4. ``invocations.jsonl``: the sweep calls' log lines (what ``bench report`` prints in a leaderboard's
+   header); ``summary.md``: each step's status and wall time, the pytest summary line, the perf ratios;
+   ``gpucheck.log``: every step's output.
 
 ``--device cpu --smoke`` runs every step small (a minute or two on 2 cores): the check is tested here
 before any GPU time is spent. The sweeps' own folders go to ``--work`` (default: a temporary folder), so
-``--out`` holds at most seven files.
+``--out`` holds at most eight files (what a remote machine hands back).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,6 +48,11 @@ from bench.errors import UserError
 DEVICE_TESTS = ["tests/test_methods.py", "tests/test_registries.py::test_source_round_trips_and_file_is_counted_bits",
                 "tests/test_interop_methods.py"]
 SMOKE_FILTER = "(bspline and kan and not convkan) or source_round_trips or (fastkan and quantize)"
+CONV_METHODS = "dense,dense_ft,metacluster(K=256),kmeans(K=256),quantize(bits=4)"
+CONV_BASES = ("bspline", "rbf", "gram")
+FILES = ("env.txt", "perf.csv", "pytest.txt", "quick_runs.csv", "conv_runs.csv", "invocations.jsonl", "summary.md",
+         "gpucheck.log")
+GRACE = 20.0  # seconds a stopped step has to write its log line before it is killed
 
 
 def _versions(device: str) -> str:
@@ -45,7 +61,7 @@ def _versions(device: str) -> str:
     lines = [f"python {platform.python_version()} on {platform.machine()} {platform.platform()}",
              f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN "
              f"{torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}",
-             f"device asked: {device}; CUDA available: {torch.cuda.is_available()}"]
+             f"device asked: {device}; CUDA available: {torch.cuda.is_available()}; CPUs: {os.cpu_count()}"]
     if torch.cuda.is_available():
         lines.append(f"GPU: {torch.cuda.get_device_name(0)}, "
                      f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB")
@@ -56,51 +72,76 @@ def _versions(device: str) -> str:
 
 
 class Steps:
-    """Runs each step in a subprocess under the budget left, logging to ``gpucheck.log``."""
+    """Starts each step as a process, stops what is still running at the deadline, logs to ``gpucheck.log``."""
 
-    def __init__(self, out: Path, budget: float, env: dict):
-        self.out, self.deadline, self.env = out, time.monotonic() + budget, env
+    def __init__(self, out: Path, work: Path, budget: float, env: dict):
+        self.out, self.work, self.env = out, work, env
+        self.deadline = time.monotonic() + budget
         self.status: list[dict] = []
-        self.log = open(out / "gpucheck.log", "a")
+        self.running: list[tuple[str, subprocess.Popen, Path, float]] = []
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def run(self, name: str, cmd: list[str], reserve: float = 0.0,
-            env: dict | None = None) -> subprocess.CompletedProcess | None:
-        limit = self.left() - reserve
-        if limit < 10:
+    def start(self, name: str, cmd: list[str]) -> None:
+        if self.left() < GRACE + 10:
             self.status.append({"step": name, "status": "skipped (budget spent)", "seconds": 0.0})
-            return None
-        t0 = time.monotonic()
-        self.log.write(f"\n$ {' '.join(cmd)}   (limit {limit:.0f} s)\n")
-        self.log.flush()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, env={**self.env, **(env or {})})
-            status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
-        except subprocess.TimeoutExpired as exc:
-            proc = subprocess.CompletedProcess(cmd, 124, exc.stdout or "", exc.stderr or "")
-            proc.stdout = proc.stdout.decode() if isinstance(proc.stdout, bytes) else proc.stdout
-            proc.stderr = proc.stderr.decode() if isinstance(proc.stderr, bytes) else proc.stderr
-            status = "timed out (partial results kept)"
-        self.log.write((proc.stdout or "")[-20000:] + (proc.stderr or "")[-20000:])
-        self.log.flush()
-        self.status.append({"step": name, "status": status, "seconds": round(time.monotonic() - t0, 1)})
-        return proc
+            return
+        log = self.work / f"{name.replace(' ', '_')}.log"
+        with open(log, "w") as fh:
+            fh.write(f"$ {' '.join(cmd)}\n")
+            fh.flush()
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env)
+        self.running.append((name, proc, log, time.monotonic()))
+
+    def wait(self, until: float | None = None) -> dict[str, str]:
+        """Waits for every running step, stopping (SIGINT, then a kill after ``GRACE`` s) whatever is still
+        running at ``until`` (default: the deadline less the grace); returns each step's output."""
+        until = self.deadline - GRACE if until is None else until
+        outputs = {}
+        for name, proc, log, t0 in self.running:
+            status = None
+            try:
+                proc.wait(timeout=max(0.0, until - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGINT)  # as Ctrl-C: a sweep keeps its rows and writes its log line
+                status = "stopped at the budget (partial results kept)"
+                try:
+                    proc.wait(timeout=GRACE)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            status = status or ("ok" if proc.returncode == 0 else f"exit {proc.returncode}")
+            self.status.append({"step": name, "status": status, "seconds": round(time.monotonic() - t0, 1)})
+            outputs[name] = log.read_text(errors="replace")
+        self.running = []
+        with open(self.out / "gpucheck.log", "a") as fh:
+            for text in outputs.values():
+                fh.write(f"\n{text[-20000:]}\n")
+        return outputs
 
 
-def _copy_runs(folder: Path, dest: Path) -> int:
-    """The rows finished so far (``runs.csv``, or the row files of a cut-short sweep) into ``dest``."""
+def _copy_runs(folders: list[Path], dest: Path) -> int:
+    """The rows finished so far in ``folders`` (``runs.csv``, or the row files of a stopped sweep) into one
+    CSV at ``dest``."""
     import pandas as pd
 
-    if (folder / "runs.csv").is_file():
-        shutil.copy(folder / "runs.csv", dest)
-        return len(pd.read_csv(dest))
-    rows = [json.loads(p.read_text()) for p in sorted((folder / "rows").glob("*.json"))] if (folder / "rows").is_dir() \
-        else []
-    if rows:
-        pd.DataFrame(rows).to_csv(dest, index=False)
-    return len(rows)
+    frames = []
+    for folder in folders:
+        if (folder / "runs.csv").is_file():
+            frames.append(pd.read_csv(folder / "runs.csv"))
+        elif (folder / "rows").is_dir():
+            rows = [json.loads(p.read_text()) for p in sorted((folder / "rows").glob("*.json"))]
+            frames += [pd.DataFrame(rows)] if rows else []
+    if frames:
+        pd.concat(frames, ignore_index=True).to_csv(dest, index=False)
+    return sum(len(f) for f in frames)
+
+
+def _test_workers() -> list[str]:
+    """``-n N`` where pytest-xdist is installed and the machine has cores to spare (none on 2 cores)."""
+    cpus = os.cpu_count() or 1
+    return ["-n", str(min(8, cpus // 4))] if cpus >= 8 and importlib.util.find_spec("xdist") else []
 
 
 def main(args) -> int:
@@ -113,49 +154,59 @@ def main(args) -> int:
         raise UserError("gpucheck --device cuda needs a CUDA GPU; on this machine run --device cpu --smoke")
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpucheck-"))
+    work.mkdir(parents=True, exist_ok=True)
     py, dev, smoke = sys.executable, args.device, args.smoke
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "BENCH_TEST_DEVICE": dev}
-    steps = Steps(out, args.budget, env)
+    steps = Steps(out, work, args.budget, env)
     (out / "env.txt").write_text(_versions(dev))
 
-    pytest_cmd = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *DEVICE_TESTS]
-    if smoke:
-        pytest_cmd += ["-k", SMOKE_FILTER]
-    proc = steps.run("device tests", pytest_cmd, reserve=0.55 * steps.left())
-    summary_line = ""
-    if proc is not None:
-        text = (proc.stdout or "") + (proc.stderr or "")
-        (out / "pytest.txt").write_text(text[-60000:])
-        summary_line = next((ln for ln in reversed(text.splitlines()) if " passed" in ln or " failed" in ln), "")
-
-    perf = [py, "-m", "bench", "perf", "--device", dev, "--out", str(out / "perf.csv"), "--fused"]
+    # 1. perf, alone
+    perf = [py, "-m", "bench", "perf", "--device", dev, "--out", str(out / "perf.csv"), "--fused", "--anchors"]
     if smoke:
         perf += ["--bases", "bspline", "--repeats", "3", "--conv-channels", "4,8", "--conv-batch", "8", "--batch", "64"]
-    steps.run("perf", perf, reserve=0.5 * steps.left())
+    steps.start("perf", perf)
+    steps.wait(until=time.monotonic() + args.budget / 3)
 
-    quick = [py, "-m", "bench", "run", "--sweep", "quick", "--device", dev, "--out", str(work / "quick"), "--quiet",
-             "--no-report", "--data-dir", args.data_dir]
+    # 2. tests and sweeps side by side
+    tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *_test_workers(), *DEVICE_TESTS]
+    if smoke:
+        tests += ["-k", SMOKE_FILTER]
+    steps.start("device tests", tests)
+    sweep = [py, "-m", "bench", "run", "--device", dev, "--quiet", "--no-report", "--data-dir", args.data_dir]
+    quick = [*sweep, "--sweep", "quick", "--out", str(work / "quick")]
     if smoke:
         quick += ["--datasets", "digits", "--methods", "dense,dense_ft,quantize,kmeans", "--epochs", "2"]
-    steps.run("quick sweep", quick, reserve=0.4 * steps.left())
-    n_quick = _copy_runs(work / "quick", out / "quick_runs.csv")
+    steps.start("quick sweep", quick)
+    conv_dirs = []
+    for basis in CONV_BASES[:1] if smoke else CONV_BASES:
+        conv_dirs.append(work / f"conv_{basis}")
+        conv = [*sweep, "--sweep", "conv", "--out", str(conv_dirs[-1]), "--seeds", "0", "--bases", basis,
+                "--epochs", str(args.conv_epochs), "--finetune-epochs", str(args.conv_finetune_epochs),
+                "--methods", CONV_METHODS]
+        if smoke:
+            conv += ["--datasets", "digits", "--epochs", "1", "--finetune-epochs", "1",
+                     "--methods", "dense,dense_ft,kmeans(K=16)"]
+        steps.start(f"conv sweep {basis}", conv)
+    outputs = steps.wait()
 
-    conv = [py, "-m", "bench", "run", "--sweep", "conv", "--device", dev, "--out", str(work / "conv"), "--quiet",
-            "--no-report", "--data-dir", args.data_dir, "--seeds", "0", "--epochs", str(args.conv_epochs),
-            "--methods", "dense,dense_ft,metacluster(K=256),kmeans(K=256),quantize(bits=4)"]
-    if smoke:
-        conv += ["--datasets", "digits", "--bases", "bspline", "--epochs", "1", "--finetune-epochs", "1",
-                 "--methods", "dense,dense_ft,kmeans(K=16)"]
-    steps.run("conv sweep (longer budget)", conv, reserve=5)
-    n_conv = _copy_runs(work / "conv", out / "conv_runs.csv")
+    text = outputs.get("device tests", "")
+    (out / "pytest.txt").write_text(text[-60000:])
+    summary_line = next((ln for ln in reversed(text.splitlines()) if " passed" in ln or " failed" in ln), "")
+    n_quick = _copy_runs([work / "quick"], out / "quick_runs.csv")
+    n_conv = _copy_runs(conv_dirs, out / "conv_runs.csv")
+    calls = [line for folder in [work / "quick", *conv_dirs] if (folder / "invocations.jsonl").is_file()
+             for line in (folder / "invocations.jsonl").read_text().splitlines() if line.strip()]
+    (out / "invocations.jsonl").write_text("".join(f"{line}\n" for line in calls))
 
     lines = [f"# GPU check ({'smoke, ' if smoke else ''}device {dev})", "",
              f"- command: `python -m bench gpucheck {' '.join(sys.argv[2:])}`",
              f"- {(out / 'env.txt').read_text().splitlines()[1]}", f"- tests: {summary_line or 'no summary line'}",
-             f"- quick sweep rows: {n_quick}; conv sweep rows: {n_conv} "
-             f"(conv epochs {1 if smoke else args.conv_epochs})", "",
+             f"- quick sweep rows: {n_quick}; conv sweep rows: {n_conv} (conv epochs "
+             f"{1 if smoke else args.conv_epochs}, fine-tune {1 if smoke else args.conv_finetune_epochs}; tests "
+             "and sweeps ran side by side after perf, so their rows' seconds are not timings)", "",
              "| step | status | seconds |", "|---|---|---|"]
     lines += [f"| {s['step']} | {s['status']} | {s['seconds']} |" for s in steps.status]
+    head = len(lines)
     if (out / "perf.csv").is_file():
         import pandas as pd
 
@@ -164,9 +215,6 @@ def main(args) -> int:
                   "|---|---|---|---|"]
         lines += [f"| {r.kind} | {r.basis} | {r.subject} | {r.ratio:.2f} |" for r in df.itertuples()]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    steps.log.close()
-    print("\n".join(lines[: lines.index("## perf (ratio = value / reference)") - 1] if "## perf (ratio = value / "
-                     "reference)" in lines else lines))
-    print(f"wrote {out}/ (env.txt, pytest.txt, perf.csv, quick_runs.csv, conv_runs.csv, summary.md, gpucheck.log)")
-    bad = [s for s in steps.status if s["status"] not in ("ok",)]
-    return 1 if bad else 0
+    print("\n".join(lines[:head]))
+    print(f"wrote {out}/ ({', '.join(name for name in FILES if (out / name).is_file())})")
+    return 1 if any(s["status"] != "ok" for s in steps.status) else 0
