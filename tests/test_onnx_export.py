@@ -203,3 +203,36 @@ def test_small_dtype_tensors_are_written_at_16_bits(tmp_path, dtype):
     types = {t.name.rsplit("_", 1)[0]: t.data_type for t in onnx.load(str(tmp_path / "s.onnx")).graph.initializer}
     want = onnx.TensorProto.FLOAT16 if dtype == "float16" else onnx.TensorProto.BFLOAT16
     assert types["bias"] == types["ln_w"] == want
+
+
+def test_files_are_stamped_with_the_oldest_ir_version_their_opset_needs(tmp_path):
+    """onnx 1.23 stamps IR 14 by default, which onnxruntime 1.30 refuses to load ("Unsupported model IR
+    version"): every test_methods ONNX check failed on a GPU machine with that pair. A file needs only the
+    IR version of its opset (opset 21: IR 10), the one the widest range of runtimes loads."""
+    import onnx
+
+    from bench.deploy.onnx_export import OPSET
+
+    model = _quantised(4, "node", True, "float32")
+    export_onnx(model, tmp_path / "m.onnx")
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert [(o.domain, o.version) for o in proto.opset_import] == [("", OPSET)]
+    assert proto.ir_version == onnx.helper.find_min_ir_version_for(list(proto.opset_import)) == 10
+    assert check_onnx(model, tmp_path / "m.onnx", torch.randn(16, 12)) <= 1e-5
+
+
+def test_a_runtime_failure_is_recorded_with_its_reason_not_only_its_path(tmp_path, monkeypatch):
+    """onnxruntime's message starts with the file's path and its own source location and ends with the
+    reason; a row's onnx_error keeps the reason (it once kept only the first 200 characters)."""
+    import bench.deploy.onnx_export as ox
+
+    reason = "Unsupported model IR version: 14, max supported IR version: 11"
+
+    def refuse(model, path, x):
+        raise RuntimeError(f"[ONNXRuntimeError] : 1 : FAIL : Load model from {tmp_path}/{'d' * 200}.onnx failed:"
+                           f"/onnxruntime_src/onnxruntime/core/graph/model.cc:202 onnxruntime::Model::Model("
+                           f"onnx::ModelProto&&, const PathString&, ...) {reason}")
+
+    monkeypatch.setattr(ox, "check_onnx", refuse)
+    row = onnx_row(_kan(), tmp_path / "m.onnx", torch.randn(8, 12))
+    assert row["onnx_bytes"] is None and row["onnx_error"].endswith(reason) and len(row["onnx_error"]) < 450

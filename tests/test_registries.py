@@ -197,3 +197,13 @@ def test_model_kind_builds_refuses_and_rebuilds(name):
         assert "\n" not in why
         with pytest.raises(UserError):
             kind.build(kind.options({}), table, "rbf", None)
+
+
+@pytest.mark.parametrize("name", ["MaskedSource", "FakeQuantSource", "LoTRASource"])  # the three CUDA failures
+def test_a_source_made_from_cpu_tensors_lands_on_its_layers_device(name):
+    """Found on a GPU machine: a pruning index, a quantiser's clip and LoTRA's random factors built on the CPU
+    stayed there inside a CUDA model (index_copy then refused). ``set_source`` puts a source where its layer
+    is; checked here with PyTorch's meta device standing in for a device other than the CPU."""
+    model = KAN([6, 5, 3], basis="rbf").to("meta")
+    EXAMPLES[name](model)
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}

@@ -165,8 +165,11 @@ class Graph:
 
     def model(self, inputs, outputs, doc: str):
         graph = self.helper.make_graph(self.nodes, "kan", inputs, outputs, self.inits)
-        return self.helper.make_model(graph, opset_imports=[self.helper.make_opsetid("", OPSET)],
-                                      producer_name="kan-compression-bench", doc_string=doc)
+        # stamped with the oldest IR version its opset needs, not the installed onnx's newest: onnx 1.23 writes
+        # IR 14 by default, which onnxruntime 1.30 refuses to load (found on a GPU machine with those two)
+        opsets = [self.helper.make_opsetid("", OPSET)]
+        return self.helper.make_model(graph, opset_imports=opsets, ir_version=self.helper.find_min_ir_version_for(
+            opsets), producer_name="kan-compression-bench", doc_string=doc)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -634,6 +637,8 @@ def onnx_row(model: nn.Module, path: str | Path, x: torch.Tensor) -> dict:
     except ImportError as exc:
         return {"onnx_bytes": None, "onnx_max_diff": None, "onnx_error": f"onnx/onnxruntime not installed ({exc})"}
     except Exception as exc:  # noqa: BLE001 - an export that cannot be made is recorded with its reason
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = (str(exc).strip().splitlines() or [""])[0]
+        if len(first) > 400:  # onnxruntime puts the file's path and its source location first, the reason last
+            first = f"{first[:150]} ... {first[-250:]}"
         return {"onnx_bytes": None, "onnx_max_diff": None, "onnx_error": f"{type(exc).__name__}: {first}"}
     return {"onnx_bytes": export.bytes, "onnx_max_diff": diff, "onnx_error": None}

@@ -87,7 +87,10 @@ class KANLayer(nn.Module):
         if tuple(source.shape) != (self.out_features, self.in_features, self.edge_dim):
             raise ValueError(f"source shape {tuple(source.shape)} does not match layer "
                              f"{(self.out_features, self.in_features, self.edge_dim)}")
-        self.source = source
+        # the layer's device (its current source, basis, bias): a source built from CPU tensors for a CUDA
+        # model (indices, a clip, random factors) lands where the rest of the model is
+        here = next((t.device for t in (*self.parameters(), *self.buffers())), None)
+        self.source = source if here is None else source.to(here)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, in] -> [B, in, n_basis + 1]``: the basis values, then silu(x), fused by torch.compile
