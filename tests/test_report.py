@@ -519,3 +519,17 @@ def test_the_figure_flags_a_method_tried_at_one_operating_point(tmp_path):
     write_report(rows_to_frame(one_foo), tmp_path, title="t")  # the interactive page's legend too
     page = (tmp_path / "index.html").read_text()
     assert "foo (one operating point)" in page and "bar (one operating point)" not in page
+
+
+def test_header_names_the_versions_the_rows_were_made_with_not_the_renderers():
+    """Results made on a GPU machine (Python 3.12, torch 2.11) and rendered here once printed this machine's
+    Python and torch as theirs."""
+    import pandas as pd
+
+    from bench.report.cli import provenance_lines
+
+    rows = pd.DataFrame({"host": ["gpu-box", "gpu-box"], "device": ["cuda", "cuda"], "python": ["3.12.3", "3.12.3"],
+                         "torch_version": ["2.11.0+cu130", "2.11.0+cu130"], "git_sha": ["5da63c7", "5da63c7"]})
+    assert provenance_lines(rows) == ["Machine: hosts: gpu-box | devices: cuda",
+                                      "Versions: python 3.12.3, torch 2.11.0+cu130 | git: 5da63c7"]
+    assert provenance_lines(rows[["host"]])[1] == "Versions: python ?, torch ? | git: ?"  # old rows say nothing

@@ -3,7 +3,6 @@ and the sweep calls to the header. Loads no plugin: the rows carry what the repo
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 from bench.provenance import PROBE_WORKLOAD
@@ -11,18 +10,16 @@ from bench.run.results import read_results
 
 
 def provenance_lines(df, command: str | None = None) -> list[str]:
-    import torch
+    """Where the rows were made, read from the rows themselves (each carries its host, device, Python, torch
+    and commit): a report rendered on another machine than the runs' (results from a GPU machine rendered
+    on a laptop) names the runs' versions, not its own."""
 
-    lines = []
-    if command:
-        lines.append(f"Command: `{command}`")
-    hosts = sorted(set(df["host"].dropna().astype(str))) if "host" in df else []
-    devices = sorted(set(df["device"].dropna().astype(str))) if "device" in df else []
-    shas = sorted(set(df["git_sha"].dropna().astype(str))) if "git_sha" in df else []
-    lines.append(f"Machine: {platform.machine()} {platform.processor() or ''} | hosts: {', '.join(hosts) or '?'} | "
-                 f"devices: {', '.join(devices) or '?'}")
-    lines.append(f"Versions: python {platform.python_version()}, torch {torch.__version__} | "
-                 f"git: {', '.join(shas) or '?'}")
+    def values(column: str) -> str:
+        return ", ".join(sorted(set(df[column].dropna().astype(str)))) or "?" if column in df else "?"
+
+    lines = [f"Command: `{command}`"] if command else []
+    lines.append(f"Machine: hosts: {values('host')} | devices: {values('device')}")
+    lines.append(f"Versions: python {values('python')}, torch {values('torch_version')} | git: {values('git_sha')}")
     return lines
 
 
