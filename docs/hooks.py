@@ -74,7 +74,9 @@ def on_files(files, config):
         files.append(File.generated(config, f"methods/{name}.md", content=_method_page(name, cls)))
     files.append(File.generated(config, "methods/index.md", content="\n".join(index) + "\n"))
     for path in sorted((ROOT / "reports").rglob("*")):
-        if path.is_file() and path.suffix in REPORT_SUFFIXES:
+        # a report folder's README.md is for someone browsing the repository (a site would make it the
+        # folder's index.html, over the report's interactive page); the docs pages say the same
+        if path.is_file() and path.suffix in REPORT_SUFFIXES and path.name != "README.md":
             uri = path.relative_to(ROOT).as_posix()
             files.append(File.generated(config, uri, abs_src_path=str(path)))
     return files
