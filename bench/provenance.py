@@ -12,16 +12,15 @@ from pathlib import Path
 
 
 def git_sha() -> str:
-    """The short commit of this checkout; ``BENCH_GIT_SHA`` where a copy of a clean checkout travelled without
-    its ``.git`` (a lent remote machine); else "unknown"."""
-    if os.environ.get("BENCH_GIT_SHA"):
-        return os.environ["BENCH_GIT_SHA"]
+    """The short commit of this checkout; outside a git checkout, ``BENCH_GIT_SHA`` (a copy of a clean
+    checkout that travelled without its ``.git``, e.g. to a lent GPU machine), else "unknown"."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
                              capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
+        sha = out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        sha = ""
+    return sha or os.environ.get("BENCH_GIT_SHA") or "unknown"
 
 
 # What :func:`bench.run.perf.speed_probe` times; the report's header names it with the numbers.

@@ -30,7 +30,7 @@ from torch import nn
 
 from bench.config import positive
 from bench.errors import Infeasible, UserError
-from bench.model.kan import kan_layers, to_layer_device
+from bench.model.kan import kan_layers
 from bench.model.kinds import kind_of
 from bench.model.sources import CodebookSource, EdgeSource, StorageItem, gather_rows, index_bits, register_source
 
@@ -202,7 +202,7 @@ def cluster_model(model: nn.Module, k: int, scope: str = "layer", n_init: int = 
             else:  # a pruned layer: a codebook of its survivors, the pattern kept
                 src = MaskedCodebookSource(layer.out_features, layer.in_features, torch.from_numpy(cent),
                                            torch.from_numpy(labels), flat)
-            layer.set_source(to_layer_device(src, layer))
+            layer.set_source(src)
             info["k_used"][name], info["inertia"][name], info["index_bits"][name] = k_used, inertia, index_bits(k_used)
         if pruned:
             info["kept_edges"] = {name: int(v.shape[0]) for (name, _), v in zip(layers, vecs)}
@@ -226,7 +226,7 @@ def cluster_model(model: nn.Module, k: int, scope: str = "layer", n_init: int = 
         idx = torch.from_numpy(labels[start:start + n]).reshape(layer.out_features, layer.in_features)
         start += n
         src = SharedCodebookSource(shared, idx, owns_centroids=j == 0, share_token=token)
-        layer.set_source(to_layer_device(src, layer))
+        layer.set_source(src)
         if j == 0:
             shared = src.centroids  # moved to the layer's device once; later layers reuse it
     info.update(k_used=k_used, inertia=inertia, index_bits=index_bits(k_used))

@@ -37,7 +37,7 @@ from torch import nn
 
 from bench.config import positive
 from bench.errors import UserError
-from bench.model.kan import kan_layers, to_layer_device
+from bench.model.kan import kan_layers
 from bench.model.kinds import kind_of
 from bench.model.sources import EdgeSource, StorageItem, float_item, register_source
 
@@ -158,7 +158,7 @@ def generate_model(model: nn.Module, d: int, h: int, shared: bool) -> dict:
         learner = shared_learner if shared else MetaLearner(d, h, layer.edge_dim)
         src = GeneratedSource(layer.out_features, layer.in_features, layer.edge_dim, learner,
                               owns_learner=(not shared) or j == 0, share_token=token)
-        layer.set_source(to_layer_device(src, layer))
+        layer.set_source(src)
         emb += src.embedding.numel()
     return {"embedding_params": emb, "learner_params": meta_learner_params(model)}
 

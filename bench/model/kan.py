@@ -356,12 +356,6 @@ class ConvKAN(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
-def to_layer_device(src: EdgeSource, layer: KANLayer) -> EdgeSource:
-    """``src`` moved to the device of ``layer``'s tensors (before ``layer.set_source(src)``)."""
-    dev = next((t.device for t in layer.parameters()), None) or next((t.device for t in layer.buffers()), None)
-    return src.to(dev) if dev is not None else src
-
-
 def kan_layers(model: nn.Module) -> list[tuple[str, KANLayer]]:
     """Every KAN layer of a model with its qualified name, in forward order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, KANLayer)]

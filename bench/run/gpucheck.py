@@ -40,6 +40,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -72,18 +73,21 @@ def _versions(device: str) -> str:
 
 
 class Steps:
-    """Starts each step as a process, stops what is still running at the deadline, logs to ``gpucheck.log``."""
+    """Starts each step as a process in its own session, stops what is still running at a deadline (all of
+    them at once, as Ctrl-C stops a terminal's programs), logs to ``gpucheck.log``."""
 
     def __init__(self, out: Path, work: Path, budget: float, env: dict):
         self.out, self.work, self.env = out, work, env
         self.deadline = time.monotonic() + budget
         self.status: list[dict] = []
-        self.running: list[tuple[str, subprocess.Popen, Path, float]] = []
+        self.running: list[dict] = []
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def start(self, name: str, cmd: list[str]) -> None:
+    def start(self, name: str, cmd: list[str], keeps_partial: bool = True) -> None:
+        """``keeps_partial``: whether the step keeps what it finished when stopped (a sweep keeps its rows;
+        ``bench perf`` writes its table only at the end)."""
         if self.left() < GRACE + 10:
             self.status.append({"step": name, "status": "skipped (budget spent)", "seconds": 0.0})
             return
@@ -91,34 +95,69 @@ class Steps:
         with open(log, "w") as fh:
             fh.write(f"$ {' '.join(cmd)}\n")
             fh.flush()
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env)
-        self.running.append((name, proc, log, time.monotonic()))
+            # its own session (a process group with the step's children: pytest-xdist and compile workers), and
+            # Ctrl-C restored in case this check was started with SIGINT ignored (a background job)
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        step = {"name": name, "proc": proc, "log": log, "t0": time.monotonic(), "end": None, "stopped": False,
+                "keeps_partial": keeps_partial}
+        self.running.append(step)
+
+        def note_exit():  # the step's own run time, whenever the check looks next
+            proc.wait()
+            step["end"] = time.monotonic()
+
+        threading.Thread(target=note_exit, daemon=True).start()
+
+    def _poll(self) -> bool:
+        """True while any step still runs."""
+        return any(step["end"] is None for step in self.running)
+
+    def _signal(self, sig: int) -> None:
+        for step in self.running:
+            if step["end"] is None:
+                step["stopped"] = True
+                try:
+                    os.killpg(step["proc"].pid, sig)
+                except ProcessLookupError:
+                    pass
 
     def wait(self, until: float | None = None) -> dict[str, str]:
-        """Waits for every running step, stopping (SIGINT, then a kill after ``GRACE`` s) whatever is still
-        running at ``until`` (default: the deadline less the grace); returns each step's output."""
+        """Waits for every running step; at ``until`` (default: the deadline less the grace) sends SIGINT to
+        every step still running, and after ``GRACE`` s kills what is left. Returns each step's output."""
         until = self.deadline - GRACE if until is None else until
+        while self._poll() and time.monotonic() < until:
+            time.sleep(0.2)
+        if self._poll():
+            self._signal(signal.SIGINT)  # as Ctrl-C: a sweep keeps its rows and writes its log line
+            grace_end = time.monotonic() + GRACE
+            while self._poll() and time.monotonic() < grace_end:
+                time.sleep(0.2)
+            self._signal(signal.SIGKILL)
+            while self._poll():
+                time.sleep(0.05)
         outputs = {}
-        for name, proc, log, t0 in self.running:
-            status = None
-            try:
-                proc.wait(timeout=max(0.0, until - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGINT)  # as Ctrl-C: a sweep keeps its rows and writes its log line
-                status = "stopped at the budget (partial results kept)"
-                try:
-                    proc.wait(timeout=GRACE)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            status = status or ("ok" if proc.returncode == 0 else f"exit {proc.returncode}")
-            self.status.append({"step": name, "status": status, "seconds": round(time.monotonic() - t0, 1)})
-            outputs[name] = log.read_text(errors="replace")
+        for step in self.running:
+            if step["stopped"]:
+                status = "stopped at the budget" + (" (partial results kept)" if step["keeps_partial"]
+                                                    else " (nothing kept)")
+            else:
+                status = "ok" if step["proc"].returncode == 0 else f"exit {step['proc'].returncode}"
+            self.status.append({"step": step["name"], "status": status,
+                                "seconds": round(step["end"] - step["t0"], 1)})
+            outputs[step["name"]] = step["log"].read_text(errors="replace")
         self.running = []
         with open(self.out / "gpucheck.log", "a") as fh:
             for text in outputs.values():
                 fh.write(f"\n{text[-20000:]}\n")
         return outputs
+
+    def stop_all(self) -> None:
+        """Ends every step still running at once (an error or Ctrl-C in the check itself)."""
+        if self._poll():
+            self._signal(signal.SIGKILL)
+            while self._poll():
+                time.sleep(0.05)
 
 
 def _copy_runs(folders: list[Path], dest: Path) -> int:
@@ -144,6 +183,36 @@ def _test_workers() -> list[str]:
     return ["-n", str(min(8, cpus // 4))] if cpus >= 8 and importlib.util.find_spec("xdist") else []
 
 
+def _run_steps(steps: Steps, args, py: str, work: Path) -> tuple[dict[str, str], list[Path]]:
+    """perf alone, then the tests and the sweeps side by side; returns each step's output and the conv
+    sweeps' folders."""
+    dev, smoke = args.device, args.smoke
+    perf = [py, "-m", "bench", "perf", "--device", dev, "--out", str(Path(args.out) / "perf.csv"), "--fused",
+            "--anchors"]
+    if smoke:
+        perf += ["--bases", "bspline", "--repeats", "3", "--conv-channels", "4,8", "--conv-batch", "8", "--batch", "64"]
+    steps.start("perf", perf, keeps_partial=False)  # it writes its table at the end
+    steps.wait(until=time.monotonic() + args.budget / 3)
+
+    tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *_test_workers(), *DEVICE_TESTS]
+    steps.start("device tests", tests + (["-k", SMOKE_FILTER] if smoke else []))
+    sweep = [py, "-m", "bench", "run", "--device", dev, "--quiet", "--no-report", "--data-dir", args.data_dir]
+    quick = ["--datasets", "digits", "--methods", "dense,dense_ft,quantize,kmeans", "--epochs", "2"] if smoke else []
+    steps.start("quick sweep", [*sweep, "--sweep", "quick", "--out", str(work / "quick"), *quick])
+    if smoke:
+        budget = ["--datasets", "digits", "--epochs", "1", "--finetune-epochs", "1", "--methods",
+                  "dense,dense_ft,kmeans(K=16)"]
+    else:
+        budget = ["--epochs", str(args.conv_epochs), "--finetune-epochs", str(args.conv_finetune_epochs),
+                  "--methods", CONV_METHODS]
+    conv_dirs = []
+    for basis in CONV_BASES[:1] if smoke else CONV_BASES:
+        conv_dirs.append(work / f"conv_{basis}")
+        steps.start(f"conv sweep {basis}", [*sweep, "--sweep", "conv", "--out", str(conv_dirs[-1]), "--seeds", "0",
+                                            "--bases", basis, *budget])
+    return steps.wait(), conv_dirs
+
+
 def main(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -152,42 +221,19 @@ def main(args) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("gpucheck --device cuda needs a CUDA GPU; on this machine run --device cpu --smoke")
-    out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="gpucheck-"))
+    if work.exists() and any(work.iterdir()):  # a sweep there would resume its old rows and count them as new
+        raise UserError(f"--work {work} is not empty; give a new folder")
+    out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    py, dev, smoke = sys.executable, args.device, args.smoke
+    dev, smoke = args.device, args.smoke
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "BENCH_TEST_DEVICE": dev}
     steps = Steps(out, work, args.budget, env)
     (out / "env.txt").write_text(_versions(dev))
-
-    # 1. perf, alone
-    perf = [py, "-m", "bench", "perf", "--device", dev, "--out", str(out / "perf.csv"), "--fused", "--anchors"]
-    if smoke:
-        perf += ["--bases", "bspline", "--repeats", "3", "--conv-channels", "4,8", "--conv-batch", "8", "--batch", "64"]
-    steps.start("perf", perf)
-    steps.wait(until=time.monotonic() + args.budget / 3)
-
-    # 2. tests and sweeps side by side
-    tests = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *_test_workers(), *DEVICE_TESTS]
-    if smoke:
-        tests += ["-k", SMOKE_FILTER]
-    steps.start("device tests", tests)
-    sweep = [py, "-m", "bench", "run", "--device", dev, "--quiet", "--no-report", "--data-dir", args.data_dir]
-    quick = [*sweep, "--sweep", "quick", "--out", str(work / "quick")]
-    if smoke:
-        quick += ["--datasets", "digits", "--methods", "dense,dense_ft,quantize,kmeans", "--epochs", "2"]
-    steps.start("quick sweep", quick)
-    conv_dirs = []
-    for basis in CONV_BASES[:1] if smoke else CONV_BASES:
-        conv_dirs.append(work / f"conv_{basis}")
-        conv = [*sweep, "--sweep", "conv", "--out", str(conv_dirs[-1]), "--seeds", "0", "--bases", basis,
-                "--epochs", str(args.conv_epochs), "--finetune-epochs", str(args.conv_finetune_epochs),
-                "--methods", CONV_METHODS]
-        if smoke:
-            conv += ["--datasets", "digits", "--epochs", "1", "--finetune-epochs", "1",
-                     "--methods", "dense,dense_ft,kmeans(K=16)"]
-        steps.start(f"conv sweep {basis}", conv)
-    outputs = steps.wait()
+    try:
+        outputs, conv_dirs = _run_steps(steps, args, sys.executable, work)
+    finally:
+        steps.stop_all()
 
     text = outputs.get("device tests", "")
     (out / "pytest.txt").write_text(text[-60000:])
@@ -199,7 +245,7 @@ def main(args) -> int:
     (out / "invocations.jsonl").write_text("".join(f"{line}\n" for line in calls))
 
     lines = [f"# GPU check ({'smoke, ' if smoke else ''}device {dev})", "",
-             f"- command: `python -m bench gpucheck {' '.join(sys.argv[2:])}`",
+             f"- command: `{getattr(args, 'command_line', None) or 'python -m bench gpucheck'}`",
              f"- {(out / 'env.txt').read_text().splitlines()[1]}", f"- tests: {summary_line or 'no summary line'}",
              f"- quick sweep rows: {n_quick}; conv sweep rows: {n_conv} (conv epochs "
              f"{1 if smoke else args.conv_epochs}, fine-tune {1 if smoke else args.conv_finetune_epochs}; tests "
