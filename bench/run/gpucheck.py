@@ -32,7 +32,6 @@ before any GPU time is spent. The sweeps' own folders go to ``--work`` (default:
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import platform
 import shutil
@@ -133,9 +132,7 @@ class Steps:
             grace_end = time.monotonic() + GRACE
             while self._poll() and time.monotonic() < grace_end:
                 time.sleep(0.2)
-            self._signal(signal.SIGKILL)
-            while self._poll():
-                time.sleep(0.05)
+            self.stop_all()
         outputs = {}
         for step in self.running:
             if step["stopped"]:
@@ -153,25 +150,27 @@ class Steps:
         return outputs
 
     def stop_all(self) -> None:
-        """Ends every step still running at once (an error or Ctrl-C in the check itself)."""
-        if self._poll():
-            self._signal(signal.SIGKILL)
-            while self._poll():
-                time.sleep(0.05)
+        """Kills every step still running and waits for them (after the grace; or an error or Ctrl-C in the
+        check itself)."""
+        self._signal(signal.SIGKILL)
+        while self._poll():
+            time.sleep(0.05)
 
 
 def _copy_runs(folders: list[Path], dest: Path) -> int:
-    """The rows finished so far in ``folders`` (``runs.csv``, or the row files of a stopped sweep) into one
-    CSV at ``dest``."""
+    """The rows finished so far in ``folders`` (:func:`bench.run.results.read_results`: a sweep's table, or
+    the row files of a stopped one) into one CSV at ``dest``."""
     import pandas as pd
+
+    from bench.run.results import read_results
 
     frames = []
     for folder in folders:
-        if (folder / "runs.csv").is_file():
-            frames.append(pd.read_csv(folder / "runs.csv"))
-        elif (folder / "rows").is_dir():
-            rows = [json.loads(p.read_text()) for p in sorted((folder / "rows").glob("*.json"))]
-            frames += [pd.DataFrame(rows)] if rows else []
+        try:
+            frames.append(read_results(folder, warn=lambda _: None))  # a stopped sweep's rows: no table, expected
+        except UserError:
+            pass  # no run of that sweep finished
+    frames = [f for f in frames if len(f)]
     if frames:
         pd.concat(frames, ignore_index=True).to_csv(dest, index=False)
     return sum(len(f) for f in frames)
