@@ -1,6 +1,8 @@
 """The dry run's wall-time estimate (bench/run/estimate.py): FLOPs by hand, scaling with the plan,
 missing data, nothing trained."""
 
+import math
+
 import pytest
 
 from bench.cli import main
@@ -81,3 +83,26 @@ def test_image_split_sizes_follow_val_fraction_and_caps():
     assert est.get_dataset("fashion_mnist", n_train=1000, n_test=500).split_sizes() == (1000, 6000, 500)
     assert est.get_dataset("cifar10").split_sizes() == (45000, 5000, 10000)
     assert est.get_dataset("cifar100", val_fraction=0.2).split_sizes() == (40000, 10000, 10000)
+
+
+def test_gpu_estimate_is_never_faster_than_the_measured_launch_floor(tmp_path, monkeypatch):
+    """Small KAN steps are launch-bound on a GPU: the estimate is at least the per-layer step time measured on
+    an H200 for every optimiser step and evaluation batch, whatever the FLOPs say."""
+    a = _estimate(tmp_path, monkeypatch, seeds=[0], epochs=4, finetune_epochs=1)
+    (s,) = a["setups"]
+    n_train, n_val, n_test = est.get_dataset("digits").split_sizes()
+    batch = int(s.spec.train["batch_size"])
+    # kan [64, 64, 10]: two KAN layers
+    assert s.gpu_step_floor_s == pytest.approx(2 * est.GPU_STEP_S_PER_KAN_LAYER)
+    assert s.steps == 6 * math.ceil(n_train / batch)  # the base's 4 epochs, its control's 1, prune's 1
+    assert s.eval_batches == (5 + 1 + 2 + 2 + 2) * math.ceil(n_val / 1024) + 2 * math.ceil(n_test / 1024)
+    floor = s.gpu_step_floor_s * (s.steps + est.GPU_EVAL_SHARE * s.eval_batches)
+    assert s.flops / est.ASSUMED_GPU_FLOPS < floor  # this model is far below the assumed throughput
+    assert a["gpu_assumed_seconds"] == pytest.approx(floor)
+
+
+def test_gpu_step_floor_counts_kan_convolutions_apart():
+    sweep = build_sweep(read_sweep_file(None, "conv"), {"seeds": [0], "methods": ["dense"], "bases": ["bspline"]})
+    # convkan [8, 16, 32]: three KAN convolutions and a KAN head
+    assert est.gpu_step_floor(sweep.runs[0]) == pytest.approx(3 * est.GPU_STEP_S_PER_KAN_CONV
+                                                             + est.GPU_STEP_S_PER_KAN_LAYER)

@@ -22,7 +22,8 @@ Patience may stop training early, so the estimate is an upper bound of the work 
 
 Step times at a tiny probe batch overstate the per-sample cost of a big batch on CPU; on a GPU
 without a probe the estimate is FLOPs at an assumed sustained throughput (:data:`ASSUMED_GPU_FLOPS`),
-with at least :data:`ASSUMED_GPU_STEP_S` per optimiser step (small KAN steps are launch-bound).
+but never less than the launch-bound step times measured on a GPU (:data:`GPU_STEP_S_PER_KAN_LAYER`,
+:data:`GPU_STEP_S_PER_KAN_CONV`: small KAN steps wait on kernel launches, not arithmetic).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from bench.compression.pipeline import method_class
 from bench.data import get_dataset
 from bench.model.bases import eager_features
+from bench.model.kan import KANConv2d, kan_layers
 
 from .plan import Plan, stage_epochs
 from .train import adamw
@@ -48,7 +50,14 @@ PROBE_STEP_FLOPS_CPU = 2e9  # the probe batch on CPU holds about this many train
 PROBE_WARMUP = 2  # untimed steps first (the first steps of a model are several times slower)
 PROBE_STEPS = 4  # timed steps per setup (the fastest counts)
 ASSUMED_GPU_FLOPS = 100e12  # H100-class, bf16, sustained: an assumption, not a measurement
-ASSUMED_GPU_STEP_S = 1e-3  # floor per optimiser step on a GPU (kernel launches): an assumption
+# A KAN's training step on a GPU is bound by kernel launches at the sizes of these sweeps. Measured on one
+# H200 (reports/gpu/perf.csv: `bench perf --device cuda`, alone, five bases): kan [784, 64, 10], two KAN
+# layers, 2.25-2.84 ms a step at batch 256; convkan [16, 32, 64], three KAN convolutions and a KAN head,
+# 7.2-8.7 ms at batch 64; inference a quarter of a step (0.54 against 2.25 ms). The floors below are those
+# per layer, so a deeper model's floor grows with its layers; a wider one may run above them (FLOPs).
+GPU_STEP_S_PER_KAN_LAYER = 1.3e-3  # a fully connected KAN layer's share of a training step
+GPU_STEP_S_PER_KAN_CONV = 2.3e-3  # a KAN convolution's: (7.2..8.7 - 1.3) / 3 ms
+GPU_EVAL_SHARE = 0.25  # an evaluation batch against a training step
 FORWARD_SHARE = 1 / 3  # an evaluation sample costs about a third of a training sample
 
 
@@ -61,6 +70,8 @@ class Setup:
     train_samples: float = 0.0  # samples through a training step
     eval_samples: float = 0.0  # samples through a forward pass only
     steps: float = 0.0  # optimiser steps
+    eval_batches: float = 0.0  # forward passes of the evaluations
+    gpu_step_floor_s: float = 0.0  # launch-bound time of one training step on a GPU (measured per layer)
     flops_per_sample: float = 0.0  # one training step, per sample
     seconds_per_sample: float | None = None  # measured on this machine
     probe_batch: int = 0
@@ -72,6 +83,11 @@ class Setup:
 
     def seconds(self) -> float:
         return (self.seconds_per_sample or 0.0) * (self.train_samples + FORWARD_SHARE * self.eval_samples)
+
+    def gpu_seconds(self) -> float:
+        """On one GPU: the FLOPs at :data:`ASSUMED_GPU_FLOPS`, or the launch-bound floor if that is longer."""
+        floor = self.gpu_step_floor_s * (self.steps + GPU_EVAL_SHARE * self.eval_batches)
+        return max(self.flops / ASSUMED_GPU_FLOPS, floor)
 
 
 def setup_key(spec) -> str:
@@ -111,6 +127,7 @@ def plan_work(plan: Plan, data_dir) -> dict[str, Setup]:
         s.train_samples += epochs * n[0]
         s.steps += epochs * math.ceil(n[0] / batch)
         s.eval_samples += (epochs + 1) * n[1]  # validation after every epoch and before the first
+        s.eval_batches += (epochs + 1) * math.ceil(n[1] / eval_batch(batch))
 
     for stage in plan.stages.values():
         s, n = setup_of(stage.spec)
@@ -127,7 +144,21 @@ def plan_work(plan: Plan, data_dir) -> dict[str, Setup]:
         add_fit(s, n, method.finetune_epochs(int(spec.train.get("finetune_epochs", 0))),
                 int(spec.train["batch_size"]))
         s.eval_samples += n[1] + n[2]  # the run's validation and test scores
+        s.eval_batches += sum(math.ceil(k / eval_batch(int(spec.train["batch_size"]))) for k in n[1:])
     return setups
+
+
+def eval_batch(batch: int) -> int:
+    """The batch an evaluation runs at (:meth:`bench.run.train.Trainer.evaluate`)."""
+    return max(batch, 1024)
+
+
+def gpu_step_floor(spec) -> float:
+    """The launch-bound seconds of one training step of ``spec``'s model on a GPU: the measured time per
+    KAN layer and per KAN convolution (:data:`GPU_STEP_S_PER_KAN_LAYER`), summed over the model's."""
+    _, model = build_probe_model(spec, "meta")
+    convs = sum(isinstance(m, KANConv2d) for m in model.modules())
+    return convs * GPU_STEP_S_PER_KAN_CONV + (len(kan_layers(model)) - convs) * GPU_STEP_S_PER_KAN_LAYER
 
 
 def _inputs(ds, batch: int, device):
@@ -231,6 +262,7 @@ def estimate(plan: Plan, data_dir, device: str = "cpu", budget_s: float = PROBE_
     setups = list(plan_work(plan, data_dir).values())
     for s in setups:
         s.flops_per_sample = step_flops(s.spec)
+        s.gpu_step_floor_s = gpu_step_floor(s.spec)
     setups.sort(key=lambda s: -s.flops)  # the biggest first
     threads = torch.get_num_threads()
     deadline = time.perf_counter() + budget_s
@@ -270,8 +302,7 @@ def estimate(plan: Plan, data_dir, device: str = "cpu", budget_s: float = PROBE_
     return {"setups": setups, "flops": sum(s.flops for s in setups),
             "seconds": sum(s.seconds() for s in setups), "device": name, "threads": threads,
             "device_type": dev.type,
-            "gpu_assumed_seconds": sum(max(s.flops / ASSUMED_GPU_FLOPS, s.steps * ASSUMED_GPU_STEP_S)
-                                       for s in setups)}
+            "gpu_assumed_seconds": sum(s.gpu_seconds() for s in setups)}
 
 
 def report(est: dict, log=print) -> None:
@@ -295,7 +326,9 @@ def report(est: dict, log=print) -> None:
     log(f"estimated wall time on {where}: {human(est['seconds'])} "
         f"(measured step times, scaled by samples{load})")
     if est["device_type"] != "cuda":
-        log(f"estimated wall time on one GPU: {human(est['gpu_assumed_seconds'])} at an assumed "
-            f"{ASSUMED_GPU_FLOPS / 1e12:.0f} TFLOP/s sustained (H100-class, bf16) and at least "
-            f"{ASSUMED_GPU_STEP_S * 1e3:.0f} ms per optimiser step; assumptions, not measured (no CUDA here)")
+        log(f"estimated wall time on one GPU: {human(est['gpu_assumed_seconds'])}: the FLOPs at an assumed "
+            f"{ASSUMED_GPU_FLOPS / 1e12:.0f} TFLOP/s sustained (H100-class, bf16), but no faster than the "
+            f"launch-bound steps measured on an H200 ({GPU_STEP_S_PER_KAN_LAYER * 1e3:.1f} ms a step per KAN "
+            f"layer, {GPU_STEP_S_PER_KAN_CONV * 1e3:.1f} ms per KAN convolution; reports/gpu); not measured here "
+            "(no CUDA)")
 
