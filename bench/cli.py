@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", type=_seeds, help="comma-separated seeds, e.g. 0,1,2")
     r.add_argument("--epochs", type=int, help="training epochs (overrides the sweep)")
     r.add_argument("--finetune-epochs", type=int, dest="finetune_epochs", help="fine-tune budget in epochs")
+    r.add_argument("--patience", type=int, help="epochs without a better validation score before training stops "
+                                                "(0: never early; overrides the sweep)")
     r.add_argument("--grid", action="store_true", default=None, help="expand every method's hyperparameter grid")
     r.add_argument("--against", metavar="REFERENCE",
                    help="a results or report folder (e.g. reports/cpu): run only what it lacks, reuse its trained "
@@ -182,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--conv-finetune-epochs", dest="conv_finetune_epochs", type=int, default=3,
                     help="fine-tune epochs of the conv sweep's control and methods (its CPU reference uses 1; "
                          "default 3)")
+    gc.add_argument("--conv-patience", dest="conv_patience", type=int, default=None,
+                    help="early-stopping patience of the conv sweep's training (its CPU reference uses 2 for 5 "
+                         "epochs; default: a third of --conv-epochs, at least 2)")
     gc.add_argument("--data-dir", dest="data_dir", default="data", help="where Fashion-MNIST's files are")
     gc.add_argument("--work", metavar="DIR", help="where the sweeps' own folders go (default: a temporary folder)")
 
@@ -233,7 +238,7 @@ def cmd_run(args) -> int:
     data = read_sweep_file(args.config, args.sweep)
     overrides = {"datasets": args.datasets, "models": args.models, "bases": args.bases, "methods": args.methods,
                  "seeds": args.seeds, "device": args.device, "grid": args.grid, "epochs": args.epochs,
-                 "finetune_epochs": args.finetune_epochs, "base_model": args.base_model}
+                 "finetune_epochs": args.finetune_epochs, "patience": args.patience, "base_model": args.base_model}
     sweep = build_sweep(data, overrides)
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     options = _executor_options(args)
@@ -336,7 +341,7 @@ def dry_run(sweep, out: Path, data_dir: Path | None = None, device: str = "auto"
 
 def default_out(args, sweep_name: str) -> Path:
     """``results/<sweep>`` for a sweep as its file says; with any of --datasets, --models, --bases,
-    --methods, --seeds, --epochs, --finetune-epochs, --grid or --device given, a folder named after what
+    --methods, --seeds, --epochs, --finetune-epochs, --patience, --grid or --device given, a folder named after what
     was asked (``results/quick_digits_rbf_dense+quantize_epochs5``), so an ad-hoc run never lands in
     (and is never averaged with) the sweep's own results."""
     import hashlib
@@ -349,6 +354,8 @@ def default_out(args, sweep_name: str) -> Path:
         parts.append(f"epochs{args.epochs}")
     if args.finetune_epochs is not None:
         parts.append(f"ft{args.finetune_epochs}")
+    if getattr(args, "patience", None) is not None:
+        parts.append(f"patience{args.patience}")
     if args.grid:
         parts.append("grid")
     if args.device not in (None, "auto"):

@@ -176,3 +176,20 @@ def test_dry_run_prints_the_plan_and_trains_nothing(capsys, tmp_path):
     assert main([*argv, "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert "3 already finished, 0 to run" in text and "models to train first: 0" in text
+
+
+def test_patience_flag_overrides_every_dataset_and_names_the_folder(capsys):
+    """``--patience`` beats the sweep's [train] and per-dataset settings (cpu.toml sets 80 and 30 for its
+    equation tasks), is part of an ad-hoc folder's name, and a negative one is refused in one line."""
+    from bench.cli import build_parser, default_out
+    from bench.run.sweep import build_sweep, read_sweep_file
+
+    sweep = build_sweep(read_sweep_file(None, "cpu"), {"methods": ["dense"], "seeds": [0], "patience": 7})
+    assert {r.dataset for r in sweep.runs} == {"fashion_mnist", "eq_exp_sin", "eq_exp100"}
+    assert {r.train["patience"] for r in sweep.runs} == {7}
+    assert {r.train["patience"] for r in build_sweep(read_sweep_file(None, "cpu"), {"methods": ["dense"]}).runs} \
+        == {5, 80, 30}
+    args = build_parser().parse_args(["run", "--sweep", "conv", "--epochs", "15", "--patience", "5"])
+    assert default_out(args, "conv") == Path("results/conv_epochs15_patience5")
+    assert main(["run", *TINY, "--methods", "dense", "--patience", "-1", "--dry-run"]) == 2
+    assert "patience" in capsys.readouterr().err

@@ -93,3 +93,17 @@ def test_a_copy_without_git_names_its_commit_from_the_environment_and_a_checkout
     assert provenance.git_sha() == "abc1234"
     monkeypatch.delenv("BENCH_GIT_SHA")
     assert provenance.git_sha() == "unknown"
+
+
+def test_conv_patience_grows_with_the_longer_budget():
+    """The conv sweep's patience of 2 is for its 5 epochs: at the check's 15 it stopped a gram base after 3
+    (reports/gpu), so the check passes a third of its epochs unless told otherwise."""
+    from bench.cli import build_parser
+    from bench.run.gpucheck import conv_patience
+
+    def args(*extra):
+        return build_parser().parse_args(["gpucheck", "--out", "x", *extra])
+
+    assert conv_patience(args()) == 5
+    assert conv_patience(args("--conv-epochs", "4")) == 2
+    assert conv_patience(args("--conv-patience", "0")) == 0

@@ -15,8 +15,9 @@ default 480 s), each step in its own process:
      imported models (on pytest-xdist workers where it is installed and the machine has the cores);
    - ``quick_runs.csv``: the ``quick`` sweep on the device;
    - ``conv_runs.csv``: the ``conv`` sweep at a longer budget (``--conv-epochs``, ``--conv-finetune-epochs``,
-     one seed, the codebook methods at MetaCluster's K = 256 among the methods), one process per basis,
-     Fashion-MNIST's IDX files read from ``--data-dir``;
+     and a patience to match, ``--conv-patience``: the sweep's 2, set for 5 epochs, stopped a 15-epoch gram
+     base after 3 on a noisy validation epoch), one seed, the codebook methods at MetaCluster's K = 256
+     among the methods), one process per basis, Fashion-MNIST's IDX files read from ``--data-dir``;
 
    at the deadline each is stopped as Ctrl-C would stop it, so every finished row and each sweep's log line
    (``invocations.jsonl``, outcome ``interrupted``) are kept;
@@ -157,6 +158,14 @@ class Steps:
             time.sleep(0.05)
 
 
+def conv_patience(args) -> int:
+    """The conv sweep's early-stopping patience at ``--conv-epochs``: ``--conv-patience``, else a third of the
+    epochs (the sweep's own 2 is for its 5), at least 2."""
+    if args.conv_patience is not None:
+        return args.conv_patience
+    return max(2, args.conv_epochs // 3)
+
+
 def _copy_runs(folders: list[Path], dest: Path) -> int:
     """The rows finished so far in ``folders`` (:func:`bench.run.results.read_results`: a sweep's table, or
     the row files of a stopped one) into one CSV at ``dest``."""
@@ -203,6 +212,7 @@ def _run_steps(steps: Steps, args, py: str, work: Path) -> tuple[dict[str, str],
                   "dense,dense_ft,kmeans(K=16)"]
     else:
         budget = ["--epochs", str(args.conv_epochs), "--finetune-epochs", str(args.conv_finetune_epochs),
+                  "--patience", str(conv_patience(args)),
                   "--methods", CONV_METHODS]
     conv_dirs = []
     for basis in CONV_BASES[:1] if smoke else CONV_BASES:
@@ -243,11 +253,12 @@ def main(args) -> int:
              for line in (folder / "invocations.jsonl").read_text().splitlines() if line.strip()]
     (out / "invocations.jsonl").write_text("".join(f"{line}\n" for line in calls))
 
+    conv_budget = ("epochs 1, fine-tune 1, the sweep's patience" if smoke else
+                   f"epochs {args.conv_epochs}, fine-tune {args.conv_finetune_epochs}, patience {conv_patience(args)}")
     lines = [f"# GPU check ({'smoke, ' if smoke else ''}device {dev})", "",
              f"- command: `{getattr(args, 'command_line', None) or 'python -m bench gpucheck'}`",
              f"- {(out / 'env.txt').read_text().splitlines()[1]}", f"- tests: {summary_line or 'no summary line'}",
-             f"- quick sweep rows: {n_quick}; conv sweep rows: {n_conv} (conv epochs "
-             f"{1 if smoke else args.conv_epochs}, fine-tune {1 if smoke else args.conv_finetune_epochs}; tests "
+             f"- quick sweep rows: {n_quick}; conv sweep rows: {n_conv} (conv {conv_budget}; tests "
              "and sweeps ran side by side after perf, so their rows' seconds are not timings)", "",
              "| step | status | seconds |", "|---|---|---|"]
     lines += [f"| {s['step']} | {s['status']} | {s['seconds']} |" for s in steps.status]
