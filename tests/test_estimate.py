@@ -95,7 +95,9 @@ def test_gpu_estimate_is_never_faster_than_the_measured_launch_floor(tmp_path, m
     # kan [64, 64, 10]: two KAN layers
     assert s.gpu_step_floor_s == pytest.approx(2 * est.GPU_STEP_S_PER_KAN_LAYER)
     assert s.steps == 6 * math.ceil(n_train / batch)  # the base's 4 epochs, its control's 1, prune's 1
-    assert s.eval_batches == (5 + 1 + 2 + 2 + 2) * math.ceil(n_val / 1024) + 2 * math.ceil(n_test / 1024)
+    # validation: after each of the base's 4 epochs and before the first, the same for the control's 1, then the
+    # control's score; each run's score (dense, prune) and prune's fit (1 epoch); test: base, control, each run
+    assert s.eval_batches == (5 + 2 + 1 + 1 + (2 + 1)) * math.ceil(n_val / 1024) + 4 * math.ceil(n_test / 1024)
     floor = s.gpu_step_floor_s * (s.steps + est.GPU_EVAL_SHARE * s.eval_batches)
     assert s.flops / est.ASSUMED_GPU_FLOPS < floor  # this model is far below the assumed throughput
     assert a["gpu_assumed_seconds"] == pytest.approx(floor)

@@ -107,3 +107,9 @@ def test_conv_patience_grows_with_the_longer_budget():
     assert conv_patience(args()) == 5
     assert conv_patience(args("--conv-epochs", "4")) == 2
     assert conv_patience(args("--conv-patience", "0")) == 0
+
+
+@pytest.mark.parametrize("flag", ["--conv-epochs", "--conv-patience", "--conv-finetune-epochs"])
+def test_a_bad_conv_budget_is_refused_before_any_step(tmp_path, capsys, flag):
+    assert main(["gpucheck", "--out", str(tmp_path / "g"), "--device", "cpu", "--smoke", flag, "-1"]) == 2
+    assert flag in capsys.readouterr().err and not (tmp_path / "g").exists()

@@ -53,11 +53,12 @@ ASSUMED_GPU_FLOPS = 100e12  # H100-class, bf16, sustained: an assumption, not a 
 # A KAN's training step on a GPU is bound by kernel launches at the sizes of these sweeps. Measured on one
 # H200 (reports/gpu/perf.csv: `bench perf --device cuda`, alone, five bases): kan [784, 64, 10], two KAN
 # layers, 2.25-2.84 ms a step at batch 256; convkan [16, 32, 64], three KAN convolutions and a KAN head,
-# 7.2-8.7 ms at batch 64; inference a quarter of a step (0.54 against 2.25 ms). The floors below are those
-# per layer, so a deeper model's floor grows with its layers; a wider one may run above them (FLOPs).
-GPU_STEP_S_PER_KAN_LAYER = 1.3e-3  # a fully connected KAN layer's share of a training step
-GPU_STEP_S_PER_KAN_CONV = 2.3e-3  # a KAN convolution's: (7.2..8.7 - 1.3) / 3 ms
-GPU_EVAL_SHARE = 0.25  # an evaluation batch against a training step
+# 7.2-8.7 ms at batch 64; inference 0.22-0.35 of a step. The floors below are the slowest basis's, per
+# layer, so a deeper model's floor grows with its layers; a wider one may run above them (FLOPs). Not
+# counted: a meta-learner's or Tucker factors' extra launches (MetaKAN, Slim-KAN).
+GPU_STEP_S_PER_KAN_LAYER = 1.45e-3  # a fully connected KAN layer's share of a training step (rbf: 2.84 / 2)
+GPU_STEP_S_PER_KAN_CONV = 2.5e-3  # a KAN convolution's: (8.68 - 1.45) / 3 ms, rounded up (fourier)
+GPU_EVAL_SHARE = 0.35  # an evaluation batch against a training step (the largest measured share)
 FORWARD_SHARE = 1 / 3  # an evaluation sample costs about a third of a training sample
 
 
@@ -138,13 +139,21 @@ def plan_work(plan: Plan, data_dir) -> dict[str, Setup]:
         else:
             add_fit(s, n, stage_epochs(stage.spec).epochs, batch)
             add_fit(s, n, int(stage.spec.train.get("finetune_epochs", 0)), batch)  # the dense_ft control
+            s.eval_samples += n[2] + n[1] + n[2]  # the base's test score, the control's validation and test
+            s.eval_batches += sum(math.ceil(k / eval_batch(batch)) for k in (n[2], n[1], n[2]))
     for spec in plan.runs:
         s, n = setup_of(spec)
         method = method_class(spec.method)(**spec.method_config)
-        add_fit(s, n, method.finetune_epochs(int(spec.train.get("finetune_epochs", 0))),
-                int(spec.train["batch_size"]))
+        batch = int(spec.train["batch_size"])
+        epochs = method.finetune_epochs(int(spec.train.get("finetune_epochs", 0)))
+        if epochs > 0:  # a method that does not fine-tune (dense, the control's row, round to nearest) fits nothing
+            add_fit(s, n, epochs, batch)
         s.eval_samples += n[1] + n[2]  # the run's validation and test scores
-        s.eval_batches += sum(math.ceil(k / eval_batch(int(spec.train["batch_size"]))) for k in n[1:])
+        s.eval_batches += sum(math.ceil(k / eval_batch(batch)) for k in n[1:])
+        recal = int(spec.train.get("bn_recalibration") or 0)
+        if recal and not getattr(method, "is_control", False) and not getattr(method, "untouched", False):
+            s.eval_samples += n[1] + recal * batch  # BatchNorm re-estimated: a validation score first, then forwards
+            s.eval_batches += math.ceil(n[1] / eval_batch(batch)) + recal
     return setups
 
 
@@ -328,7 +337,7 @@ def report(est: dict, log=print) -> None:
     if est["device_type"] != "cuda":
         log(f"estimated wall time on one GPU: {human(est['gpu_assumed_seconds'])}: the FLOPs at an assumed "
             f"{ASSUMED_GPU_FLOPS / 1e12:.0f} TFLOP/s sustained (H100-class, bf16), but no faster than the "
-            f"launch-bound steps measured on an H200 ({GPU_STEP_S_PER_KAN_LAYER * 1e3:.1f} ms a step per KAN "
-            f"layer, {GPU_STEP_S_PER_KAN_CONV * 1e3:.1f} ms per KAN convolution; reports/gpu); not measured here "
+            f"launch-bound steps measured on an H200 ({GPU_STEP_S_PER_KAN_LAYER * 1e3:.2f} ms a step per KAN "
+            f"layer, {GPU_STEP_S_PER_KAN_CONV * 1e3:.2f} ms per KAN convolution; reports/gpu); not measured here "
             "(no CUDA)")
 

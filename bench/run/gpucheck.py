@@ -14,9 +14,9 @@ default 480 s), each step in its own process:
      generated method x basis x model tests, every source's export/reload round trip, every method on
      imported models (on pytest-xdist workers where it is installed and the machine has the cores);
    - ``quick_runs.csv``: the ``quick`` sweep on the device;
-   - ``conv_runs.csv``: the ``conv`` sweep at a longer budget (``--conv-epochs``, ``--conv-finetune-epochs``,
+   - ``conv_runs.csv``: the ``conv`` sweep at a longer budget (``--conv-epochs``, ``--conv-finetune-epochs``
      and a patience to match, ``--conv-patience``: the sweep's 2, set for 5 epochs, stopped a 15-epoch gram
-     base after 3 on a noisy validation epoch), one seed, the codebook methods at MetaCluster's K = 256
+     base after 3 on a noisy validation epoch; one seed, the codebook methods at MetaCluster's K = 256
      among the methods), one process per basis, Fashion-MNIST's IDX files read from ``--data-dir``;
 
    at the deadline each is stopped as Ctrl-C would stop it, so every finished row and each sweep's log line
@@ -226,6 +226,10 @@ def main(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} is not empty; give a new folder")
+    for flag, value, least in (("--conv-epochs", args.conv_epochs, 1), ("--conv-finetune-epochs",
+                               args.conv_finetune_epochs, 0), ("--conv-patience", args.conv_patience, 0)):
+        if value is not None and value < least:  # else refused only in the sweeps, after perf's share of the budget
+            raise UserError(f"gpucheck {flag} must be at least {least}, got {value}")
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
