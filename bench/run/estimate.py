@@ -43,7 +43,7 @@ from bench.model.bases import eager_features
 from bench.model.kan import KANConv2d, kan_layers
 
 from .plan import Plan, stage_epochs
-from .train import adamw
+from .train import adamw, eval_batch_size
 
 PROBE_BUDGET_S = 15.0  # the whole timing probe, all setups together
 PROBE_STEP_FLOPS_CPU = 2e9  # the probe batch on CPU holds about this many training-step FLOPs
@@ -124,11 +124,15 @@ def plan_work(plan: Plan, data_dir) -> dict[str, Setup]:
             sizes[dkey] = split_sizes(spec, data_dir)
         return setups[key], sizes[dkey]
 
+    def add_evals(s: Setup, sizes, batch: int) -> None:
+        """One evaluation of each split size in ``sizes``."""
+        s.eval_samples += sum(sizes)
+        s.eval_batches += sum(math.ceil(k / eval_batch_size(batch)) for k in sizes)
+
     def add_fit(s: Setup, n: tuple[int, int, int], epochs: int, batch: int) -> None:
         s.train_samples += epochs * n[0]
         s.steps += epochs * math.ceil(n[0] / batch)
-        s.eval_samples += (epochs + 1) * n[1]  # validation after every epoch and before the first
-        s.eval_batches += (epochs + 1) * math.ceil(n[1] / eval_batch(batch))
+        add_evals(s, [n[1]] * (epochs + 1), batch)  # validation after every epoch and before the first
 
     for stage in plan.stages.values():
         s, n = setup_of(stage.spec)
@@ -139,8 +143,7 @@ def plan_work(plan: Plan, data_dir) -> dict[str, Setup]:
         else:
             add_fit(s, n, stage_epochs(stage.spec).epochs, batch)
             add_fit(s, n, int(stage.spec.train.get("finetune_epochs", 0)), batch)  # the dense_ft control
-            s.eval_samples += n[2] + n[1] + n[2]  # the base's test score, the control's validation and test
-            s.eval_batches += sum(math.ceil(k / eval_batch(batch)) for k in (n[2], n[1], n[2]))
+            add_evals(s, (n[2], n[1], n[2]), batch)  # the base's test score, the control's validation and test
     for spec in plan.runs:
         s, n = setup_of(spec)
         method = method_class(spec.method)(**spec.method_config)
@@ -148,18 +151,13 @@ def plan_work(plan: Plan, data_dir) -> dict[str, Setup]:
         epochs = method.finetune_epochs(int(spec.train.get("finetune_epochs", 0)))
         if epochs > 0:  # a method that does not fine-tune (dense, the control's row, round to nearest) fits nothing
             add_fit(s, n, epochs, batch)
-        s.eval_samples += n[1] + n[2]  # the run's validation and test scores
-        s.eval_batches += sum(math.ceil(k / eval_batch(batch)) for k in n[1:])
+        add_evals(s, (n[1], n[2]), batch)  # the run's validation and test scores
         recal = int(spec.train.get("bn_recalibration") or 0)
         if recal and not getattr(method, "is_control", False) and not getattr(method, "untouched", False):
-            s.eval_samples += n[1] + recal * batch  # BatchNorm re-estimated: a validation score first, then forwards
-            s.eval_batches += math.ceil(n[1] / eval_batch(batch)) + recal
+            add_evals(s, (n[1],), batch)  # BatchNorm re-estimated: a validation score first, then its forwards
+            s.eval_samples += recal * batch
+            s.eval_batches += recal
     return setups
-
-
-def eval_batch(batch: int) -> int:
-    """The batch an evaluation runs at (:meth:`bench.run.train.Trainer.evaluate`)."""
-    return max(batch, 1024)
 
 
 def gpu_step_floor(spec) -> float:

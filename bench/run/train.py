@@ -98,6 +98,11 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
 
 
+def eval_batch_size(batch_size: int) -> int:
+    """The batch an evaluation runs at (:meth:`Trainer.evaluate`): the training batch, at least 1,024 rows."""
+    return max(batch_size, 1024)
+
+
 def tensor_bytes(tensors) -> int:
     """Bytes of the distinct storages behind ``tensors``."""
     seen, total = set(), 0
@@ -177,8 +182,9 @@ class Trainer:
         sq = torch.zeros((), dtype=torch.float64, device=x.device)
         finite = torch.ones((), dtype=torch.bool, device=x.device)
         n = 0
-        for i in range(0, x.shape[0], max(self.batch_size, 1024)):
-            xb, yb = x[i:i + max(self.batch_size, 1024)], y[i:i + max(self.batch_size, 1024)]
+        step = eval_batch_size(self.batch_size)
+        for i in range(0, x.shape[0], step):
+            xb, yb = x[i:i + step], y[i:i + step]
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 out = model(xb).float()
             finite &= torch.isfinite(out).all()
