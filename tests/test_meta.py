@@ -51,13 +51,14 @@ def test_generated_source_equals_its_formula():
     assert not lrn.fc1.bias.detach().any() and not lrn.fc2.bias.detach().any()
 
 
-def test_generated_edges_are_laid_out_as_the_product_reads_them():
+@pytest.mark.parametrize("d", [1, 2])  # d = 1: the learner's table of linear pieces
+def test_generated_edges_are_laid_out_as_the_product_reads_them(d):
     """A wide layer's generated edge tensor is written in the product matrix's layout (``[n+1, in, out]``
     underneath), so a step reads the product matrix as a view of it; values, forward and gradients are those of
     the plain formula ``learner(embedding)`` in (output, input) order."""
     torch.manual_seed(0)
     model = KAN([30, 16, 3], "bspline")
-    generated.generate_model(model, d=2, h=5, shared=False)
+    generated.generate_model(model, d=d, h=5, shared=False)
     x = torch.randn(8, 30)
     for _, layer in kan_layers(model):
         src = layer.source
@@ -75,6 +76,43 @@ def test_generated_edges_are_laid_out_as_the_product_reads_them():
         src.edge_tensor = lambda s=src: s.learner(s.embedding).reshape(s.shape)
     for g, r in zip(grads, torch.autograd.grad(model(x).square().sum(), params)):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_one_input_learner_as_linear_pieces_equals_the_hidden_layer(compiled):
+    """At d = 1 the learner runs as a table of its linear pieces (``generated.piecewise_columns``): the same
+    values and gradients as ``Linear -> ReLU -> Linear`` (float64, to rounding), with hidden units that never
+    bend (w1 = 0, on and off), two units sharing a kink, inputs exactly on a kink (values only: there the
+    derivative is either side's, as relu's at 0 is a convention) and far outside every one; compiled and
+    eager alike."""
+    from bench.model.bases import _FUSED, use_fused_features
+
+    torch.manual_seed(0)
+    lrn = generated.MetaLearner(1, 9, 6).double()
+    with torch.no_grad():
+        lrn.fc1.bias.normal_()
+        lrn.fc1.weight[2], lrn.fc1.bias[2] = 0.0, 0.5    # always on
+        lrn.fc1.weight[3], lrn.fc1.bias[3] = 0.0, -0.5   # always off
+        lrn.fc1.weight[5], lrn.fc1.bias[5] = -2 * lrn.fc1.weight[4], -2 * lrn.fc1.bias[4]  # kink of unit 4, flipped
+    kinks = (-lrn.fc1.bias / lrn.fc1.weight[:, 0])[[0, 1, 4]].detach()
+    z = torch.cat([torch.randn(3000, dtype=torch.float64), kinks, torch.tensor([-1e3, 1e3], dtype=torch.float64)])
+    z.requires_grad_()
+    g = torch.randn(6, z.shape[0], dtype=torch.float64)
+    g[:, 3000:3003] = 0  # the inputs on a kink
+    params = [z, *lrn.parameters()]
+    ref = lrn(z.unsqueeze(1)).t()
+    ref_grads = torch.autograd.grad(ref, params, g)
+    old = use_fused_features(compiled)
+    try:
+        out = lrn.columns(z.unsqueeze(1))
+        grads = torch.autograd.grad(out, params, g)
+    finally:
+        use_fused_features(old)
+    assert (generated._pieces in _FUSED["compiled"]) or not compiled, "the compiled path was not taken"
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert lrn.fc1.weight.grad is None  # nothing accumulated: autograd.grad only
 
 
 def test_metakan_storage_hand_count_784_64_10_per_layer():

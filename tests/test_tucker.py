@@ -32,10 +32,16 @@ CASES = [((6, 20, 9), (3, 10, 5), 4), ((64, 50, 9), (4, 6, 3), 128), ((10, 64, 9
 
 @pytest.mark.parametrize("shape,ranks,batch", CASES)
 @pytest.mark.parametrize("order", ORDERS)
-def test_every_contraction_order_matches_rebuilt_tensor(shape, ranks, batch, order):
+@pytest.mark.parametrize("basis_major", [False, True])
+def test_every_contraction_order_matches_rebuilt_tensor(shape, ranks, batch, order, basis_major):
+    """Features as eager layers give them, and basis-major as compiled ones do (``[B, n+1, in]`` underneath,
+    which the merged order reads without a copy)."""
     src = _random_source(shape, ranks, seed=sum(shape)).double()  # float64: the orders agree to rounding
-    x = torch.randn(batch, shape[1], shape[2], generator=torch.Generator().manual_seed(1), dtype=torch.float64,
-                    requires_grad=True)
+    g1 = torch.Generator().manual_seed(1)
+    if basis_major:
+        x = torch.randn(batch, shape[2], shape[1], generator=g1, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    else:
+        x = torch.randn(batch, shape[1], shape[2], generator=g1, dtype=torch.float64, requires_grad=True)
     ref_src = copy.deepcopy(src)
     ref = x.reshape(batch, -1) @ ref_src.edge_tensor().reshape(shape[0], -1).t()  # full tensor, one matmul
     out = src.contract(x, order=order)

@@ -40,7 +40,7 @@ from torch import nn
 
 from bench.errors import Infeasible, UserError
 from bench.model.kan import kan_layers
-from bench.model.sources import EdgeSource, StorageItem, float_item, register_source
+from bench.model.sources import EdgeSource, StorageItem, flat_features, float_item, register_source
 
 MODES = ("out", "in", "basis")
 MIN_FRACTION_RANK = 2  # a fractional rank keeps at least this many (or the whole mode if smaller)
@@ -238,16 +238,16 @@ class TuckerSource(EdgeSource):
         """Each component by name (core and the three factors)."""
         return {"core": self.core, "u_out": self.u_out, "u_in": self.u_in, "u_basis": self.u_basis}
 
-    def _merged(self) -> torch.Tensor:
-        """``G x2 U_in x3 U_basis`` as ``[r1, in, n+1]``."""
+    def _merged(self, basis_major: bool = False) -> torch.Tensor:
+        """``G x2 U_in x3 U_basis`` as ``[r1, in * (n+1)]``, or ``[r1, (n+1) * in]`` when ``basis_major`` (the
+        order compiled features flatten to, :func:`bench.model.sources.flat_features`)."""
         r1 = self.ranks[0]
         w = self.core @ self.u_basis.t()                    # [r1, r2, n+1]
         w = w.transpose(1, 2) @ self.u_in.t()               # [r1, n+1, in]
-        return w.transpose(1, 2).reshape(r1, self.in_features, self.edge_dim)
+        return (w if basis_major else w.transpose(1, 2)).reshape(r1, -1)
 
     def edge_tensor(self) -> torch.Tensor:
-        r1 = self.ranks[0]
-        return (self.u_out @ self._merged().reshape(r1, -1)).reshape(self.shape)
+        return (self.u_out @ self._merged()).reshape(self.shape)
 
     def storage(self) -> list[StorageItem]:
         return [float_item(n, t) for n, t in self.factors().items()]
@@ -284,8 +284,10 @@ class TuckerSource(EdgeSource):
             t = features.transpose(1, 2) @ self.u_in                      # [B, n+1, r2]
             t = t.transpose(1, 2) @ self.u_basis                          # [B, r2, r3]
             t = t.reshape(b, r2 * r3) @ self.core.reshape(r1, r2 * r3).t()
-        elif order == "merged":
-            t = features.reshape(b, -1) @ self._merged().reshape(r1, -1).t()
+        elif order == "merged":  # compiled features are read as they lie, [B, (n+1) * in], never copied (a
+            # Slim-KAN training step, kan [784, 64, 10] bspline, batch 128, 2 threads: 4.9 -> 4.0 ms; dense 3.3)
+            f, major = flat_features(features)
+            t = f @ self._merged(major).t()
         elif order == "full":
             return super().contract(features)
         else:
@@ -337,9 +339,9 @@ class LoTRASource(EdgeSource):
         return self.base + self.update.edge_tensor()
 
     def contract(self, features: torch.Tensor) -> torch.Tensor:
-        b = features.shape[0]
-        dense = features.reshape(b, -1) @ self.base.reshape(self.out_features, -1).t()
-        return dense + self.update.contract(features)
+        f, major = flat_features(features)
+        base = self.base.transpose(1, 2) if major else self.base
+        return f @ base.reshape(self.out_features, -1).t() + self.update.contract(features)
 
     def update_storage(self) -> list[StorageItem]:
         return self.update.storage()

@@ -543,12 +543,26 @@ def fused_features(basis: Basis, x: torch.Tensor) -> torch.Tensor | None:
     """``[B, in] -> [B, in, n_basis + 1]`` through the compiled expression of ``basis``, or None where
     the eager path runs instead (compiled features off or failed, a basis without a kernel, a batch
     of one row, a device inductor does not compile for)."""
-    if not fused_on() or x.shape[0] < 2 or x.device.type not in FUSED_DEVICES:
+    if x.shape[0] < 2:
         return None  # rows 0 and 1 are specialised by the compiler: one more graph each, not worth it
     kernel = basis.kernel()
     if kernel is None:
         return None
     fn, args = kernel
+    # rows and inputs vary from layer to layer and batch to batch: dynamic from the first call, so one
+    # graph serves them all (otherwise each new size compiles once more, up to dynamo's recompile limit)
+    out = run_compiled(fn, x, *args, dynamic=((x, (0, 1)),))
+    return None if out is None else out.transpose(1, 2)  # [B, in, n_basis + 1], basis-major underneath
+
+
+def run_compiled(fn, *args, dynamic=()):
+    """``fn(*args)`` compiled by inductor (once per function, with :data:`COMPILE_OPTIONS`), or None where
+    the caller runs its eager path instead: compiled features off (:func:`fused_on`) or failed, or the
+    first argument on a device inductor does not compile for. ``dynamic`` lists ``(tensor, dims)`` whose
+    sizes vary between calls (marked dynamic, so one graph serves them all). The first failure (no C
+    compiler, say) is said in one line and turns every compiled path of the process off."""
+    if not fused_on() or args[0].device.type not in FUSED_DEVICES:
+        return None
     try:
         compiled = _FUSED["compiled"].get(fn)
         if compiled is None:
@@ -562,11 +576,10 @@ def fused_features(basis: Basis, x: torch.Tensor) -> torch.Tensor | None:
                 if getattr(config, name, 64) < 64:
                     setattr(config, name, 64)
             compiled = _FUSED["compiled"][fn] = torch.compile(fn, options=COMPILE_OPTIONS)
-        # rows and inputs vary from layer to layer and batch to batch: dynamic from the first call, so one
-        # graph serves them all (otherwise each new size compiles once more, up to dynamo's recompile limit)
-        torch._dynamo.maybe_mark_dynamic(x, 0)
-        torch._dynamo.maybe_mark_dynamic(x, 1)
-        return compiled(x, *args).transpose(1, 2)  # [B, in, n_basis + 1], basis-major underneath
+        for t, dims in dynamic:
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(t, dim)
+        return compiled(*args)
     except Exception as exc:  # noqa: BLE001 - any compiler failure: say it once, run eagerly from now on
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         _FUSED["failed"] = f"{type(exc).__name__}: {first}"
