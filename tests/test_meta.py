@@ -79,14 +79,15 @@ def test_generated_edges_are_laid_out_as_the_product_reads_them(d):
 
 
 @pytest.mark.parametrize("compiled", [True, False])
-def test_one_input_learner_as_linear_pieces_equals_the_hidden_layer(compiled):
+def test_one_input_learner_as_linear_pieces_equals_the_hidden_layer(compiled, monkeypatch):
     """At d = 1 the learner runs as a table of its linear pieces (``generated.piecewise_columns``): the same
     values and gradients as ``Linear -> ReLU -> Linear`` (float64, to rounding), with hidden units that never
     bend (w1 = 0, on and off), two units sharing a kink, inputs exactly on a kink (values only: there the
     derivative is either side's, as relu's at 0 is a convention) and far outside every one; compiled and
     eager alike."""
-    from bench.model.bases import _FUSED, use_fused_features
+    from bench.model import bases
 
+    monkeypatch.setitem(bases._FUSED, "compiled", {})  # what this test compiles, and nothing before it
     torch.manual_seed(0)
     lrn = generated.MetaLearner(1, 9, 6).double()
     with torch.no_grad():
@@ -102,13 +103,15 @@ def test_one_input_learner_as_linear_pieces_equals_the_hidden_layer(compiled):
     params = [z, *lrn.parameters()]
     ref = lrn(z.unsqueeze(1)).t()
     ref_grads = torch.autograd.grad(ref, params, g)
-    old = use_fused_features(compiled)
+    old = bases.use_fused_features(compiled)
     try:
         out = lrn.columns(z.unsqueeze(1))
         grads = torch.autograd.grad(out, params, g)
+        assert bases._FUSED["failed"] is None and bases.features_path() == ("compiled" if compiled else "eager")
     finally:
-        use_fused_features(old)
-    assert (generated._pieces in _FUSED["compiled"]) or not compiled, "the compiled path was not taken"
+        bases.use_fused_features(old)
+    taken = {generated._pieces, generated._input_grad} & set(bases._FUSED["compiled"])
+    assert taken == ({generated._pieces, generated._input_grad} if compiled else set())
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

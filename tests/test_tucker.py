@@ -10,9 +10,17 @@ import torch
 
 from bench.compression.methods import METHODS, CompressContext
 from bench.compression.storage import export_model, load_model, storage_report
-from bench.compression.tucker_factors import ORDERS, TuckerSource, component_lrs, requested_coef_ratio, resolve_ranks
+from bench.compression.tucker_factors import (
+    ORDERS,
+    LoTRASource,
+    TuckerSource,
+    component_lrs,
+    requested_coef_ratio,
+    resolve_ranks,
+)
 from bench.data import get_dataset
 from bench.errors import Infeasible, UserError
+from bench.model.bases import basis_major as basis_major_layout
 from bench.model.kan import KAN, kan_layers
 from bench.run.train import Trainer
 
@@ -40,6 +48,7 @@ def test_every_contraction_order_matches_rebuilt_tensor(shape, ranks, batch, ord
     g1 = torch.Generator().manual_seed(1)
     if basis_major:
         x = torch.randn(batch, shape[2], shape[1], generator=g1, dtype=torch.float64).transpose(1, 2).requires_grad_()
+        assert basis_major_layout(x) or batch == 1 or shape[2] < 2
     else:
         x = torch.randn(batch, shape[1], shape[2], generator=g1, dtype=torch.float64, requires_grad=True)
     ref_src = copy.deepcopy(src)
@@ -55,6 +64,24 @@ def test_every_contraction_order_matches_rebuilt_tensor(shape, ranks, batch, ord
     torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-9)
     for name, p in src.factors().items():
         torch.testing.assert_close(p.grad, ref_src.factors()[name].grad, rtol=1e-10, atol=1e-8, msg=name)
+
+
+@pytest.mark.parametrize("basis_major", [False, True])
+def test_lotra_contracts_either_feature_layout_as_its_full_tensor(basis_major):
+    """``A0 + update`` through ``LoTRASource.contract`` equals one matmul with its rebuilt edge tensor, for
+    features laid out as eager layers give them and basis-major as compiled ones do."""
+
+    g = torch.Generator().manual_seed(3)
+    shape, batch = (12, 20, 9), 64
+    src = LoTRASource(torch.randn(*shape, generator=g, dtype=torch.float64),
+                      _random_source(shape, (4, 6, 3), seed=5)).double()
+    if basis_major:
+        x = torch.randn(batch, shape[2], shape[1], generator=g, dtype=torch.float64).transpose(1, 2)
+    else:
+        x = torch.randn(batch, shape[1], shape[2], generator=g, dtype=torch.float64)
+    assert basis_major_layout(x) == basis_major
+    ref = x.reshape(batch, -1) @ src.edge_tensor().reshape(shape[0], -1).t()
+    torch.testing.assert_close(src.contract(x), ref, rtol=1e-10, atol=1e-9)
 
 
 def test_cost_estimate_picks_different_orders_and_default_uses_it():

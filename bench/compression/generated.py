@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from bench.config import positive
 from bench.errors import UserError
@@ -69,8 +70,10 @@ class MetaLearner(nn.Module):
         """:meth:`forward` transposed, ``[out_dim, N]`` row-major: the second product as ``[out_dim, h] @
         [h, N]``, the orientation the CPU's GEMM is fast with for a few outputs and many rows (measured,
         N = 50,176, h = 32, 9 outputs, 2 threads: 0.42 ms against 1.76 ms for ``[N, h] @ [h, out_dim]``).
-        At ``d = 1`` through :func:`piecewise_columns` instead (the same function, without the hidden layer)."""
-        if self.d == 1:
+        At ``d = 1`` on a CPU through :func:`piecewise_columns` instead (the same function, without the hidden
+        layer; measured on CPUs only: on a GPU its extra small launches, atomic and so run-to-run varying
+        per-piece sums and autocast are untried, so the hidden layer runs there)."""
+        if self.d == 1 and z.device.type == "cpu":
             return piecewise_columns(self, z.reshape(-1))
         return torch.addmm(self.fc2.bias.unsqueeze(1), self.fc2.weight, F.relu(self.fc1(z)).t())
 
@@ -127,8 +130,9 @@ def _input_grad(grad: torch.Tensor, piece: torch.Tensor, slopes: torch.Tensor) -
 
 
 class _Pieces(torch.autograd.Function):
-    """``[N] -> [out_dim, N]``: :func:`_pieces` (compiled where a compiler works, :func:`bench.model.bases.
-    run_compiled`), its backward by hand: the input's gradient is the slope's product with the output's,
+    """``[N] -> [out_dim, N]``: :func:`_pieces` (compiled where a compiler works,
+    :func:`bench.model.bases.run_compiled`; eagerly, ``searchsorted`` and two column gathers are faster than
+    its binary search), its backward by hand: the input's gradient is the slope's product with the output's,
     the tables' the sums of the output's gradient (times the input, for the slopes) over each piece."""
 
     @staticmethod
@@ -141,15 +145,20 @@ class _Pieces(torch.autograd.Function):
         return out[0]
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         z, piece, slopes = ctx.saved_tensors
         grad = grad.contiguous()
-        dz = run_compiled(_input_grad, grad, piece, slopes, dynamic=((grad, (1,)), (piece, (0,))))
-        if dz is None:
-            dz = _input_grad(grad, piece, slopes)
-        d_int = grad.new_zeros(slopes.shape).index_add_(1, piece, grad)
-        d_slope = grad.new_zeros(slopes.shape).index_add_(1, piece, grad * z)
-        return dz, None, d_slope, d_int
+        dz = d_slope = d_intercept = None
+        if ctx.needs_input_grad[0]:
+            dz = run_compiled(_input_grad, grad, piece, slopes, dynamic=((grad, (1,)), (piece, (0,))))
+            if dz is None:
+                dz = _input_grad(grad, piece, slopes)
+        if ctx.needs_input_grad[2]:
+            d_slope = grad.new_zeros(slopes.shape).index_add_(1, piece, grad * z)
+        if ctx.needs_input_grad[3]:
+            d_intercept = grad.new_zeros(slopes.shape).index_add_(1, piece, grad)
+        return dz, None, d_slope, d_intercept
 
 
 def piecewise_columns(learner: MetaLearner, z: torch.Tensor) -> torch.Tensor:
@@ -184,7 +193,8 @@ class GeneratedSource(EdgeSource):
         (:meth:`MetaLearner.columns`; a layer narrower than ``WIDE_OUT`` keeps the (output, input) order). A
         training step then reads a wide layer's product matrix as a view instead of
         copying the ``n+1`` times larger output each way; measured on a Fashion-MNIST ``kan [784, 64, 10]``
-        MetaKAN step (d = 1, h = 32, batch 128, 2 threads, alternated): 9.2 -> 8.3 ms and 13.6 -> 11.6 ms."""
+        MetaKAN step (d = 1 through the hidden layer, before :func:`piecewise_columns`; h = 32, batch 128, 2
+        threads, alternated): 9.2 -> 8.3 ms and 13.6 -> 11.6 ms."""
         o, i = self.out_features, self.in_features
         if not self.wide:  # a narrow layer reads its product matrix column-major: a small copy either way
             return self.learner.columns(self.embedding).view(self.edge_dim, o, i).permute(1, 2, 0)

@@ -583,6 +583,6 @@ def run_compiled(fn, *args, dynamic=()):
     except Exception as exc:  # noqa: BLE001 - any compiler failure: say it once, run eagerly from now on
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         _FUSED["failed"] = f"{type(exc).__name__}: {first}"
-        warn_stderr(f"note: compiled KAN features unavailable ({_FUSED['failed']}); running eagerly (same "
-                    "values, slower)")
+        warn_stderr(f"note: compiled KAN kernels unavailable ({_FUSED['failed']}, compiling "
+                    f"{getattr(fn, '__name__', fn)}); every layer runs eagerly (same values, slower)")
         return None
