@@ -78,8 +78,9 @@ def test_generated_edges_are_laid_out_as_the_product_reads_them(d):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("h", [7, 8, 9])  # 7 kinks leave one padding slot in 8; 8 take a table of 16
 @pytest.mark.parametrize("compiled", [True, False])
-def test_one_input_learner_as_linear_pieces_equals_the_hidden_layer(compiled, monkeypatch):
+def test_one_input_learner_as_linear_pieces_equals_the_hidden_layer(compiled, h, monkeypatch):
     """At d = 1 the learner runs as a table of its linear pieces (``generated.piecewise_columns``): the same
     values and gradients as ``Linear -> ReLU -> Linear`` (float64, to rounding), with hidden units that never
     bend (w1 = 0, on and off), two units sharing a kink, inputs exactly on a kink (values only: there the
@@ -89,7 +90,7 @@ def test_one_input_learner_as_linear_pieces_equals_the_hidden_layer(compiled, mo
 
     monkeypatch.setitem(bases._FUSED, "compiled", {})  # what this test compiles, and nothing before it
     torch.manual_seed(0)
-    lrn = generated.MetaLearner(1, 9, 6).double()
+    lrn = generated.MetaLearner(1, h, 6).double()
     with torch.no_grad():
         lrn.fc1.bias.normal_()
         lrn.fc1.weight[2], lrn.fc1.bias[2] = 0.0, 0.5    # always on
