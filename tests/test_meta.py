@@ -51,11 +51,12 @@ def test_generated_source_equals_its_formula():
     assert not lrn.fc1.bias.detach().any() and not lrn.fc2.bias.detach().any()
 
 
-@pytest.mark.parametrize("d", [1, 2])  # d = 1: the learner's table of linear pieces
-def test_generated_edges_are_laid_out_as_the_product_reads_them(d):
+@pytest.mark.parametrize("d", [1, 2])  # d = 1: the learner's table of linear pieces (at any size here)
+def test_generated_edges_are_laid_out_as_the_product_reads_them(d, monkeypatch):
     """A wide layer's generated edge tensor is written in the product matrix's layout (``[n+1, in, out]``
     underneath), so a step reads the product matrix as a view of it; values, forward and gradients are those of
     the plain formula ``learner(embedding)`` in (output, input) order."""
+    monkeypatch.setattr(generated, "PIECES_MIN_WORK", 0)
     torch.manual_seed(0)
     model = KAN([30, 16, 3], "bspline")
     generated.generate_model(model, d=d, h=5, shared=False)
@@ -106,7 +107,7 @@ def test_one_input_learner_as_linear_pieces_equals_the_hidden_layer(compiled, h,
     ref_grads = torch.autograd.grad(ref, params, g)
     old = bases.use_fused_features(compiled)
     try:
-        out = lrn.columns(z.unsqueeze(1))
+        out = generated.piecewise_columns(lrn, z)
         grads = torch.autograd.grad(out, params, g)
         assert bases._FUSED["failed"] is None and bases.features_path() == ("compiled" if compiled else "eager")
     finally:
@@ -117,6 +118,23 @@ def test_one_input_learner_as_linear_pieces_equals_the_hidden_layer(compiled, h,
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert lrn.fc1.weight.grad is None  # nothing accumulated: autograd.grad only
+
+
+def test_one_input_learner_takes_the_table_only_where_it_pays(monkeypatch):
+    """``MetaLearner.columns`` at d = 1 uses the table of pieces from ``PIECES_MIN_WORK`` hidden values (edges x h)
+    on, the hidden layer below (and at d >= 2); both give the same columns."""
+    calls = []
+    real = generated.piecewise_columns
+    monkeypatch.setattr(generated, "piecewise_columns", lambda lrn, z: calls.append(z.shape[0]) or real(lrn, z))
+    torch.manual_seed(0)
+    lrn = generated.MetaLearner(1, 32, 9)
+    n_min = generated.PIECES_MIN_WORK // 32
+    for n in (n_min - 1, n_min):
+        z = torch.randn(n, 1)
+        torch.testing.assert_close(lrn.columns(z), lrn(z).t(), rtol=1e-5, atol=1e-5)
+    assert calls == [n_min]
+    generated.MetaLearner(2, 32, 9).columns(torch.randn(n_min, 2))
+    assert calls == [n_min]
 
 
 def test_metakan_storage_hand_count_784_64_10_per_layer():

@@ -70,10 +70,11 @@ class MetaLearner(nn.Module):
         """:meth:`forward` transposed, ``[out_dim, N]`` row-major: the second product as ``[out_dim, h] @
         [h, N]``, the orientation the CPU's GEMM is fast with for a few outputs and many rows (measured,
         N = 50,176, h = 32, 9 outputs, 2 threads: 0.42 ms against 1.76 ms for ``[N, h] @ [h, out_dim]``).
-        At ``d = 1`` on a CPU through :func:`piecewise_columns` instead (the same function, without the hidden
-        layer; measured on CPUs only: on a GPU its extra small launches, atomic and so run-to-run varying
-        per-piece sums and autocast are untried, so the hidden layer runs there)."""
-        if self.d == 1 and z.device.type == "cpu":
+        At ``d = 1`` on a CPU, for at least :data:`PIECES_MIN_WORK` hidden values (edges x ``h``), through
+        :func:`piecewise_columns` instead (the same function, without the hidden layer; measured on CPUs only:
+        on a GPU its extra small launches, atomic and so run-to-run varying per-piece sums and autocast are
+        untried, so the hidden layer runs there)."""
+        if self.d == 1 and z.device.type == "cpu" and z.shape[0] * self.h >= PIECES_MIN_WORK:
             return piecewise_columns(self, z.reshape(-1))
         return torch.addmm(self.fc2.bias.unsqueeze(1), self.fc2.weight, F.relu(self.fc1(z)).t())
 
@@ -89,8 +90,16 @@ class MetaLearner(nn.Module):
 # step spent its time on (memory-bound at N = 50,176 edges). Gradients reach the embeddings through the
 # piece's slope and W1, b1, W2, b2 through the tables, as they do through the hidden layer (which units
 # are on is piecewise constant, as relu's derivative is). Measured, kan [784, 64, 10] bspline, d = 1,
-# h = 32, batch 128, 2 threads, one process: a training step 7.1 -> 5.3-5.7 ms (dense 3.2-3.5 ms). At d >= 2 the
+# h = 32, batch 128, 2 threads, one process: a training step 7.1 -> 5.3-5.7 ms (dense 3.2-3.5 ms), 4.7-5.6 ms (dense
+# 2.9-3.1) with the 640-edge head left to its hidden layer (PIECES_MIN_WORK, below). At d >= 2 the
 # pieces are regions of the embedding space, no longer a sorted list: there the hidden layer runs (~3x dense).
+# Below this many hidden values (edges x h) the hidden layer is cheaper than the table's fixed ~0.5 ms (sorting
+# the kinks, building the tables, two compiled calls). Measured forward + backward, 2 threads, 9 outputs, table /
+# hidden layer in ms: h = 32, 8,192 edges 0.67 / 0.54, 16,384 edges 1.14 / 2.16, 50,176 edges 1.84 / 5.27;
+# h = 64, 4,608 edges 0.65 / 0.58, 8,192 edges 0.74 / 0.94 (a ConvKAN [8, 16, 32]'s largest layer has 4,608).
+PIECES_MIN_WORK = 1 << 19
+
+
 def piece_tables(learner: MetaLearner) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(kinks, slopes, intercepts)`` of a ``d = 1`` learner: its kinks sorted and padded with ``+inf`` to
     a power of two (``[P]``, ``P > h``; a unit with ``w1 = 0`` never bends: its kink is ``+inf`` and it is on
