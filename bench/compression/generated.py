@@ -90,9 +90,10 @@ class MetaLearner(nn.Module):
 # step spent its time on (memory-bound at N = 50,176 edges). Gradients reach the embeddings through the
 # piece's slope and W1, b1, W2, b2 through the tables, as they do through the hidden layer (which units
 # are on is piecewise constant, as relu's derivative is). Measured, kan [784, 64, 10] bspline, d = 1,
-# h = 32, batch 128, 2 threads, one process: a training step 7.1 -> 5.3-5.7 ms (dense 3.2-3.5 ms), 4.7-5.6 ms (dense
-# 2.9-3.1) with the 640-edge head left to its hidden layer (PIECES_MIN_WORK, below). At d >= 2 the
-# pieces are regions of the embedding space, no longer a sorted list: there the hidden layer runs (~3x dense).
+# h = 32, batch 128, 2 threads, one process: a training step 7.1 -> 4.7-5.6 ms (dense 2.9-3.1 ms), the 640-edge
+# head keeping its hidden layer (PIECES_MIN_WORK, below). At d >= 2 the pieces are regions of the embedding
+# space, no longer a sorted list: there the hidden layer runs (~3x dense).
+
 # Below this many hidden values (edges x h) the hidden layer is cheaper than the table's fixed ~0.5 ms (sorting
 # the kinks, building the tables, two compiled calls). Measured forward + backward, 2 threads, 9 outputs, table /
 # hidden layer in ms: h = 32, 8,192 edges 0.67 / 0.54, 16,384 edges 1.14 / 2.16, 50,176 edges 1.84 / 5.27;
