@@ -121,6 +121,20 @@ def test_the_fused_optimiser_sees_permuted_parameters_in_memory_order_bit_for_bi
             assert all(p.grad is None for p in params)
     assert all(torch.equal(a, b) for a, b in zip(after["ours"], after["plain fused"]))
     assert held["ours"] == held["plain fused"]
+    # a closure's gradients are the ones the step applies
+    torch.manual_seed(0)
+    model = KAN([12, 16, 3], "bspline")
+    params = list(model.parameters())
+    opt, before = adamw(params, lr=3e-3), [p.detach().clone() for p in params]
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    assert torch.isfinite(opt.step(closure))
+    assert all(not torch.equal(a, p) for a, p in zip(before, params) if a.dim() > 1)
 
 
 def test_control_row_and_columns_share_one_fine_tuned_model(tmp_path):

@@ -102,7 +102,7 @@ class MemoryOrderAdamW(torch.optim.AdamW):
     def __init__(self, groups: list[dict], **options):
         self._params: list[torch.Tensor] = []  # every parameter, as the model holds it
         self._views: list[tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]] = []  # (param, view, order)
-        seen = []
+        viewed = []
         for g in groups:
             held = []
             for p in g["params"]:
@@ -114,18 +114,23 @@ class MemoryOrderAdamW(torch.optim.AdamW):
                 view = p.detach().permute(order)
                 self._views.append((p, view, order))
                 held.append(view)
-            seen.append(dict(g, params=held))
-        super().__init__(seen, fused=True, **options)
+            viewed.append(dict(g, params=held))
+        super().__init__(viewed, fused=True, **options)
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:  # its gradients first, so the views see them
+            with torch.enable_grad():
+                loss = closure()
         for p in self._params:
             g = p.grad
             if g is not None and g.layout == torch.strided and g.stride() != p.stride() and not _same_layout(p, g):
                 p.grad = torch.empty_like(p).copy_(g)
         for p, view, order in self._views:  # kept until zero_grad: the same storage, counted once
             view.grad = None if p.grad is None else p.grad.permute(order)
-        return super().step(closure)
+        super().step()
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
