@@ -133,13 +133,10 @@ class MemoryOrderAdamW(torch.optim.AdamW):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none)
+        super().zero_grad(set_to_none)  # the views' gradients: the model's, viewed, where a step has set them
         for p, _, _ in self._views:
             if p.grad is not None:
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.zero_()
+                p.grad = None if set_to_none else p.grad.zero_()
 
 
 @dataclass
